@@ -1,0 +1,194 @@
+// Portable instantiation of the CPU codebook search driver, code packing,
+// and the run-time choice between it and the AVX-512 build.
+//
+// The portable vector type is a plain array the compiler vectorises with the
+// baseline ISA. PYVQ_CPU_ISA=generic forces this path (tests use it to check
+// both paths against the reference on an AVX-512 machine).
+#define PYVQ_CODEBOOK_DRIVER
+#include "codebook_cpu_kernel.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace pyvq {
+namespace codebook {
+namespace cpu {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+void search_rows_avx512(const PackedCodes<float>&, const float*, int64_t,
+                        const Blocking&, float*, int32_t*, int64_t*);
+void search_rows_avx512(const PackedCodes<double>&, const double*, int64_t,
+                        const Blocking&, double*, int32_t*, int64_t*);
+#define PYVQ_HAVE_AVX512_BUILD 1
+#else
+#define PYVQ_HAVE_AVX512_BUILD 0
+#endif
+
+namespace {
+
+template <typename TT, int kLanes>
+struct Portable {
+  using T = TT;
+  static constexpr int L = kLanes;
+  static constexpr int MR = 2 * kLanes;
+  struct vec {
+    T v[kLanes];
+  };
+  struct ivec {
+    int32_t v[kLanes];
+  };
+  using mask = uint32_t;
+  static vec zero() {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = T(0);
+    return r;
+  }
+  static vec load(const T* p) {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static void store(T* p, const vec& a) {
+    for (int i = 0; i < L; ++i) p[i] = a.v[i];
+  }
+  static vec set1(T s) {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = s;
+    return r;
+  }
+  static vec fmadd(const vec& a, const vec& b, const vec& c) {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  static vec add(const vec& a, const vec& b) {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  static mask lt(const vec& a, const vec& b) {
+    mask m = 0;
+    for (int i = 0; i < L; ++i) m |= mask(a.v[i] < b.v[i]) << i;
+    return m;
+  }
+  static mask nan(const vec& a) {
+    mask m = 0;
+    for (int i = 0; i < L; ++i) m |= mask(a.v[i] != a.v[i]) << i;
+    return m;
+  }
+  static mask mor(mask a, mask b) { return a | b; }
+  static mask mandn(mask a, mask b) { return ~a & b; }
+  static vec blend(mask m, const vec& a, const vec& b) {
+    vec r;
+    for (int i = 0; i < L; ++i) r.v[i] = ((m >> i) & 1u) ? b.v[i] : a.v[i];
+    return r;
+  }
+  static ivec iset1(int32_t s) {
+    ivec r;
+    for (int i = 0; i < L; ++i) r.v[i] = s;
+    return r;
+  }
+  static ivec iload(const int32_t* p) {
+    ivec r;
+    for (int i = 0; i < L; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static void istore(int32_t* p, const ivec& a) {
+    for (int i = 0; i < L; ++i) p[i] = a.v[i];
+  }
+  static ivec iblend(mask m, const ivec& a, const ivec& b) {
+    ivec r;
+    for (int i = 0; i < L; ++i) r.v[i] = ((m >> i) & 1u) ? b.v[i] : a.v[i];
+    return r;
+  }
+};
+
+bool use_avx512() {
+#if PYVQ_HAVE_AVX512_BUILD
+  const char* isa = std::getenv("PYVQ_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
+  static const bool ok = __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+const char* search_isa() { return use_avx512() ? "avx512" : "generic"; }
+
+template <typename T>
+void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
+                T* packed, T* bias, PackedCodes<T>* out) {
+  const int64_t P = num_panels(K);
+  const T big = std::numeric_limits<T>::max();
+  const T scale = score_scale<T>(metric);
+  T cmax = 0;
+  bool careful = false;
+  std::memset(packed, 0, sizeof(T) * size_t(P * D * kPanel));
+  for (int64_t k = 0; k < P * kPanel; ++k) bias[k] = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* c = codebook + k * D;
+    // Norms in double so a huge code is flagged rather than overflowing.
+    double ss = 0;
+    for (int64_t d = 0; d < D; ++d) ss += double(c[d]) * double(c[d]);
+    const T f = T(code_factor<double>(metric, ss));
+    const double b = code_bias<double>(metric, ss);
+    careful |= !(std::fabs(b) <= double(big) / 4) || !std::isfinite(double(f));
+    bias[k] = T(b);
+    T* dst = packed + (k / kPanel) * D * kPanel + (k % kPanel);
+    for (int64_t d = 0; d < D; ++d) {
+      const T v = scale * (c[d] * f);
+      const T a = std::fabs(v);
+      careful |= !std::isfinite(v);
+      cmax = a > cmax ? a : cmax;
+      dst[d * kPanel] = v;
+    }
+  }
+  out->packed = packed;
+  out->bias = bias;
+  out->K = K;
+  out->D = D;
+  out->careful = careful;
+  const double denom = 4.0 * double(D > 0 ? D : 1) * double(cmax > 1 ? cmax : 1);
+  out->x_limit = T(double(big) / denom);
+}
+
+template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*,
+                                float*, PackedCodes<float>*);
+template void pack_codes<double>(const double*, int64_t, int64_t, Metric,
+                                 double*, double*, PackedCodes<double>*);
+
+template <>
+void search_rows<float>(const PackedCodes<float>& codes, const float* x,
+                        int64_t n, const Blocking& b, float* scratch,
+                        int32_t* iscratch, int64_t* out_index) {
+#if PYVQ_HAVE_AVX512_BUILD
+  if (use_avx512())
+    return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
+#endif
+  search_rows_impl<Portable<float, 8>>(codes, x, n, b, scratch, iscratch,
+                                       out_index);
+}
+
+template <>
+void search_rows<double>(const PackedCodes<double>& codes, const double* x,
+                         int64_t n, const Blocking& b, double* scratch,
+                         int32_t* iscratch, int64_t* out_index) {
+#if PYVQ_HAVE_AVX512_BUILD
+  if (use_avx512())
+    return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
+#endif
+  search_rows_impl<Portable<double, 4>>(codes, x, n, b, scratch, iscratch,
+                                        out_index);
+}
+
+}  // namespace cpu
+}  // namespace codebook
+}  // namespace pyvq

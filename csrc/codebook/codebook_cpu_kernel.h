@@ -1,0 +1,236 @@
+// CPU nearest-codebook search: packed layouts and the blocked driver.
+//
+// This header is free of ATen on purpose: it is compiled twice, once with
+// the baseline ISA (codebook_cpu_generic.cpp) and once with AVX-512 enabled
+// (codebook_cpu_avx512.cpp); search_rows() picks one at run time from the
+// CPU's features, so the build runs on any x86-64 (or other) machine.
+//
+// Layouts
+//   packed codes  [P][D][kPanel]  P = ceil(K / kPanel) panels of kPanel codes,
+//                 each code pre-multiplied by score_scale(metric) (exact: -2
+//                 or -1) and, for cosine, normalised; padding codes are zero
+//                 and never compared (the driver knows how many are valid).
+//   bias          [P * kPanel]    code_bias(metric, ||c||^2)
+//   packed rows   [R / MR][D][MR] a block of R rows of x, transposed in
+//                 micro-panels of MR rows so one vector load reads the same
+//                 coordinate of MR rows.
+//
+// The micro-kernel keeps an MR x kPanel tile of dot products in registers
+// (rows in vector lanes, codes broadcast), adds the bias and folds the tile
+// into a running (best score, best index) per row. Rows are blocked so a
+// block of packed rows and a block of packed codes both stay in L2; the
+// running minimum makes the N x K score matrix unnecessary.
+#pragma once
+
+#include "codebook.h"
+
+#include <cstdint>
+
+namespace pyvq {
+namespace codebook {
+namespace cpu {
+
+constexpr int kPanel = 12;   // codes per packed panel (broadcast operands)
+constexpr int kMaxMR = 32;   // rows per micro-panel, upper bound over ISAs
+
+template <typename T>
+struct PackedCodes {
+  const T* packed = nullptr;  // [P][D][kPanel]
+  const T* bias = nullptr;    // [P * kPanel]
+  int64_t K = 0;
+  int64_t D = 0;
+  // True when some code is non-finite or so large that a score may
+  // overflow; the kernels then take the NaN-ordering path for every row.
+  bool careful = false;
+  // Rows whose largest |value| exceeds this take the NaN-ordering path too.
+  T x_limit = 0;
+};
+
+inline int64_t num_panels(int64_t K) { return (K + kPanel - 1) / kPanel; }
+
+// Rows per block and panels per block, sized so each fits about 256 KiB.
+struct Blocking {
+  int64_t rows;
+  int64_t panels;
+};
+
+template <typename T>
+inline Blocking choose_blocking(int64_t D) {
+  const int64_t bytes = 256 * 1024;
+  const int64_t per_row = (D > 0 ? D : 1) * int64_t(sizeof(T));
+  int64_t rows = bytes / per_row / kMaxMR * kMaxMR;
+  rows = rows < kMaxMR ? kMaxMR : (rows > 4096 ? 4096 : rows);
+  int64_t panels = bytes / (per_row * kPanel);
+  panels = panels < 1 ? 1 : panels;
+  return {rows, panels};
+}
+
+// Scratch (in T) one search_rows call needs for a given blocking.
+template <typename T>
+inline int64_t scratch_size(const Blocking& b, int64_t D) {
+  return b.rows * (D > 0 ? D : 1) + b.rows;
+}
+
+// Defined in codebook_cpu_generic.cpp (float and double).
+template <typename T>
+void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
+                T* packed, T* bias, PackedCodes<T>* out);
+
+// Best code index of each of the n rows of x (row-major [n][D]).
+// `scratch` holds scratch_size<T>(b, D) elements, `iscratch` b.rows ints.
+template <typename T>
+void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
+                 const Blocking& b, T* scratch, int32_t* iscratch,
+                 int64_t* out_index);
+
+// Which instruction set search_rows uses on this CPU ("avx512" or "generic").
+const char* search_isa();
+
+// ---------------------------------------------------------------------------
+// The driver, instantiated by each ISA's translation unit with its own vector
+// traits `V`. V provides: T, vec, ivec, mask, L (lanes), MR (= 2 * L),
+// zero(), load(), store(), set1(), fmadd(), add(), lt(), nan(), blend(),
+// iset1(), iload(), istore(), iblend(), plus mask operators.
+// It uses no library templates, so the two instantiations cannot collide.
+// ---------------------------------------------------------------------------
+#ifdef PYVQ_CODEBOOK_DRIVER
+
+template <class V, bool kCareful>
+static inline __attribute__((always_inline)) void micro_kernel(
+    const typename V::T* __restrict xp, const typename V::T* __restrict cp,
+    const typename V::T* __restrict bias, int64_t D, int32_t kbase,
+    int kvalid, typename V::vec& b0, typename V::vec& b1,
+    typename V::ivec& i0, typename V::ivec& i1) {
+  using vec = typename V::vec;
+  vec a0[kPanel], a1[kPanel];
+#pragma GCC unroll 12
+  for (int j = 0; j < kPanel; ++j) {
+    a0[j] = V::zero();
+    a1[j] = V::zero();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vec x0 = V::load(xp + d * V::MR);
+    const vec x1 = V::load(xp + d * V::MR + V::L);
+    const typename V::T* c = cp + d * kPanel;
+#pragma GCC unroll 12
+    for (int j = 0; j < kPanel; ++j) {
+      const vec cj = V::set1(c[j]);
+      a0[j] = V::fmadd(x0, cj, a0[j]);
+      a1[j] = V::fmadd(x1, cj, a1[j]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int j = 0; j < kPanel; ++j) {
+    if (j >= kvalid) break;
+    const vec bj = V::set1(bias[j]);
+    const vec s0 = V::add(a0[j], bj);
+    const vec s1 = V::add(a1[j], bj);
+    typename V::mask m0 = V::lt(s0, b0);
+    typename V::mask m1 = V::lt(s1, b1);
+    if (kCareful) {  // a NaN score beats any number; the first NaN stays
+      m0 = V::mor(m0, V::mandn(V::nan(b0), V::nan(s0)));
+      m1 = V::mor(m1, V::mandn(V::nan(b1), V::nan(s1)));
+    }
+    const typename V::ivec k = V::iset1(kbase + j);
+    b0 = V::blend(m0, b0, s0);
+    b1 = V::blend(m1, b1, s1);
+    i0 = V::iblend(m0, i0, k);
+    i1 = V::iblend(m1, i1, k);
+  }
+}
+
+// Transpose rows [0, rows) of x into micro-panels; pad with zeros. Returns
+// true when the block needs the NaN-ordering path.
+template <class V>
+static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D,
+                      typename V::T x_limit, typename V::T* out) {
+  using T = typename V::T;
+  const int64_t nmp = (rows + V::MR - 1) / V::MR;
+  T amax = 0;
+  bool bad = false;
+  for (int64_t mp = 0; mp < nmp; ++mp) {
+    T* o = out + mp * D * V::MR;
+    const int64_t r0 = mp * V::MR;
+    const int64_t rn = rows - r0 < V::MR ? rows - r0 : V::MR;
+    for (int64_t i = 0; i < V::MR; ++i) {
+      if (i < rn) {
+        const T* src = x + (r0 + i) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const T v = src[d];
+          const T a = v < 0 ? -v : v;
+          bad |= !(a <= x_limit);  // also true for NaN
+          amax = a > amax ? a : amax;
+          o[d * V::MR + i] = v;
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d * V::MR + i] = T(0);
+      }
+    }
+  }
+  (void)amax;
+  return bad;
+}
+
+template <class V, bool kCareful>
+static void search_block(const PackedCodes<typename V::T>& codes,
+                         const typename V::T* xp, int64_t nmp,
+                         int64_t panels_per_block, typename V::T* best,
+                         int32_t* best_index) {
+  using T = typename V::T;
+  const int64_t D = codes.D;
+  const int64_t P = num_panels(codes.K);
+  for (int64_t p0 = 0; p0 < P; p0 += panels_per_block) {
+    const int64_t p1 = p0 + panels_per_block < P ? p0 + panels_per_block : P;
+    for (int64_t mp = 0; mp < nmp; ++mp) {
+      T* bm = best + mp * V::MR;
+      int32_t* im = best_index + mp * V::MR;
+      typename V::vec b0 = V::load(bm), b1 = V::load(bm + V::L);
+      typename V::ivec i0 = V::iload(im), i1 = V::iload(im + V::L);
+      const T* xm = xp + mp * D * V::MR;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t kbase = p * kPanel;
+        const int64_t left = codes.K - kbase;
+        micro_kernel<V, kCareful>(xm, codes.packed + p * D * kPanel,
+                                  codes.bias + kbase, D, int32_t(kbase),
+                                  left < kPanel ? int(left) : kPanel, b0, b1,
+                                  i0, i1);
+      }
+      V::store(bm, b0);
+      V::store(bm + V::L, b1);
+      V::istore(im, i0);
+      V::istore(im + V::L, i1);
+    }
+  }
+}
+
+template <class V>
+static void search_rows_impl(const PackedCodes<typename V::T>& codes,
+                             const typename V::T* x, int64_t n,
+                             const Blocking& blk, typename V::T* scratch,
+                             int32_t* iscratch, int64_t* out_index) {
+  using T = typename V::T;
+  const int64_t D = codes.D;
+  T* xp = scratch;
+  T* best = scratch + blk.rows * (D > 0 ? D : 1);
+  for (int64_t r0 = 0; r0 < n; r0 += blk.rows) {
+    const int64_t rows = n - r0 < blk.rows ? n - r0 : blk.rows;
+    const int64_t nmp = (rows + V::MR - 1) / V::MR;
+    const bool careful =
+        pack_rows<V>(x + r0 * D, rows, D, codes.x_limit, xp) || codes.careful;
+    for (int64_t i = 0; i < nmp * V::MR; ++i) {
+      best[i] = __builtin_inf();
+      iscratch[i] = 0;
+    }
+    if (careful)
+      search_block<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
+    else
+      search_block<V, false>(codes, xp, nmp, blk.panels, best, iscratch);
+    for (int64_t i = 0; i < rows; ++i) out_index[r0 + i] = iscratch[i];
+  }
+}
+
+#endif  // PYVQ_CODEBOOK_DRIVER
+
+}  // namespace cpu
+}  // namespace codebook
+}  // namespace pyvq
