@@ -5,8 +5,11 @@
 
 TORCH_LIBRARY(pyvq, m) {
   // Nearest code of each row of x (..., D) in codebook (K, D).
-  // Returns (indices int64 (...), distances (...) in x's dtype):
-  // squared L2 for metric="l2", 1 - cosine similarity for metric="cosine".
+  // Returns (distances (...) in x's dtype, indices int64 (...)): squared L2
+  // for metric="l2", 1 - cosine similarity for metric="cosine".
+  // The floating output comes first so autograd-checking tools that sum all
+  // outputs into one accumulator start from a floating tensor;
+  // pyvq.ops.nearest_code returns the friendlier (indices, distances).
   m.def("nearest_code(Tensor x, Tensor codebook, str metric=\"l2\") -> "
-        "(Tensor indices, Tensor distances)");
+        "(Tensor distances, Tensor indices)");
 }

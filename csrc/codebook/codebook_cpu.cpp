@@ -79,11 +79,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
   at::Tensor distances = at::empty(out_shape, x.options());
-  if (indices.numel() == 0) return {indices, distances};
+  if (indices.numel() == 0) return {distances, indices};
 
   const at::ScalarType ct = compute_dtype(x, codebook);
   at::Tensor cb = codebook.to(ct).contiguous();
-  at::Tensor xs = x.reshape({-1, D});
+  at::Tensor xs = x.reshape({indices.numel(), D});
   if (xs.scalar_type() != ct && xs.scalar_type() != at::kHalf &&
       xs.scalar_type() != at::kBFloat16)
     xs = xs.to(ct);  // float32 rows with a float64 codebook
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(
   else
     search_cpu<float>(xs, cb, metric, idx_flat, dist_flat);
   distances.view({-1}).copy_(dist_flat);
-  return {indices, distances};
+  return {distances, indices};
 }
 
 }  // namespace

@@ -61,7 +61,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2")
     """
     _check(x, codebook, metric)
     if use_kernel("nearest_code", x):
-        return torch.ops.pyvq.nearest_code(x, codebook, metric)
+        distances, indices = torch.ops.pyvq.nearest_code(x, codebook, metric)
+        return indices, distances
     return reference.nearest_code(x, codebook, metric=metric)
 
 
@@ -70,16 +71,16 @@ def _nearest_code_fake(x, codebook, metric="l2"):
     torch._check(codebook.dim() == 2, lambda: "codebook must be 2-D")
     torch._check(x.shape[-1] == codebook.shape[1], lambda: "x and codebook dims differ")
     shape = x.shape[:-1]
-    return x.new_empty(shape, dtype=torch.long), x.new_empty(shape)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.long)
 
 
 def _setup_context(ctx, inputs, output):
     x, codebook, metric = (list(inputs) + ["l2"])[:3]
     ctx.metric = metric
-    ctx.save_for_backward(x, codebook, output[0])
+    ctx.save_for_backward(x, codebook, output[1])
 
 
-def _backward(ctx, grad_indices, grad_distances):
+def _backward(ctx, grad_distances, grad_indices):
     """Gradient of the distances with the chosen index held fixed.
 
     l2:     d = |x - c|^2           dd/dx = 2 (x - c),  dd/dc = -2 (x - c)
@@ -91,7 +92,7 @@ def _backward(ctx, grad_indices, grad_distances):
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     D = codebook.shape[1]
-    xf = x.reshape(-1, D).to(dtype)
+    xf = x.reshape(x.shape[:-1].numel(), D).to(dtype)
     idx = indices.reshape(-1)
     c = codebook.to(dtype)[idx]
     g = grad_distances.reshape(-1, 1).to(dtype)

@@ -13,7 +13,7 @@ def _flatten(x: torch.Tensor, codebook: torch.Tensor):
     dtype = torch.promote_types(x.dtype, codebook.dtype)
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    return x.reshape(-1, x.shape[-1]).to(dtype), codebook.to(dtype)
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(dtype), codebook.to(dtype)
 
 
 def distance_to(x: torch.Tensor, codes: torch.Tensor, metric: str = "l2"):
