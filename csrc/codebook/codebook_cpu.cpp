@@ -25,7 +25,12 @@ void search_cpu(const at::Tensor& x_any, const at::Tensor& cb, Metric metric,
   cpu::pack_codes<T>(cb.const_data_ptr<T>(), K, D, metric,
                      packed.mutable_data_ptr<T>(), bias.mutable_data_ptr<T>(),
                      &codes);
-  const cpu::Blocking blk = cpu::choose_blocking<T>(D);
+  cpu::Blocking blk = cpu::choose_blocking<T>(D);
+  // Smaller row blocks when there are few rows, so every thread gets work.
+  const int64_t per_task = (N + 4 * at::get_num_threads() - 1) /
+                           (4 * at::get_num_threads());
+  const int64_t rounded = (per_task + cpu::kMaxMR - 1) / cpu::kMaxMR * cpu::kMaxMR;
+  blk.rows = std::max<int64_t>(cpu::kMaxMR, std::min(blk.rows, rounded));
   const T* cbp = cb.const_data_ptr<T>();
   int64_t* out_idx = indices.mutable_data_ptr<int64_t>();
   const bool same = x_any.scalar_type() == cb.scalar_type();

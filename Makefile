@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo   set everything up from a fresh clone and run the main job
+#   make test   set everything up and run the whole test suite
+# Both create .venv with the pinned requirements, then build pyvq in place.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Architectures of the CUDA kernels; `make test` builds one to stay quick.
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: demo test install venv bench clean
+
+$(VENV)/.requirements: requirements.txt requirements-bench.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (torch==2.14.1 wheels are for Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt -r requirements-bench.txt
+	touch $@
+
+venv: $(VENV)/.requirements
+
+# Editable, in-place build: ninja recompiles only what changed.
+install: venv
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test: export PYVQ_WITH_CUDA = 1
+test: TORCH_CUDA_ARCH_LIST = 9.0
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/pyvq info
+	$(PY) benchmarks/bench_codebook.py --quick
+
+bench: install
+	$(PY) benchmarks/bench_codebook.py
+
+clean:
+	rm -rf build *.egg-info pyvq/_C*.so

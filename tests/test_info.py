@@ -1,0 +1,64 @@
+"""pyvq.info() and the `pyvq info` command report what was built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import pyvq
+from pyvq import _backend
+from tests.conftest import cuda_build_expected
+
+
+def test_info_lists_every_op_with_cpu_and_reference():
+    info = pyvq.info()
+    assert info["pyvq"] == pyvq.__version__
+    assert info["torch"] == torch.__version__
+    assert info["extension"] == "loaded"
+    assert set(info["ops"]) == set(_backend.CPP_OPS)
+    for name, impl in info["ops"].items():
+        assert impl["cpu"], f"{name} has no CPU kernel registered"
+        assert impl["reference"], f"{name} has no reference"
+    assert info["cpu_isa"] in ("avx512", "generic")
+    assert isinstance(info["triton"]["importable"], bool)
+
+
+def test_every_registered_pyvq_op_is_listed():
+    """No op is registered with the dispatcher without info() knowing it."""
+    registered = {
+        name.split("::", 1)[1].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("pyvq::")
+    }
+    public = {n for n in registered if not n.startswith("_")}
+    assert public == set(_backend.CPP_OPS)
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    info = pyvq.info()
+    if not cuda_build_expected():
+        # A CPU-only build must say so rather than claim CUDA kernels.
+        assert info["built_with_cuda"] or not any(o["cuda"] for o in info["ops"].values())
+        return
+    assert info["built_with_cuda"], "PYVQ_WITH_CUDA=1 build did not compile CUDA"
+    assert info["cuda_archs"], "no CUDA architectures recorded"
+    for name, impl in info["ops"].items():
+        assert impl["cuda"], f"{name} has no CUDA kernel registered"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvq::{name}", "CUDA")
+
+
+def test_cli_info_text_and_json():
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "pyvq.cli", "info"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in _backend.CPP_OPS:
+        assert name in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pyvq.cli", "info", "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ops"].keys() == pyvq.info()["ops"].keys()
