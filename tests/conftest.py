@@ -1,4 +1,5 @@
-"""Shared test fixtures and helpers."""
+"""Shared test fixtures and helpers. Real images come from scikit-image's
+bundled samples (skimage.data, no download)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # Keep the suite quick and deterministic on 2 cores.
 torch.manual_seed(0)
@@ -29,3 +31,17 @@ def half_precision_bound(out, ref_low, ref64, factor=2.0, atol=0.0):
 
 def cuda_build_expected() -> bool:
     return os.environ.get("PYVQ_WITH_CUDA", "auto") == "1"
+
+
+@pytest.fixture(scope="session")
+def skimage_patches():
+    """(16, 3, 32, 32) float32 in [0, 1]: four skimage.data photographs
+    (astronaut, chelsea, coffee, rocket), each resized to 64 x 64 with
+    antialiasing and cut into four 32 x 32 tiles."""
+    data = pytest.importorskip("skimage.data")
+    tiles = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        img = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float() / 255
+        img = F.interpolate(img[None], size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        tiles.append(img.unfold(2, 32, 32).unfold(3, 32, 32).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 32, 32))
+    return torch.cat(tiles).clamp_(0, 1).contiguous()

@@ -32,6 +32,11 @@ struct Avx512F32 {
   static mask lt(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static mask nan(vec a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static mask mor(mask a, mask b) { return _kor_mask16(a, b); }
+  static mask none() { return 0; }
+  static bool any(mask m) { return m != 0; }
+  static mask beyond(vec a, vec lim) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), lim, _CMP_NLE_UQ);
+  }
   static mask mandn(mask a, mask b) { return _kandn_mask16(a, b); }
   static vec blend(mask m, vec a, vec b) { return _mm512_mask_mov_ps(a, m, b); }
   static ivec iset1(int32_t v) { return _mm512_set1_epi32(v); }
@@ -58,6 +63,11 @@ struct Avx512F64 {
   static mask lt(vec a, vec b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
   static mask nan(vec a) { return _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q); }
   static mask mor(mask a, mask b) { return _kor_mask8(a, b); }
+  static mask none() { return 0; }
+  static bool any(mask m) { return m != 0; }
+  static mask beyond(vec a, vec lim) {
+    return _mm512_cmp_pd_mask(_mm512_abs_pd(a), lim, _CMP_NLE_UQ);
+  }
   static mask mandn(mask a, mask b) { return _kandn_mask8(a, b); }
   static vec blend(mask m, vec a, vec b) { return _mm512_mask_mov_pd(a, m, b); }
   static ivec iset1(int32_t v) { return _mm256_set1_epi32(v); }

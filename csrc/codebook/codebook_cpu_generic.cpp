@@ -79,6 +79,16 @@ struct Portable {
     return m;
   }
   static mask mor(mask a, mask b) { return a | b; }
+  static mask none() { return 0; }
+  static bool any(mask m) { return m != 0; }
+  static mask beyond(const vec& a, const vec& lim) {
+    mask m = 0;
+    for (int i = 0; i < L; ++i) {
+      const T v = a.v[i] < 0 ? -a.v[i] : a.v[i];
+      m |= mask(!(v <= lim.v[i])) << i;
+    }
+    return m;
+  }
   static mask mandn(mask a, mask b) { return ~a & b; }
   static vec blend(mask m, const vec& a, const vec& b) {
     vec r;

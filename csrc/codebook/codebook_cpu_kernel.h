@@ -90,7 +90,8 @@ const char* search_isa();
 // The driver, instantiated by each ISA's translation unit with its own vector
 // traits `V`. V provides: T, vec, ivec, mask, L (lanes), MR (= 2 * L),
 // zero(), load(), store(), set1(), fmadd(), add(), lt(), nan(), blend(),
-// iset1(), iload(), istore(), iblend(), plus mask operators.
+// iset1(), iload(), istore(), iblend(), beyond() (|a| > lim or NaN), and
+// the mask operators none(), mor(), mandn(), any().
 // It uses no library templates, so the two instantiations cannot collide.
 // ---------------------------------------------------------------------------
 #ifdef PYVQ_CODEBOOK_DRIVER
@@ -140,14 +141,13 @@ static inline __attribute__((always_inline)) void micro_kernel(
 }
 
 // Transpose rows [0, rows) of x into micro-panels; pad with zeros. Returns
-// true when the block needs the NaN-ordering path.
+// true when the block needs the NaN-ordering path (a NaN, an infinity, or a
+// value beyond x_limit).
 template <class V>
 static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D,
                       typename V::T x_limit, typename V::T* out) {
   using T = typename V::T;
   const int64_t nmp = (rows + V::MR - 1) / V::MR;
-  T amax = 0;
-  bool bad = false;
   for (int64_t mp = 0; mp < nmp; ++mp) {
     T* o = out + mp * D * V::MR;
     const int64_t r0 = mp * V::MR;
@@ -155,20 +155,17 @@ static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D,
     for (int64_t i = 0; i < V::MR; ++i) {
       if (i < rn) {
         const T* src = x + (r0 + i) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const T v = src[d];
-          const T a = v < 0 ? -v : v;
-          bad |= !(a <= x_limit);  // also true for NaN
-          amax = a > amax ? a : amax;
-          o[d * V::MR + i] = v;
-        }
+        for (int64_t d = 0; d < D; ++d) o[d * V::MR + i] = src[d];
       } else {
         for (int64_t d = 0; d < D; ++d) o[d * V::MR + i] = T(0);
       }
     }
   }
-  (void)amax;
-  return bad;
+  typename V::mask bad = V::none();
+  const typename V::vec lim = V::set1(x_limit);
+  for (int64_t i = 0; i < nmp * D * V::MR; i += V::L)
+    bad = V::mor(bad, V::beyond(V::load(out + i), lim));
+  return V::any(bad);
 }
 
 template <class V, bool kCareful>

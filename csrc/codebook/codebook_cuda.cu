@@ -1,5 +1,7 @@
 // CUDA launcher and kernels of pyvq::nearest_code. Same semantics as the CPU
-// op (codebook_cpu.cpp); the arithmetic is the shared code in codebook.h.
+// op (codebook_cpu.cpp): returns (distances in x's dtype, indices int64), in
+// the order of the schema in csrc/pyvq.cpp; the arithmetic is the shared code
+// in codebook.h.
 //
 // Pipeline (all on the current stream, no N x K buffer anywhere):
 //   1. prepare_codes_kernel: one warp per code. ||c||^2 in double (as the CPU
@@ -13,12 +15,14 @@
 //      memory, stored transposed ([kk][row], [kk][code]) so the inner loop
 //      reads one coordinate of kTM rows and kTN codes per step.
 //      Thread (tx, ty) of the 16 x 16 block accumulates the kTM x kTN dot
-//      products of rows  ty + i*kTY  and codes  tx + j*kTX  (strided, so a
-//      warp reads shared memory without bank conflicts), in acc_t (float32,
-//      or float64 for float64 inputs). After each code tile it adds the bias
-//      and folds the scores into a per-row running (best, index) with
-//      better(): NaN first, lowest index on ties. The 16 threads that share
-//      a row then reduce with warp shuffles (they are one half-warp).
+//      products of rows  ty*kTM + i  and codes  tx*kTN + j  (contiguous, so
+//      each operand is one 16-byte shared load: a warp's 16 code loads cover
+//      one contiguous 256-byte run and its row loads are 2 broadcasts), in
+//      acc_t (float32, or float64 for float64 inputs). After each code tile
+//      it adds the bias and folds the scores into a per-row running
+//      (best, index) with better(): NaN first, lowest index on ties. The 16
+//      threads that share a row then reduce with warp shuffles (they are one
+//      half-warp).
 //   3. With S == 1 the same block finishes: exact distance of each row to its
 //      code with distance<>() on the raw vectors. With S > 1 each block writes
 //      a partial (score, index) to part_* laid out [S][N] (coalesced per
@@ -61,7 +65,7 @@ constexpr int kTN = 4;                 // codes per thread
 constexpr int kBM = kTY * kTM;         // 64 rows per block
 constexpr int kBN = kTX * kTN;         // 64 codes per tile
 constexpr int kBK = 16;                // coordinates per shared-memory stage
-constexpr int kPad = 1;                // shared-memory row padding (banks)
+constexpr int kPad = 4;                // keeps each shared row 16-byte aligned
 constexpr int kMaxSplits = 64;         // most code ranges per row tile
 constexpr int kPrepWarps = 8;          // codes per block of prepare_codes
 
@@ -98,8 +102,8 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
     int64_t N, int64_t K, int64_t D, Metric metric, int64_t codes_per_split,
     int64_t* __restrict__ out_index, acc_t* __restrict__ out_dist,
     acc_t* __restrict__ part_score, int32_t* __restrict__ part_index) {
-  __shared__ acc_t xs[kBK][kBM + kPad];
-  __shared__ acc_t cs[kBK][kBN + kPad];
+  __shared__ __align__(16) acc_t xs[kBK][kBM + kPad];
+  __shared__ __align__(16) acc_t cs[kBK][kBN + kPad];
   __shared__ int32_t row_best[kBM];
 
   const int tid = threadIdx.x;
@@ -145,9 +149,9 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
       for (int kk = 0; kk < kBK; ++kk) {
         acc_t a[kTM], b[kTN];
 #pragma unroll
-        for (int i = 0; i < kTM; ++i) a[i] = xs[kk][ty + i * kTY];
+        for (int i = 0; i < kTM; ++i) a[i] = xs[kk][ty * kTM + i];
 #pragma unroll
-        for (int j = 0; j < kTN; ++j) b[j] = cs[kk][tx + j * kTX];
+        for (int j = 0; j < kTN; ++j) b[j] = cs[kk][tx * kTN + j];
 #pragma unroll
         for (int i = 0; i < kTM; ++i)
 #pragma unroll
@@ -158,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
 
 #pragma unroll
     for (int j = 0; j < kTN; ++j) {
-      const int64_t k = kt + tx + j * kTX;
+      const int64_t k = kt + tx * kTN + j;
       if (k >= k_end) continue;  // padding codes are never compared
       const acc_t bk = bias[k];
 #pragma unroll
@@ -190,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
     if (tx == 0) {
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
-        const int64_t row = row0 + ty + i * kTY;
+        const int64_t row = row0 + ty * kTM + i;
         if (row < N) {
           part_score[int64_t(blockIdx.y) * N + row] = best[i];
           part_index[int64_t(blockIdx.y) * N + row] = best_idx[i];
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
 
   if (tx == 0) {
 #pragma unroll
-    for (int i = 0; i < kTM; ++i) row_best[ty + i * kTY] = best_idx[i];
+    for (int i = 0; i < kTM; ++i) row_best[ty * kTM + i] = best_idx[i];
   }
   __syncthreads();
   // One thread per row for the exact distance (a serial loop over D).
@@ -252,8 +256,8 @@ void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric,
   at::Tensor scaled = at::empty({K, D}, cb.options());
   at::Tensor bias = at::empty({K}, cb.options());
   {
-    const int64_t blocks = (K + kPrepWarps - 1) / kPrepWarps;
-    prepare_codes_kernel<acc_t><<<unsigned(blocks), kPrepWarps * 32, 0, stream>>>(
+    const unsigned blocks = unsigned((K + kPrepWarps - 1) / kPrepWarps);
+    prepare_codes_kernel<acc_t><<<blocks, kPrepWarps * 32, 0, stream>>>(
         cb.const_data_ptr<acc_t>(), K, D, metric,
         scaled.mutable_data_ptr<acc_t>(), bias.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -315,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(
   at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
   at::Tensor distances = at::empty(out_shape, x.options());
   const int64_t N = indices.numel();
-  if (N == 0) return {indices, distances};
+  if (N == 0) return {distances, indices};
 
   const at::ScalarType ct = compute_dtype(x, codebook);
   const at::Tensor cb = codebook.to(ct).contiguous();
@@ -330,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(
   else
     search_cuda<float>(xs, cb, metric, idx_flat, dist_flat);
   if (distances.scalar_type() != ct) distances.view({-1}).copy_(dist_flat);
-  return {indices, distances};
+  return {distances, indices};
 }
 
 }  // namespace
