@@ -6,4 +6,6 @@ or where no kernel exists, its twin in ``pyvq.reference``.
 """
 
 from pyvq.ops.codebook import nearest_code
+from pyvq.ops.kmeans import kmeans
 
+__all__ = ["nearest_code", "kmeans"]
