@@ -175,29 +175,25 @@ template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*,
 template void pack_codes<double>(const double*, int64_t, int64_t, Metric,
                                  double*, double*, PackedCodes<double>*);
 
-template <>
-void search_rows<float>(const PackedCodes<float>& codes, const float* x,
-                        int64_t n, const Blocking& b, float* scratch,
-                        int32_t* iscratch, int64_t* out_index) {
+// Portable vectors are 32 bytes wide (8 floats or 4 doubles).
+template <typename T>
+void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
+                 const Blocking& b, T* scratch, int32_t* iscratch,
+                 int64_t* out_index) {
 #if PYVQ_HAVE_AVX512_BUILD
   if (use_avx512())
     return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
 #endif
-  search_rows_impl<Portable<float, 8>>(codes, x, n, b, scratch, iscratch,
-                                       out_index);
+  search_rows_impl<Portable<T, int(32 / sizeof(T))>>(codes, x, n, b, scratch,
+                                                     iscratch, out_index);
 }
 
-template <>
-void search_rows<double>(const PackedCodes<double>& codes, const double* x,
-                         int64_t n, const Blocking& b, double* scratch,
-                         int32_t* iscratch, int64_t* out_index) {
-#if PYVQ_HAVE_AVX512_BUILD
-  if (use_avx512())
-    return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
-#endif
-  search_rows_impl<Portable<double, 4>>(codes, x, n, b, scratch, iscratch,
-                                        out_index);
-}
+template void search_rows<float>(const PackedCodes<float>&, const float*,
+                                 int64_t, const Blocking&, float*, int32_t*,
+                                 int64_t*);
+template void search_rows<double>(const PackedCodes<double>&, const double*,
+                                  int64_t, const Blocking&, double*, int32_t*,
+                                  int64_t*);
 
 }  // namespace cpu
 }  // namespace codebook
