@@ -100,8 +100,11 @@ template <class V, bool kCareful>
 static inline __attribute__((always_inline)) void micro_kernel(
     const typename V::T* __restrict xp, const typename V::T* __restrict cp,
     const typename V::T* __restrict bias, int64_t D, int32_t kbase,
-    int kvalid, typename V::vec& b0, typename V::vec& b1,
-    typename V::ivec& i0, typename V::ivec& i1) {
+    int kvalid, typename V::T* __restrict best, int32_t* __restrict index) {
+  // The running (best, index) of the MR rows lives in memory (L1), not in
+  // registers: the dot-product loop needs 2 * kPanel accumulators, 2 row
+  // vectors and a broadcast, and holding 4 more vectors across it makes the
+  // compiler spill a row vector inside the hot loop.
   using vec = typename V::vec;
   vec a0[kPanel], a1[kPanel];
 #pragma GCC unroll 12
@@ -120,6 +123,8 @@ static inline __attribute__((always_inline)) void micro_kernel(
       a1[j] = V::fmadd(x1, cj, a1[j]);
     }
   }
+  vec b0 = V::load(best), b1 = V::load(best + V::L);
+  typename V::ivec i0 = V::iload(index), i1 = V::iload(index + V::L);
 #pragma GCC unroll 12
   for (int j = 0; j < kPanel; ++j) {
     if (j >= kvalid) break;
@@ -138,6 +143,10 @@ static inline __attribute__((always_inline)) void micro_kernel(
     i0 = V::iblend(m0, i0, k);
     i1 = V::iblend(m1, i1, k);
   }
+  V::store(best, b0);
+  V::store(best + V::L, b1);
+  V::istore(index, i0);
+  V::istore(index + V::L, i1);
 }
 
 // Transpose rows [0, rows) of x into micro-panels; pad with zeros. Returns
@@ -181,21 +190,14 @@ static void search_block(const PackedCodes<typename V::T>& codes,
     for (int64_t mp = 0; mp < nmp; ++mp) {
       T* bm = best + mp * V::MR;
       int32_t* im = best_index + mp * V::MR;
-      typename V::vec b0 = V::load(bm), b1 = V::load(bm + V::L);
-      typename V::ivec i0 = V::iload(im), i1 = V::iload(im + V::L);
       const T* xm = xp + mp * D * V::MR;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t kbase = p * kPanel;
         const int64_t left = codes.K - kbase;
         micro_kernel<V, kCareful>(xm, codes.packed + p * D * kPanel,
                                   codes.bias + kbase, D, int32_t(kbase),
-                                  left < kPanel ? int(left) : kPanel, b0, b1,
-                                  i0, i1);
+                                  left < kPanel ? int(left) : kPanel, bm, im);
       }
-      V::store(bm, b0);
-      V::store(bm + V::L, b1);
-      V::istore(im, i0);
-      V::istore(im + V::L, i1);
     }
   }
 }
