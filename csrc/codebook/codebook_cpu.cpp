@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 namespace pyvq {
 namespace codebook {
@@ -21,10 +22,17 @@ void search_cpu(const at::Tensor& x_any, const at::Tensor& cb, Metric metric,
   const int64_t P = cpu::num_panels(K);
   at::Tensor packed = at::empty({P * D * cpu::kPanel + 1}, cb.options());
   at::Tensor bias = at::empty({P * cpu::kPanel}, cb.options());
+  at::Tensor bf16;
+  if (std::is_same_v<T, float> && cpu::use_screening(D))
+    bf16 = at::empty({P * cpu::bf16_pairs(D) * cpu::kPanel},
+                     cb.options().dtype(at::kInt));
   cpu::PackedCodes<T> codes;
-  cpu::pack_codes<T>(cb.const_data_ptr<T>(), K, D, metric,
-                     packed.mutable_data_ptr<T>(), bias.mutable_data_ptr<T>(),
-                     &codes);
+  cpu::pack_codes<T>(
+      cb.const_data_ptr<T>(), K, D, metric, packed.mutable_data_ptr<T>(),
+      bias.mutable_data_ptr<T>(),
+      bf16.defined() ? reinterpret_cast<uint32_t*>(bf16.mutable_data_ptr<int32_t>())
+                     : nullptr,
+      &codes);
   cpu::Blocking blk = cpu::choose_blocking<T>(D);
   // Smaller row blocks when there are few rows, so every thread gets work.
   const int64_t per_task = (N + 4 * at::get_num_threads() - 1) /

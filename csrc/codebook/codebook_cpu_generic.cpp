@@ -7,6 +7,7 @@
 #define PYVQ_CODEBOOK_DRIVER
 #include "codebook_cpu_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -115,31 +116,60 @@ struct Portable {
   }
 };
 
+// PYVQ_CPU_ISA caps the instruction set: "generic", "avx512" (no bf16
+// screening) or unset for the best this CPU has.
+bool isa_allowed(const char* level) {
+  const char* isa = std::getenv("PYVQ_CPU_ISA");
+  if (isa == nullptr || *isa == '\0') return true;
+  if (std::strcmp(isa, "generic") == 0) return false;
+  return std::strcmp(level, "avx512") == 0;
+}
+
 bool use_avx512() {
 #if PYVQ_HAVE_AVX512_BUILD
-  const char* isa = std::getenv("PYVQ_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
   static const bool ok = __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl");
-  return ok;
+  return ok && isa_allowed("avx512");
 #else
   return false;
 #endif
 }
 
+bool has_bf16() {
+#if PYVQ_HAVE_AVX512_BUILD
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok && use_avx512() && isa_allowed("avx512-bf16");
+#else
+  return false;
+#endif
+}
+
+// Round-to-nearest-even float -> bfloat16 bits (finite inputs).
+uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
 }  // namespace
 
-const char* search_isa() { return use_avx512() ? "avx512" : "generic"; }
+bool use_screening(int64_t D) { return D >= kScreenMinD && has_bf16(); }
+
+const char* search_isa() {
+  return has_bf16() ? "avx512-bf16" : (use_avx512() ? "avx512" : "generic");
+}
 
 template <typename T>
 void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
-                T* packed, T* bias, PackedCodes<T>* out) {
+                T* packed, T* bias, uint32_t* bf16, PackedCodes<T>* out) {
   const int64_t P = num_panels(K);
   const T big = std::numeric_limits<T>::max();
   const T scale = score_scale<T>(metric);
   T cmax = 0;
+  double norm_max = 0, bias_max = 0;
   bool careful = false;
   std::memset(packed, 0, sizeof(T) * size_t(P * D * kPanel));
   for (int64_t k = 0; k < P * kPanel; ++k) bias[k] = T(0);
@@ -152,15 +182,37 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
     const double b = code_bias<double>(metric, ss);
     careful |= !(std::fabs(b) <= double(big) / 4) || !std::isfinite(double(f));
     bias[k] = T(b);
+    bias_max = std::max(bias_max, std::fabs(b));
     T* dst = packed + (k / kPanel) * D * kPanel + (k % kPanel);
+    double nn = 0;
     for (int64_t d = 0; d < D; ++d) {
       const T v = scale * (c[d] * f);
       const T a = std::fabs(v);
       careful |= !std::isfinite(v);
       cmax = a > cmax ? a : cmax;
+      nn += double(v) * double(v);
       dst[d * kPanel] = v;
     }
+    norm_max = std::max(norm_max, std::sqrt(nn));
   }
+  if (bf16 != nullptr && !careful) {
+    // Pairs of coordinates (2t, 2t+1) of each packed code, as bf16.
+    const int64_t D2 = bf16_pairs(D);
+    std::memset(bf16, 0, sizeof(uint32_t) * size_t(P * D2 * kPanel));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* src = packed + (k / kPanel) * D * kPanel + (k % kPanel);
+      uint32_t* dst = bf16 + (k / kPanel) * D2 * kPanel + (k % kPanel);
+      for (int64_t t = 0; t < D2; ++t) {
+        const uint32_t lo = bf16_bits(float(src[2 * t * kPanel]));
+        const uint32_t hi =
+            2 * t + 1 < D ? bf16_bits(float(src[(2 * t + 1) * kPanel])) : 0u;
+        dst[t * kPanel] = lo | (hi << 16);
+      }
+    }
+    out->bf16 = bf16;
+  }
+  out->code_norm_max = norm_max;
+  out->bias_abs_max = bias_max;
   out->packed = packed;
   out->bias = bias;
   out->K = K;
@@ -171,9 +223,10 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
 }
 
 template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*,
-                                float*, PackedCodes<float>*);
+                                float*, uint32_t*, PackedCodes<float>*);
 template void pack_codes<double>(const double*, int64_t, int64_t, Metric,
-                                 double*, double*, PackedCodes<double>*);
+                                 double*, double*, uint32_t*,
+                                 PackedCodes<double>*);
 
 // Portable vectors are 32 bytes wide (8 floats or 4 doubles).
 template <typename T>

@@ -33,6 +33,20 @@ namespace cpu {
 constexpr int kPanel = 12;   // codes per packed panel (broadcast operands)
 constexpr int kMaxMR = 32;   // rows per micro-panel, upper bound over ISAs
 
+// bfloat16 screening (float32 search on CPUs with AVX512_BF16, D >= 64):
+// a first pass ranks codes with bf16 dot products (twice the fp32 FMA
+// rate), keeping per row every code whose approximate score is within a
+// rigorous error window of the best approximate score; the window bounds the
+// bf16 rounding plus the float32 kernel's own rounding, so the float32
+// argmin is always kept. The kept candidates (a few per row on real data)
+// are then scored with exactly the float32 kernel's arithmetic. The result
+// is bit-identical to the float32 kernel's; a row whose candidates overflow
+// kScreenCap is searched again by the float32 kernel.
+constexpr int64_t kScreenMinD = 64;
+constexpr int kScreenCap = 32;
+
+inline int64_t bf16_pairs(int64_t D) { return (D + 1) / 2; }
+
 template <typename T>
 struct PackedCodes {
   const T* packed = nullptr;  // [P][D][kPanel]
@@ -44,6 +58,13 @@ struct PackedCodes {
   bool careful = false;
   // Rows whose largest |value| exceeds this take the NaN-ordering path too.
   T x_limit = 0;
+  // Screening data (float32 only, else null): [P][bf16_pairs(D)][kPanel]
+  // words, each holding coordinates 2t (low half) and 2t+1 (high half) of a
+  // packed code in bfloat16; and the largest packed-code norm and |bias|,
+  // which scale the screening window.
+  const uint32_t* bf16 = nullptr;
+  double code_norm_max = 0;
+  double bias_abs_max = 0;
 };
 
 inline int64_t num_panels(int64_t K) { return (K + kPanel - 1) / kPanel; }
@@ -65,16 +86,22 @@ inline Blocking choose_blocking(int64_t D) {
   return {rows, panels};
 }
 
-// Scratch (in T) one search_rows call needs for a given blocking.
+// Scratch (in T) one search_rows call needs for a given blocking: packed
+// rows and running scores, plus the screening state (4-byte words).
 template <typename T>
 inline int64_t scratch_size(const Blocking& b, int64_t D) {
-  return b.rows * (D > 0 ? D : 1) + b.rows;
+  const int64_t screen = b.rows * (bf16_pairs(D) + 3 + 2 * kScreenCap);
+  return b.rows * (D > 0 ? D : 1) + b.rows + screen;
 }
 
-// Defined in codebook_cpu_generic.cpp (float and double).
+// Defined in codebook_cpu_generic.cpp (float and double). `bf16`, when not
+// null, receives the screening copy of the codes (float only).
 template <typename T>
 void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
-                T* packed, T* bias, PackedCodes<T>* out);
+                T* packed, T* bias, uint32_t* bf16, PackedCodes<T>* out);
+
+// Whether float32 searches of dimension D should use bf16 screening here.
+bool use_screening(int64_t D);
 
 // Best code index of each of the n rows of x (row-major [n][D]).
 // `scratch` holds scratch_size<T>(b, D) elements, `iscratch` b.rows ints.
@@ -83,7 +110,8 @@ void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
                  const Blocking& b, T* scratch, int32_t* iscratch,
                  int64_t* out_index);
 
-// Which instruction set search_rows uses on this CPU ("avx512" or "generic").
+// Which instruction set search_rows uses on this CPU: "avx512-bf16"
+// (AVX-512 with bf16 screening), "avx512" or "generic".
 const char* search_isa();
 
 // ---------------------------------------------------------------------------

@@ -309,3 +309,71 @@ def test_torch_compile_fullgraph():
     z.grad = None
     eager_loss.backward()
     torch.testing.assert_close(gz, z.grad)
+
+
+# --- bf16 screening (CPUs with AVX512_BF16, float32, D >= 64) --------------
+
+def _screening_available():
+    return pyvq.info()["cpu_isa"] == "avx512-bf16"
+
+
+needs_bf16 = pytest.mark.skipif(
+    not _screening_available(),
+    reason="this CPU (or PYVQ_CPU_ISA) lacks AVX512_BF16, so the bf16 screening path does not run",
+)
+
+
+def _screened_and_plain(x, cb, metric, monkeypatch):
+    monkeypatch.delenv("PYVQ_CPU_ISA", raising=False)
+    a = nearest_code(x, cb, metric=metric)
+    monkeypatch.setenv("PYVQ_CPU_ISA", "avx512")  # float32 kernel, no screening
+    b = nearest_code(x, cb, metric=metric)
+    monkeypatch.delenv("PYVQ_CPU_ISA")
+    return a, b
+
+
+def _near_tie_codebook(g, clusters, per_cluster, d, spread):
+    """Codes in tight clusters: neighbours differ by far less than bf16's
+    resolution, so screening must keep (or overflow on) many candidates."""
+    base = torch.randn(clusters, 1, d, generator=g) * 3
+    codes = base + spread * torch.randn(clusters, per_cluster, d, generator=g)
+    return codes.reshape(-1, d)
+
+
+@needs_bf16
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(300, 500, 64), (257, 97, 65), (100, 1200, 256), (64, 40, 129)])
+def test_screening_is_bit_identical(n, k, d, metric, monkeypatch):
+    g = torch.Generator().manual_seed(n + k + d)
+    x = torch.randn(n, d, generator=g)
+    cb = torch.randn(k, d, generator=g)
+    (ia, da), (ib, db) = _screened_and_plain(x, cb, metric, monkeypatch)
+    assert torch.equal(ia, ib) and torch.equal(da, db)
+    assert_matches_oracle(x, cb, ia, da, metric)
+
+
+@needs_bf16
+@pytest.mark.parametrize("per_cluster,spread", [(8, 1e-3), (20, 1e-4), (200, 1e-3), (50, 0.0)])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_screening_near_ties_and_overflow(per_cluster, spread, metric, monkeypatch):
+    g = torch.Generator().manual_seed(per_cluster)
+    cb = _near_tie_codebook(g, 5, per_cluster, 96, spread)
+    x = cb[torch.randint(0, cb.shape[0], (150,), generator=g)] + 1e-3 * torch.randn(150, 96, generator=g)
+    (ia, da), (ib, db) = _screened_and_plain(x, cb, metric, monkeypatch)
+    assert torch.equal(ia, ib) and torch.equal(da, db)
+    if spread == 0.0:  # exact duplicates: the lowest index of each cluster
+        assert bool((ia % per_cluster == 0).all())
+
+
+@needs_bf16
+def test_screening_with_nan_and_tiny_rows(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(100, 80, generator=g)
+    x[5, 3] = float("nan")
+    x[70] = 1e-30 * torch.randn(80, generator=g)  # products below float32's normal range
+    x[71] = 0.0
+    cb = torch.randn(50, 80, generator=g)
+    (ia, da), (ib, db) = _screened_and_plain(x, cb, "l2", monkeypatch)
+    assert torch.equal(ia, ib)
+    assert torch.equal(da.nan_to_num(-1), db.nan_to_num(-1))
+    assert ia[5] == 0 and torch.isnan(da[5])
