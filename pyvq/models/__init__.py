@@ -1,0 +1,30 @@
+"""Models built from ``pyvq.nn``: ``Model(config)``, ``save_pretrained`` /
+``from_pretrained``, and named presets (``list_presets()``)."""
+
+from pyvq.models._pretrained import (
+    PretrainedModel,
+    get_preset,
+    list_presets,
+    load_pretrained,
+    register_preset,
+)
+from pyvq.models.tokenizers import (
+    VQGAN,
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    DiagonalGaussianDistribution,
+    VQGANConfig,
+)
+
+__all__ = [
+    "VQGAN",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "DiagonalGaussianDistribution",
+    "PretrainedModel",
+    "VQGANConfig",
+    "get_preset",
+    "list_presets",
+    "load_pretrained",
+    "register_preset",
+]

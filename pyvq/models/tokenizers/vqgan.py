@@ -1,0 +1,230 @@
+"""VQGAN tokenizer (Esser et al., "Taming Transformers"): a convolutional
+encoder, a vector-quantisation bottleneck and a convolutional decoder.
+
+    x -> encoder -> quant_conv (1x1, z_channels -> embed_dim)
+      -> quantize (pyvq.nn.VectorQuantizer, n_embed codes of embed_dim)
+      -> post_quant_conv (1x1, embed_dim -> z_channels) -> decoder -> x_rec
+
+Module names follow taming-transformers' ``VQModel`` (``encoder``,
+``decoder``, ``quant_conv``, ``post_quant_conv``, ``quantize``), so its
+checkpoints map by identity except for the codebook, which taming stores as
+``quantize.embedding.weight`` and pyvq as ``quantize.codebook``.
+
+Images are (B, in_channels, H, W), conventionally in [-1, 1]; H and W must be
+divisible by the downsampling factor ``2 ** (len(ch_mult) - 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.nn import Decoder, Encoder, VectorQuantizer
+
+__all__ = ["VQGAN", "VQGANConfig"]
+
+
+def _int_tuple(name: str, cls: str, value) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}") from None
+
+
+def _check_positive(cls: str, config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{cls}: field {name!r} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """Architecture and quantiser settings of a ``VQGAN``.
+
+    The defaults are taming-transformers' ImageNet f16 / 1024-code model
+    (preset ``vqgan_f16_1024``).
+
+    Attributes:
+        embed_dim: code dimension (channels of the quantised latent).
+        n_embed: codebook size.
+        ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
+        in_channels, out_ch, dropout, resamp_with_conv: the ``Encoder`` /
+            ``Decoder`` arguments (see ``pyvq.nn.Encoder``); the encoder is
+            built with ``double_z=False``.
+        tanh_out: tanh on the decoder output.
+        beta, ema, decay, eps, l2_normalize, restart_dead_codes,
+        dead_code_threshold: the ``pyvq.nn.VectorQuantizer`` arguments.
+            Note pyvq's loss puts ``beta`` on the commitment term,
+            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)`` (the
+            VQ-VAE paper), whereas taming's default ``legacy=True`` quantiser
+            puts it on the codebook term.
+    """
+
+    embed_dim: int = 256
+    n_embed: int = 1024
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    tanh_out: bool = False
+    beta: float = 0.25
+    l2_normalize: bool = False
+    ema: bool = False
+    decay: float = 0.99
+    eps: float = 1e-5
+    restart_dead_codes: bool = False
+    dead_code_threshold: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", "VQGANConfig", self.ch_mult))
+        object.__setattr__(
+            self, "attn_resolutions", _int_tuple("attn_resolutions", "VQGANConfig", self.attn_resolutions)
+        )
+        _check_positive(
+            "VQGANConfig",
+            self,
+            ("embed_dim", "n_embed", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"),
+        )
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"VQGANConfig: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VQGANConfig: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Side length ratio image / latent, ``2 ** (len(ch_mult) - 1)``."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _check_image(model: str, x, channels: int, factor: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{model}: argument 'x' must be a floating-point tensor")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{model}: argument 'x' must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise ValueError(
+            f"{model}: image height and width must be divisible by the downsampling factor {factor}, "
+            f"got {tuple(x.shape[2:])}"
+        )
+
+
+class VQGAN(PretrainedModel, nn.Module):
+    """VQGAN tokenizer; see the module docstring.
+
+    Args:
+        config: a ``VQGANConfig``.
+
+    ``aux`` (returned by ``encode`` and ``forward``) is a dict:
+        ``"loss"``: 0-d, the quantiser's VQ loss (codebook + beta *
+            commitment; commitment only with ema) to add to the
+            reconstruction / perceptual / GAN losses;
+        ``"perplexity"``, ``"usage"``: 0-d code statistics of the batch;
+        ``"indices"``: (B, H/f, W/f) int64 code indices.
+    """
+
+    config_class = VQGANConfig
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        if not isinstance(config, VQGANConfig):
+            raise TypeError(f"VQGAN: argument 'config' must be a VQGANConfig, got {type(config).__name__}")
+        self.config = config
+        arch = dict(
+            ch=config.ch,
+            ch_mult=config.ch_mult,
+            num_res_blocks=config.num_res_blocks,
+            attn_resolutions=config.attn_resolutions,
+            z_channels=config.z_channels,
+            resolution=config.resolution,
+            dropout=config.dropout,
+            resamp_with_conv=config.resamp_with_conv,
+        )
+        self.encoder = Encoder(in_channels=config.in_channels, double_z=False, **arch)
+        self.decoder = Decoder(out_ch=config.out_ch, tanh_out=config.tanh_out, **arch)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
+        self.quantize = VectorQuantizer(
+            config.n_embed,
+            config.embed_dim,
+            beta=config.beta,
+            ema=config.ema,
+            decay=config.decay,
+            eps=config.eps,
+            l2_normalize=config.l2_normalize,
+            restart_dead_codes=config.restart_dead_codes,
+            dead_code_threshold=config.dead_code_threshold,
+        )
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Quantised latents of images.
+
+        Args:
+            x: (B, in_channels, H, W), H and W divisible by ``downsample_factor``.
+
+        Returns:
+            z_q: (B, embed_dim, H/f, W/f), straight-through gradient to the encoder;
+            indices: (B, H/f, W/f) int64;
+            aux: dict with ``loss``, ``perplexity``, ``usage``, ``indices``.
+        """
+        _check_image("VQGAN.encode", x, self.config.in_channels, self.downsample_factor)
+        q = self.quantize(self.quant_conv(self.encoder(x)))
+        aux = {"loss": q.loss, "perplexity": q.perplexity, "usage": q.usage, "indices": q.indices}
+        return q.z_q, q.indices, aux
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim, h, w) quantised latents -> (B, out_ch, h*f, w*f) images."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int64 code indices -> (B, out_ch, h*f, w*f) images."""
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 3:
+            raise ValueError(
+                "VQGAN.decode_indices: argument 'indices' must be a (B, h, w) integer tensor, got "
+                + (f"shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__)
+            )
+        return self.decode(self.quantize.codes_from_indices(indices))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Reconstruct ``x``: returns (x_rec like x but out_ch channels, aux)."""
+        z_q, _, aux = self.encode(x)
+        return self.decode(z_q), aux
+
+    def get_last_layer(self) -> torch.Tensor:
+        """The decoder's last conv weight, for the VQGAN adaptive GAN weight
+        (gradient-norm ratio of the reconstruction and GAN losses)."""
+        return self.decoder.conv_out.weight
+
+
+# taming-transformers' ImageNet f16 models (configs/imagenet_vqgan.yaml and
+# the 16384-code release): 256x256 inputs, 16x16 latents.
+register_preset("vqgan_f16_1024", VQGANConfig())
+register_preset("vqgan_f16_16384", VQGANConfig(n_embed=16384))
+# A toy for tests and the demo: 64x64 inputs, 16x16 latents (f4), about 1M
+# parameters; trains at a few steps per second on 2 CPU cores at 32x32.
+register_preset(
+    "vqgan_tiny",
+    VQGANConfig(
+        embed_dim=16,
+        n_embed=256,
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        z_channels=32,
+        resolution=64,
+    ),
+)
