@@ -1,0 +1,273 @@
+"""The tokenizer trainer: one loop for VQGAN and KL autoencoders.
+
+Per step: the autoencoder (generator) step with reconstruction, perceptual,
+codebook/KL and (after ``disc_start``) adaptive-weighted GAN losses, then the
+discriminator step. AdamW, warm-up + cosine schedule, gradient clipping,
+optional bf16 autocast and weight EMA; DistributedDataParallel under torchrun
+(rank 0 logs and checkpoints, metrics are all-reduced); checkpoints
+every ``ckpt_every`` steps or ``ckpt_minutes`` minutes and at the end;
+``resume=True`` continues from the last one with the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pyvq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pyvq.train.config import TrainConfig
+from pyvq.train.distributed import DistInfo, all_reduce_mean, init_distributed
+from pyvq.train.logger import RunLogger
+from pyvq.train.schedule import warmup_cosine
+
+
+def build_model(name: str, overrides: dict | None = None):
+    """A tokenizer with random weights from a registered preset."""
+    from pyvq.models import _pretrained
+    import pyvq.models  # noqa: F401  (registers the presets)
+
+    config = _pretrained.get_preset(name)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    for cls in _pretrained._MODEL_CLASSES.values():
+        if cls.config_class is type(config):
+            return cls(config)
+    raise KeyError(f"build_model: no model class takes a {type(config).__name__} (preset {name!r})")
+
+
+def build_dataset(config: TrainConfig, split: str = "train"):
+    """The run's dataset: the built-in photographs or an image folder."""
+    from pyvq.data import BuiltinImages, ImageFolder
+
+    if config.data == "builtin":
+        return BuiltinImages(split=split, size=config.image_size, seed=config.seed)
+    return ImageFolder(config.data, config.image_size, crop="random" if split == "train" else "center",
+                       flip=split == "train", seed=config.seed)
+
+
+class _Resumable(torch.utils.data.Sampler):
+    """A DistributedSampler's epoch order, starting ``skip`` samples in."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip :])
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+class Trainer:
+    """Train a tokenizer preset on a dataset into ``out_dir``.
+
+    Args:
+        config: a ``TrainConfig``.
+        out_dir: the run directory (config.json, log.jsonl, tensorboard/,
+            images/, checkpoints/, and the final model in model/).
+        resume: continue from ``out_dir``'s latest checkpoint.
+        perceptual: a perceptual-loss module to use instead of LPIPS-VGG
+            (tests inject a random-backbone LPIPS).
+        dataset: a dataset to use instead of ``config.data``.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
+                 perceptual: torch.nn.Module | None = None, dataset=None):
+        from pyvq.losses import VQLPIPSWithDiscriminator
+
+        self.config = config
+        self.out_dir = out_dir
+        self.dist: DistInfo = init_distributed(config.device)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model = build_model(config.model, config.model_overrides).to(self.dist.device)
+        self.is_vq = hasattr(self.model, "quantize")
+        self.loss = VQLPIPSWithDiscriminator(
+            config.disc_start,
+            codebook_weight=config.codebook_weight,
+            pixel_loss=config.pixel_loss,
+            perceptual_weight=config.perceptual_weight,
+            perceptual=perceptual,
+            disc_weight=config.disc_weight,
+            disc_loss=config.disc_loss,
+            kl_weight=config.kl_weight,
+        ).to(self.dist.device)
+        self.disc = self.loss.discriminator
+        c = config
+        self.opt_g = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.disc_lr or c.lr, betas=c.betas,
+                                       weight_decay=c.weight_decay)
+        warm = min(c.warmup_steps, c.steps)
+        self.sched_g = warmup_cosine(self.opt_g, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
+        self.sched_d = warmup_cosine(self.opt_d, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
+        self.ema = None
+        if c.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
+        self.dataset = dataset if dataset is not None else build_dataset(c, "train")
+        if len(self.dataset) < c.batch_size * self.dist.world_size:
+            raise ValueError(
+                f"Trainer: the dataset has {len(self.dataset)} samples, fewer than one global batch "
+                f"({c.batch_size} x {self.dist.world_size} processes)"
+            )
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if resume:
+            found = latest_checkpoint(out_dir)
+            if found is None:
+                raise FileNotFoundError(f"Trainer: resume=True but {out_dir} has no checkpoint")
+            info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
+                                   schedulers=self._schedulers(), map_location=self.dist.device)
+            self.step = info["step"]
+            self.epoch = info["extra"]["epoch"]
+            self.batch_in_epoch = info["extra"]["batch_in_epoch"]
+        self.model_ddp = self.model
+        self.disc_ddp = self.disc
+        if self.dist.distributed:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.model_ddp = DDP(self.model, device_ids=ids)
+            self.disc_ddp = DDP(self.disc, device_ids=ids)
+        self.logger = RunLogger(out_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(c.to_dict(), f, indent=1)
+
+    # -- state handed to checkpoints
+    def _modules(self):
+        mods = {"model": self.model, "disc": self.disc}
+        if self.ema is not None:
+            mods["ema"] = self.ema
+        return mods
+
+    def _optimizers(self):
+        return {"g": self.opt_g, "d": self.opt_d}
+
+    def _schedulers(self):
+        return {"g": self.sched_g, "d": self.sched_d}
+
+    def _loader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=True, seed=self.config.seed, drop_last=True)
+        sampler.set_epoch(self.epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        skip = self.batch_in_epoch * self.config.batch_size
+        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=_Resumable(sampler, skip),
+                          drop_last=True, num_workers=self.config.num_workers)
+
+    def _batches(self):
+        while True:
+            for batch in self._loader():
+                self.batch_in_epoch += 1  # counts batches handed out (a checkpoint resumes after them)
+                yield batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One generator step and one discriminator step; returns scalars."""
+        c = self.config
+        with self._autocast():
+            x_rec, aux = self.model_ddp(x)
+        x_rec = x_rec.float()
+        if self.is_vq:
+            extra = {"codebook_loss": aux["loss"].float()}
+        else:
+            extra = {"posterior": aux}
+        loss_g, log = self.loss(x, x_rec, 0, self.step, last_layer=self.model.get_last_layer(), **extra)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt_g.step()
+        self.sched_g.step()
+        if self.step >= c.disc_start:
+            loss_d, log_d = self._disc_step(x, x_rec.detach())
+            log.update(log_d)
+            self.sched_d.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        out = {k: float(v) for k, v in log.items()}
+        if self.is_vq:
+            out["train/perplexity"] = float(aux["perplexity"])
+            out["train/usage"] = float(aux["usage"])
+        out["train/lr"] = self.opt_g.param_groups[0]["lr"]
+        return out
+
+    def _disc_step(self, x, x_rec):
+        # The loss module calls its discriminator; route it through DDP.
+        disc = self.loss.discriminator
+        self.loss.discriminator = self.disc_ddp
+        try:
+            loss_d, log_d = self.loss(x, x_rec, 1, self.step)
+        finally:
+            self.loss.discriminator = disc
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.config.grad_clip)
+        self.opt_d.step()
+        return loss_d, log_d
+
+    def save(self) -> str | None:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.out_dir, self.step, self._modules(), optimizers=self._optimizers(),
+                               schedulers=self._schedulers(),
+                               extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+
+    def train(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
+        """Run until ``config.steps`` (or until step ``stop_after``, then
+        checkpoint and return: a time-boxed run that ``resume`` continues);
+        returns the last logged scalars."""
+        from tqdm import tqdm
+
+        c = self.config
+        end = c.steps if stop_after is None else min(c.steps, stop_after)
+        self.model.train()
+        self.loss.train()
+        batches = self._batches()
+        last_ckpt = time.monotonic()
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (progress and self.dist.is_main),
+                   dynamic_ncols=True, unit="step")
+        logged: dict = {}
+        sample = None
+        while self.step < end:
+            x = next(batches).to(self.dist.device)
+            sample = x
+            scalars = self.train_step(x)
+            self.step += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                logged = all_reduce_mean(scalars, self.dist)
+                self.logger.scalars(self.step, logged)
+                bar.set_postfix(loss=f"{logged.get('train/rec_loss', float('nan')):.4f}")
+            if self.step % c.image_every == 0 or self.step == c.steps:
+                self._log_images(sample)
+            due = (time.monotonic() - last_ckpt) / 60 >= c.ckpt_minutes
+            if self.step % c.ckpt_every == 0 or self.step == end or due:
+                self.save()
+                last_ckpt = time.monotonic()
+        bar.close()
+        if self.dist.is_main and self.step == c.steps:
+            final = self.ema.module if self.ema is not None else self.model
+            final.save_pretrained(os.path.join(self.out_dir, "model"))
+        self.logger.close()
+        return logged
+
+    @torch.no_grad()
+    def _log_images(self, x):
+        if not self.dist.is_main:
+            return
+        self.model.eval()
+        x = x[:8]
+        x_rec, _ = self.model(x)
+        self.model.train()
+        self.logger.image_grid(self.step, "reconstruction", torch.cat([x, x_rec.float().clamp(-1, 1)]), nrow=len(x))
