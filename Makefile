@@ -1,5 +1,6 @@
 # The two commands of the README:
 #   make demo   set everything up from a fresh clone and run the main job
+#               (train a tiny VQGAN, evaluate, ReFiT, write runs/demo/report.md)
 #   make test   set everything up and run the whole test suite
 # Both create .venv with the pinned requirements, then build pyvq in place.
 
@@ -32,10 +33,11 @@ test: install
 
 demo: install
 	$(VENV)/bin/pyvq info
-	$(PY) benchmarks/bench_codebook.py --quick
+	$(VENV)/bin/pyvq demo --out runs/demo
 
 bench: install
 	$(PY) benchmarks/bench_codebook.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf build *.egg-info pyvq/_C*.so

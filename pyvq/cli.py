@@ -2,6 +2,10 @@
 
     pyvq info [--json]     what was built: ops and their CPU/CUDA/reference
                            implementations, CUDA architectures, Triton
+    pyvq train ...         train a tokenizer (also under torchrun)
+    pyvq eval ...          evaluate a trained run, write metrics.json
+    pyvq bench NAME        run a benchmark script from a source checkout
+    pyvq demo ...          the main job: train, evaluate, ReFiT, report
 """
 
 from __future__ import annotations
@@ -33,16 +37,138 @@ def _print_info(as_json: bool) -> int:
     return 0
 
 
+_TRAIN_FLAGS = {  # CLI flag -> TrainConfig field
+    "steps": int, "batch_size": int, "image_size": int, "lr": float, "ckpt_every": int,
+    "ckpt_minutes": float, "log_every": int, "image_every": int, "disc_start": int,
+    "perceptual_weight": float, "ema_decay": float, "seed": int, "num_workers": int,
+}
+
+
+def _train(args) -> int:
+    from pyvq.train.config import TrainConfig
+    from pyvq.train.trainer import Trainer
+
+    data = {}
+    if args.config:
+        data = TrainConfig.from_yaml(args.config).to_dict()
+    if args.preset:
+        data["model"] = args.preset
+    if args.data:
+        data["data"] = args.data
+    for name in _TRAIN_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if args.bf16:
+        data["bf16"] = True
+    if args.device:
+        data["device"] = args.device
+    config = TrainConfig.from_dict(data)
+    trainer = Trainer(config, args.out, resume=args.resume)
+    scalars = trainer.train()
+    if trainer.dist.is_main:
+        print(f"run written to {args.out} (step {trainer.step}); last scalars: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+    from pyvq.train.distributed import cleanup_distributed
+
+    cleanup_distributed()
+    return 0
+
+
+def _eval(args) -> int:
+    import os
+
+    from pyvq.models._pretrained import load_pretrained
+    from pyvq.train.evaluate import evaluate, write_metrics
+
+    model_dir = os.path.join(args.run, "model")
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"pyvq eval: {args.run} has no trained model (expected {model_dir})")
+    model = load_pretrained(model_dir)
+    size = args.image_size or model.config.resolution
+    if args.data == "builtin":
+        from pyvq.data import BuiltinImages
+
+        dataset = BuiltinImages(split=args.split, size=size)
+    else:
+        from pyvq.data import ImageFolder
+
+        dataset = ImageFolder(args.data, size, crop="center")
+    lpips = None
+    if args.lpips:
+        from pyvq.losses import build_lpips
+
+        lpips = build_lpips()  # MissingWeightsError says which file is missing
+    metrics = evaluate(model, dataset, lpips=lpips, fid=args.fid)
+    out = args.out or os.path.join(args.run, "metrics.json")
+    write_metrics(out, metrics)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench(args) -> int:
+    import os
+    import runpy
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "benchmarks", f"bench_{args.name.replace('-', '_')}.py")
+    if not os.path.isfile(script):
+        raise SystemExit(f"pyvq bench: {script} not found (benchmarks ship with the source checkout)")
+    sys.argv = [script] + args.rest
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def _demo(args) -> int:
+    from pyvq.demo import run_demo
+
+    report = run_demo(args.out, train_steps=args.steps, finetune_steps=args.finetune_steps)
+    print(f"\nreport: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyvq", description="pyvq command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="report what was compiled and which backends are used")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p_train = sub.add_parser("train", help="train a tokenizer (works under torchrun)")
+    p_train.add_argument("--config", help="YAML file of TrainConfig fields")
+    p_train.add_argument("--preset", help="model preset, e.g. vqgan_tiny")
+    p_train.add_argument("--data", help="'builtin' or an image folder")
+    p_train.add_argument("--out", required=True, help="run directory")
+    p_train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p_train.add_argument("--device", choices=("cpu", "cuda"))
+    for name, kind in _TRAIN_FLAGS.items():
+        p_train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+
+    p_eval = sub.add_parser("eval", help="evaluate a trained run and write metrics.json")
+    p_eval.add_argument("--run", required=True, help="run directory written by pyvq train")
+    p_eval.add_argument("--data", default="builtin", help="'builtin' (its validation split) or an image folder")
+    p_eval.add_argument("--split", default="val", choices=("train", "val"))
+    p_eval.add_argument("--image-size", type=int)
+    p_eval.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
+                        help="LPIPS (needs VGG16 weights in the torch hub cache)")
+    p_eval.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False,
+                        help="rFID/IS/KID via torch-fidelity (needs its Inception weights)")
+    p_eval.add_argument("--out", help="metrics file (default RUN/metrics.json)")
+
+    p_bench = sub.add_parser("bench", help="run benchmarks/bench_NAME.py of a source checkout")
+    p_bench.add_argument("name", help="codebook, train-step, ...")
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
+
+    p_demo = sub.add_parser("demo", help="train a tiny VQGAN, evaluate, ReFiT, write a report")
+    p_demo.add_argument("--out", default="runs/demo")
+    p_demo.add_argument("--steps", type=int, default=None)
+    p_demo.add_argument("--finetune-steps", type=int, default=None)
+
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _print_info(args.json)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
+                "bench": _bench, "demo": _demo}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ def build_dataset(config: TrainConfig, split: str = "train"):
                        flip=split == "train", seed=config.seed)
 
 
+def trainable_params(module: torch.nn.Module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class _Resumable(torch.utils.data.Sampler):
     """A DistributedSampler's epoch order, starting ``skip`` samples in."""
 
@@ -75,17 +79,23 @@ class Trainer:
         perceptual: a perceptual-loss module to use instead of LPIPS-VGG
             (tests inject a random-backbone LPIPS).
         dataset: a dataset to use instead of ``config.data``.
+        model: a model to train instead of a new ``config.model`` preset
+            (fine-tuning); parameters with ``requires_grad=False`` (a frozen
+            encoder, say) are left out of the optimizer.
     """
 
     def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
-                 perceptual: torch.nn.Module | None = None, dataset=None):
+                 perceptual: torch.nn.Module | None = None, dataset=None,
+                 model: torch.nn.Module | None = None):
         from pyvq.losses import VQLPIPSWithDiscriminator
 
         self.config = config
         self.out_dir = out_dir
         self.dist: DistInfo = init_distributed(config.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.model = build_model(config.model, config.model_overrides).to(self.dist.device)
+        if model is None:
+            model = build_model(config.model, config.model_overrides)
+        self.model = model.to(self.dist.device)
         self.is_vq = hasattr(self.model, "quantize")
         self.loss = VQLPIPSWithDiscriminator(
             config.disc_start,
@@ -99,7 +109,7 @@ class Trainer:
         ).to(self.dist.device)
         self.disc = self.loss.discriminator
         c = config
-        self.opt_g = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.opt_g = torch.optim.AdamW(trainable_params(self.model), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.disc_lr or c.lr, betas=c.betas,
                                        weight_decay=c.weight_decay)
         warm = min(c.warmup_steps, c.steps)
@@ -185,7 +195,7 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable_params(self.model), c.grad_clip)
         self.opt_g.step()
         self.sched_g.step()
         if self.step >= c.disc_start:

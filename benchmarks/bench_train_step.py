@@ -1,0 +1,51 @@
+"""A VQGAN training step with pyvq's kernels against PYVQ_BACKEND=reference.
+
+Same model, batch and seed; the generator and discriminator steps both run
+(disc_start=0). Prints the median step times side by side and their ratio,
+and writes JSON.
+
+    python benchmarks/bench_train_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import Table, ratio  # noqa: E402
+
+
+def main() -> None:
+    import torch
+
+    from pyvq.train.benchmark import time_train_steps
+    from pyvq.train.config import TrainConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small configuration, fewer steps")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "train_step.json"))
+    args = p.parse_args()
+    shapes = [("vqgan_tiny", 32, 16)] if args.quick else [("vqgan_tiny", 32, 16), ("vqgan_tiny", 64, 8)]
+    steps = 5 if args.quick else 10
+    table = Table(f"VQGAN training step, {torch.get_num_threads()} threads",
+                  ["preset", "image", "batch", "kernel_s", "reference_s", "reference/kernel"])
+    table.header()
+    for preset, size, batch in shapes:
+        config = TrainConfig(model=preset, image_size=size, batch_size=batch, steps=1000, disc_start=0,
+                             perceptual_weight=0.0, warmup_steps=1)
+        # Interleave the two backends so drifting machine load hits both.
+        k1 = time_train_steps(config, "kernel", steps=steps)
+        r1 = time_train_steps(config, "reference", steps=steps)
+        k2 = time_train_steps(config, "kernel", steps=steps)
+        r2 = time_train_steps(config, "reference", steps=steps)
+        k, r = min(k1, k2), min(r1, r2)
+        table.add(preset=preset, image=size, batch=batch, kernel_s=k, reference_s=r,
+                  **{"reference/kernel": ratio(r, k)})
+    table.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
