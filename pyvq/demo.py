@@ -58,19 +58,25 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
     """Run the demo into ``out_dir``; returns the path of ``report.md``."""
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    train_steps = train_steps or 600
+    train_steps = train_steps or 500
     finetune_steps = finetune_steps or 150
-    base = dict(model="vqgan_tiny", data="builtin", image_size=image_size, batch_size=batch_size,
+    # vqgan_tiny at 32x32 with one down-sampling level less (f2: 16x16 tokens)
+    # and an EMA codebook.
+    overrides = {"ch_mult": (1, 2), "ema": True}
+    base = dict(model="vqgan_tiny", model_overrides=overrides, data="builtin", image_size=image_size, batch_size=batch_size,
                 perceptual_weight=0.0, lr=1e-3, warmup_steps=20, log_every=10, seed=seed,
                 image_every=10**9, ckpt_every=10**9, ckpt_minutes=2.0)
 
     print("[1/5] timing a training step with the kernels and with PYVQ_BACKEND=reference", flush=True)
     timing_cfg = TrainConfig(**{**base, "steps": 1000, "disc_start": 0})
-    t_kernel = time_train_steps(timing_cfg, "kernel", steps=5)
-    t_ref = time_train_steps(timing_cfg, "reference", steps=5)
+    # Interleaved, best of two each: machine load drifting hits both sides.
+    t_kernel, t_ref = float("inf"), float("inf")
+    for _ in range(2):
+        t_kernel = min(t_kernel, time_train_steps(timing_cfg, "kernel", steps=5))
+        t_ref = min(t_ref, time_train_steps(timing_cfg, "reference", steps=5))
 
     print(f"[2/5] training vqgan_tiny for {train_steps} steps on the built-in photographs", flush=True)
-    config = TrainConfig(**{**base, "steps": train_steps, "disc_start": int(0.6 * train_steps)})
+    config = TrainConfig(**{**base, "steps": train_steps, "disc_start": int(0.8 * train_steps)})
     trainer = Trainer(config, os.path.join(out_dir, "train"))
     trainer.train()
     model = trainer.model
@@ -78,7 +84,9 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
     print("[3/5] evaluating on the held-out photographs", flush=True)
     val = BuiltinImages(split="val", size=image_size)
     before = evaluate(model, val)
-    x_val, rec_before, _ = reconstruct(model, val, limit=8)
+    # two crops of each held-out photograph for the picture
+    shown = torch.utils.data.Subset(val, [i * len(val) // 4 + j for i in range(4) for j in (0, 3)])
+    x_val, rec_before, _ = reconstruct(model, shown)
 
     print("[4/5] ReFiT: k-means codebook from encoder outputs, then decoder fine-tuning", flush=True)
     train_images = BuiltinImages(split="train", size=image_size, seed=seed)
@@ -95,13 +103,14 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
     ft.train()
     model.eval()
     after = evaluate(model, val)
-    _, rec_after, _ = reconstruct(model, val, limit=8)
+    _, rec_after, _ = reconstruct(model, shown)
 
     print("[5/5] writing the report", flush=True)
     from torchvision.utils import save_image
 
-    grid = torch.cat([x_val[:8], rec_before[:8], rec_after[:8]])
-    save_image((grid + 1) / 2, os.path.join(out_dir, "reconstructions.png"), nrow=8, padding=1)
+    grid = torch.cat([x_val, rec_before, rec_after])
+    grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")  # 32 px crops: enlarge
+    save_image((grid + 1) / 2, os.path.join(out_dir, "reconstructions.png"), nrow=8, padding=2)
     _loss_curve(read_jsonl(os.path.join(out_dir, "train", "log.jsonl")),
                 read_jsonl(os.path.join(out_dir, "refit", "log.jsonl")),
                 os.path.join(out_dir, "loss_curve.png"), offset=train_steps)
@@ -136,9 +145,9 @@ def _report_text(m: dict) -> str:
     t = m["train_step_seconds"]
     return f"""# pyvq demo: tiny VQGAN + ReFiT on scikit-image's photographs
 
-Trained `vqgan_tiny` ({m['image_size']}x{m['image_size']} crops, {m['train_steps']} steps; the
-discriminator joins at 60% of the steps; no LPIPS term, since its VGG weights
-cannot be downloaded here) on the built-in training photographs, and evaluated
+Trained `vqgan_tiny` with one down-sampling level less ({m['image_size']}x{m['image_size']} crops ->
+16x16 tokens of a 256-code EMA codebook; {m['train_steps']} steps; the discriminator joins at
+80% of the steps; no LPIPS term, since its VGG weights cannot be downloaded here) on the built-in training photographs, and evaluated
 on {m['val_images']} crops of the held-out photographs (chelsea, rocket, coins, grass).
 
 ![reconstructions](reconstructions.png)

@@ -357,3 +357,12 @@ class Decoder(nn.Module):
             return h
         h = self.conv_out(F.silu(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
+               "dropout", "resamp_with_conv")
+
+
+def arch_kwargs(config) -> dict:
+    """The Encoder/Decoder arguments a tokenizer config carries (``ARCH_FIELDS``)."""
+    return {name: getattr(config, name) for name in ARCH_FIELDS}

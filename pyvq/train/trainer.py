@@ -203,7 +203,12 @@ class Trainer:
             log.update(log_d)
             self.sched_d.step()
         if self.ema is not None:
+            # EMA of the parameters; buffers (quantizer statistics, an EMA
+            # codebook, norm statistics) follow the live model.
             self.ema.update_parameters(self.model)
+            with torch.no_grad():
+                for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
+                    mine.copy_(live)
         out = {k: float(v) for k, v in log.items()}
         if self.is_vq:
             out["train/perplexity"] = float(aux["perplexity"])

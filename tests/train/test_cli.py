@@ -86,3 +86,16 @@ def test_demo_writes_report(tmp_path):
     assert sampled["usage_after"] >= sampled["usage_before"]
     assert f"{m['after_refit']['psnr']:.2f}" in text
     assert m["train_step_seconds"]["kernel"] > 0 and "reference / kernel" in text
+
+
+def test_evaluate_fidelity_with_registered_extractor(registered_extractor, skimage_patches):
+    from pyvq.models.tokenizers import VQGAN
+    from pyvq.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(skimage_patches * 2 - 1)
+    m = evaluate(VQGAN.from_preset("vqgan_tiny"), data, fid=True, feature_extractor=registered_extractor)
+    assert m["frechet_inception_distance"] > 0 and m["inception_score_mean"] >= 1
+
+
+from tests.metrics.test_metrics import registered_extractor  # noqa: E402,F401  (fixture)

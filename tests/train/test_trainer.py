@@ -119,3 +119,36 @@ def test_ddp_two_processes_match_one(tmp_path):
     diffs = torch.cat([(r0[k].float() - ref[k].float()).abs().reshape(-1) for k in floats])
     assert (diffs > 1e-5).double().mean().item() < 1e-3
     assert diffs.max().item() <= 3 * 1e-3
+
+
+def test_bf16_autocast_and_weight_ema(tmp_path):
+    t = Trainer(_config(steps=4, bf16=True, ema_decay=0.9), str(tmp_path))
+    start = _params(t.model)
+    out = t.train(progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    ema = {k[len("module."):]: v for k, v in t.ema.state_dict().items() if k.startswith("module.")}
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], t.model.state_dict()[k])]
+    assert moved
+    # the EMA lags the weights: strictly between the start and the final value somewhere
+    k = moved[0]
+    assert not torch.equal(ema[k], t.model.state_dict()[k])
+    # the saved final model is the EMA
+    from pyvq.models._pretrained import load_pretrained
+
+    final = load_pretrained(str(tmp_path / "model"))
+    torch.testing.assert_close(final.state_dict()[k], ema[k])
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "pyvq.cli", "train", "--preset", "vqgan_tiny", "--data", "builtin", "--image-size", "32",
+           "--batch-size", "2", "--steps", "2", "--perceptual-weight", "0", "--disc-start", "1", "--log-every", "1",
+           "--device", "cpu", "--out", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("step_000000002")
+    assert len(read_jsonl(str(tmp_path / "run" / "log.jsonl"))) == 2  # rank 0 logs alone

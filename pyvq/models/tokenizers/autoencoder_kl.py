@@ -24,6 +24,7 @@ from torch import nn
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.tokenizers.vqgan import _check_image, _check_positive, _int_tuple
 from pyvq.nn import Decoder, Encoder
+from pyvq.nn.blocks import arch_kwargs
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution"]
 
@@ -163,16 +164,7 @@ class AutoencoderKL(PretrainedModel, nn.Module):
                 f"AutoencoderKL: argument 'config' must be an AutoencoderKLConfig, got {type(config).__name__}"
             )
         self.config = config
-        arch = dict(
-            ch=config.ch,
-            ch_mult=config.ch_mult,
-            num_res_blocks=config.num_res_blocks,
-            attn_resolutions=config.attn_resolutions,
-            z_channels=config.z_channels,
-            resolution=config.resolution,
-            dropout=config.dropout,
-            resamp_with_conv=config.resamp_with_conv,
-        )
+        arch = arch_kwargs(config)
         self.encoder = Encoder(in_channels=config.in_channels, double_z=True, **arch)
         self.decoder = Decoder(out_ch=config.out_ch, tanh_out=config.tanh_out, **arch)
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, kernel_size=1)

@@ -23,6 +23,7 @@ from torch import nn
 
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
+from pyvq.nn.blocks import arch_kwargs
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -139,16 +140,7 @@ class VQGAN(PretrainedModel, nn.Module):
         if not isinstance(config, VQGANConfig):
             raise TypeError(f"VQGAN: argument 'config' must be a VQGANConfig, got {type(config).__name__}")
         self.config = config
-        arch = dict(
-            ch=config.ch,
-            ch_mult=config.ch_mult,
-            num_res_blocks=config.num_res_blocks,
-            attn_resolutions=config.attn_resolutions,
-            z_channels=config.z_channels,
-            resolution=config.resolution,
-            dropout=config.dropout,
-            resamp_with_conv=config.resamp_with_conv,
-        )
+        arch = arch_kwargs(config)
         self.encoder = Encoder(in_channels=config.in_channels, double_z=False, **arch)
         self.decoder = Decoder(out_ch=config.out_ch, tanh_out=config.tanh_out, **arch)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
