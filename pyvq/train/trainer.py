@@ -181,11 +181,29 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
+    def step_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) masks (1 = region to generate) for a conditional
+        (mask-guided) decoder: random irregular/box masks on even steps, the
+        full mask on odd steps (nothing given: the decoder must rely on the
+        latent), as the Asymmetric VQGAN paper alternates. Fixed by
+        (seed, step, sample) so a resumed run sees the same masks."""
+        from pyvq.data import MaskGenerator
+
+        B, _, H, W = x.shape
+        if self.step % 2 == 1:
+            return torch.ones(B, 1, H, W, device=x.device)
+        gen = MaskGenerator(kind="mixed", seed=self.config.seed)
+        return torch.stack([gen(H, W, index=self.step * B + i) for i in range(B)]).to(x.device)
+
     def train_step(self, x: torch.Tensor) -> dict:
         """One generator step and one discriminator step; returns scalars."""
         c = self.config
+        conditional = getattr(self.model, "conditional", False)
         with self._autocast():
-            x_rec, aux = self.model_ddp(x)
+            if conditional:
+                x_rec, aux = self.model_ddp(x, self.step_masks(x))
+            else:
+                x_rec, aux = self.model_ddp(x)
         x_rec = x_rec.float()
         if self.is_vq:
             extra = {"codebook_loss": aux["loss"].float()}

@@ -152,3 +152,15 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert latest_checkpoint(str(tmp_path / "run")).endswith("step_000000002")
     assert len(read_jsonl(str(tmp_path / "run" / "log.jsonl"))) == 2  # rank 0 logs alone
+
+
+def test_step_masks_alternate_and_repeat(tmp_path):
+    t = Trainer(_config(steps=2), str(tmp_path))
+    x = torch.zeros(3, 3, 32, 32)
+    t.step = 4
+    m = t.step_masks(x)
+    assert m.shape == (3, 1, 32, 32) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert 0 < m.mean() < 1 and not torch.equal(m[0], m[1])
+    assert torch.equal(m, t.step_masks(x))  # fixed by (seed, step, sample)
+    t.step = 5
+    assert bool((t.step_masks(x) == 1).all())  # odd steps: generate everything
