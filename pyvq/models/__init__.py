@@ -10,6 +10,8 @@ from pyvq.models._pretrained import (
 )
 from pyvq.models.tokenizers import (
     VQGAN,
+    AsymmetricVQGAN,
+    AsymmetricVQGANConfig,
     AutoencoderKL,
     AutoencoderKLConfig,
     DiagonalGaussianDistribution,
@@ -18,6 +20,8 @@ from pyvq.models.tokenizers import (
 
 __all__ = [
     "VQGAN",
+    "AsymmetricVQGAN",
+    "AsymmetricVQGANConfig",
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "DiagonalGaussianDistribution",

@@ -1,6 +1,7 @@
 """pyvq's layers: parameters, shapes and the call to an op."""
 
 from pyvq.nn.blocks import AttnBlock, Decoder, Downsample, Encoder, Normalize, ResnetBlock, Upsample
+from pyvq.nn.partial_conv import PartialConv2d
 from pyvq.nn.vector_quantizer import QuantizerOutput, VectorQuantizer, code_usage_stats
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "Downsample",
     "Encoder",
     "Normalize",
+    "PartialConv2d",
     "QuantizerOutput",
     "ResnetBlock",
     "Upsample",

@@ -1,7 +1,28 @@
 """Stage-1 image tokenizers: VQGAN (discrete codes) and AutoencoderKL
-(continuous Gaussian latents)."""
+(continuous Gaussian latents), and the asymmetric (frozen-encoder,
+mask-conditioned decoder) tokenizer on either."""
 
+from pyvq.models.tokenizers.asymmetric import (
+    AsymmetricVQGAN,
+    AsymmetricVQGANConfig,
+    MaskConditionDecoder,
+    decoder_gflops,
+    decoder_parameter_count,
+    mask_guided_blend,
+)
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 
-__all__ = ["VQGAN", "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "VQGANConfig"]
+__all__ = [
+    "VQGAN",
+    "AsymmetricVQGAN",
+    "AsymmetricVQGANConfig",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "DiagonalGaussianDistribution",
+    "MaskConditionDecoder",
+    "VQGANConfig",
+    "decoder_gflops",
+    "decoder_parameter_count",
+    "mask_guided_blend",
+]
