@@ -55,6 +55,8 @@ def _train(args) -> int:
         data["model"] = args.preset
     if args.data:
         data["data"] = args.data
+    if args.base:
+        data["base"] = args.base
     for name in _TRAIN_FLAGS:
         value = getattr(args, name)
         if value is not None:
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", help="YAML file of TrainConfig fields")
     p_train.add_argument("--preset", help="model preset, e.g. vqgan_tiny")
     p_train.add_argument("--data", help="'builtin' or an image folder")
+    p_train.add_argument("--base", help="trained tokenizer run (asymmetric presets: train only a new decoder)")
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")

@@ -11,7 +11,10 @@ class TrainConfig:
     """Everything a tokenizer training run needs (per-process batch size).
 
     ``model`` names a preset (``pyvq.models.list_presets()``);
-    ``model_overrides`` replaces fields of its config. ``data`` is
+    ``model_overrides`` replaces fields of its config. ``base`` (for the
+    asymmetric presets) is a trained tokenizer's run directory: its frozen
+    encoder side is used and only the new decoder trains (``model_overrides``
+    then sets the decoder's width/depth; by default the base decoder's). ``data`` is
     ``"builtin"`` (scikit-image's photographs, no download) or an image folder.
     Loss weights follow taming-transformers' VQGAN; ``perceptual_weight`` needs
     LPIPS's VGG weights in the torch hub cache (0 turns LPIPS off).
@@ -21,6 +24,7 @@ class TrainConfig:
 
     model: str = "vqgan_tiny"
     model_overrides: dict = field(default_factory=dict)
+    base: str | None = None
     data: str = "builtin"
     image_size: int = 64
     batch_size: int = 8

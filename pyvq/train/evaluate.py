@@ -20,12 +20,12 @@ def reconstruct(model, dataset, *, batch_size: int = 16, device="cpu", limit: in
     seen = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-        if hasattr(model, "quantize"):
-            z_q, indices, _ = model.encode(x)
-            y = model.decode(z_q)
-            idx.append(indices.cpu())
-        else:
-            y = model.decode(model.encode(x).mode())
+        enc = model.encode(x)
+        if isinstance(enc, tuple):  # VQ: (z_q, indices, aux)
+            y = model.decode(enc[0])
+            idx.append(enc[1].cpu())
+        else:  # KL: the posterior's mode
+            y = model.decode(enc.mode())
         xs.append(x.cpu())
         ys.append(y.float().clamp(-1, 1).cpu())
         seen += len(x)
@@ -61,7 +61,8 @@ def evaluate(model, dataset, *, batch_size: int = 16, device="cpu", lpips=None, 
         with torch.no_grad():
             out["lpips"] = float(torch.cat([lpips(a, b) for a, b in zip(x.split(batch_size), y.split(batch_size))]).mean())
     if indices is not None:
-        perplexity, usage = code_usage_stats(indices, model.quantize.num_codes)
+        quantizer = model.quantize if hasattr(model, "quantize") else model.base.quantize
+        perplexity, usage = code_usage_stats(indices, quantizer.num_codes)
         out["codebook_usage"] = float(usage)
         out["perplexity"] = float(perplexity)
     if fid:

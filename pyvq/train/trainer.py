@@ -27,12 +27,22 @@ from pyvq.train.logger import RunLogger
 from pyvq.train.schedule import warmup_cosine
 
 
-def build_model(name: str, overrides: dict | None = None):
-    """A tokenizer with random weights from a registered preset."""
+def build_model(name: str, overrides: dict | None = None, base: str | None = None):
+    """A tokenizer with random weights from a registered preset; with
+    ``base`` (a run directory or a saved model), an asymmetric model on that
+    trained tokenizer (encoder side frozen)."""
     from pyvq.models import _pretrained
     import pyvq.models  # noqa: F401  (registers the presets)
 
     config = _pretrained.get_preset(name)
+    if base is not None:
+        from pyvq.models.tokenizers import AsymmetricVQGAN, AsymmetricVQGANConfig
+
+        if not isinstance(config, AsymmetricVQGANConfig):
+            raise ValueError(f"build_model: 'base' applies to asymmetric presets, and {name!r} is a "
+                             f"{type(config).__name__}")
+        folder = os.path.join(base, "model") if os.path.isdir(os.path.join(base, "model")) else base
+        return AsymmetricVQGAN.from_base(_pretrained.load_pretrained(folder), **(overrides or {}))
     if overrides:
         config = dataclasses.replace(config, **overrides)
     for cls in _pretrained._MODEL_CLASSES.values():
@@ -94,9 +104,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed(config.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         if model is None:
-            model = build_model(config.model, config.model_overrides)
+            model = build_model(config.model, config.model_overrides, config.base)
         self.model = model.to(self.dist.device)
-        self.is_vq = hasattr(self.model, "quantize")
         self.loss = VQLPIPSWithDiscriminator(
             config.disc_start,
             codebook_weight=config.codebook_weight,
@@ -205,8 +214,10 @@ class Trainer:
             else:
                 x_rec, aux = self.model_ddp(x)
         x_rec = x_rec.float()
-        if self.is_vq:
+        if isinstance(aux, dict):  # VQ: the quantizer's loss (a constant for a frozen base)
             extra = {"codebook_loss": aux["loss"].float()}
+        elif conditional:  # KL base frozen: the KL term is omitted
+            extra = {}
         else:
             extra = {"posterior": aux}
         loss_g, log = self.loss(x, x_rec, 0, self.step, last_layer=self.model.get_last_layer(), **extra)
@@ -228,7 +239,7 @@ class Trainer:
                 for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
                     mine.copy_(live)
         out = {k: float(v) for k, v in log.items()}
-        if self.is_vq:
+        if isinstance(aux, dict):
             out["train/perplexity"] = float(aux["perplexity"])
             out["train/usage"] = float(aux["usage"])
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]

@@ -164,3 +164,27 @@ def test_step_masks_alternate_and_repeat(tmp_path):
     assert torch.equal(m, t.step_masks(x))  # fixed by (seed, step, sample)
     t.step = 5
     assert bool((t.step_masks(x) == 1).all())  # odd steps: generate everything
+
+
+def test_asymmetric_decoder_trains_on_a_frozen_base(tmp_path):
+    from pyvq.data import BuiltinImages
+    from pyvq.models import load_pretrained
+    from pyvq.models.tokenizers import VQGAN
+    from pyvq.train.evaluate import evaluate
+
+    torch.manual_seed(1)
+    base = VQGAN.from_preset("vqgan_tiny")
+    base.save_pretrained(str(tmp_path / "base" / "model"))
+    t = Trainer(_config(model="asym_vqgan_tiny", base=str(tmp_path / "base"), steps=4, disc_start=2),
+                str(tmp_path / "asym"))
+    before_base = _params(t.model.base)
+    before_dec = _params(t.model.decoder)
+    t.train(progress=False)
+    for k, v in _params(t.model.base).items():
+        torch.testing.assert_close(v, before_base[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, before_dec[k]) for k, v in _params(t.model.decoder).items())
+    trained = load_pretrained(str(tmp_path / "asym" / "model"))
+    m = evaluate(trained, BuiltinImages("val", size=32, crops_per_image=2))
+    assert m["psnr"] > 0 and 0 < m["codebook_usage"] <= 1
+    with pytest.raises(ValueError, match="asymmetric presets"):
+        Trainer(_config(base=str(tmp_path / "base")), str(tmp_path / "bad"))

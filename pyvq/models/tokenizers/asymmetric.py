@@ -318,6 +318,9 @@ class AsymmetricVQGAN(PretrainedModel, nn.Module):
     ``mask`` is 1 on the hole (see the module docstring).
     """
 
+    #: forward(x, mask) takes a mask; the trainer samples one per step.
+    conditional = True
+
     config_class = AsymmetricVQGANConfig
 
     def __init__(self, config: AsymmetricVQGANConfig):
