@@ -6,6 +6,7 @@
     pyvq eval ...          evaluate a trained run, write metrics.json
     pyvq bench NAME        run a benchmark script from a source checkout
     pyvq demo ...          the main job: train, evaluate, ReFiT, report
+    pyvq eval-inpaint ...  Asymmetric VQGAN decoder vs vanilla on inpainting masks
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ def _demo(args) -> int:
     return 0
 
 
+def _eval_inpaint(args) -> int:
+    import os
+
+    from pyvq.train.inpaint_eval import run_inpaint_eval
+
+    lpips = None
+    if args.lpips:
+        from pyvq.losses import build_lpips
+
+        lpips = build_lpips()
+    out = args.out or os.path.join(args.decoder, f"inpaint_{args.masks}")
+    report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
+                              masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
+                              fid=args.fid, example_split=args.example_split, seed=args.seed)
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyvq", description="pyvq command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,9 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--steps", type=int, default=None)
     p_demo.add_argument("--finetune-steps", type=int, default=None)
 
+    p_inp = sub.add_parser("eval-inpaint", help="compare an Asymmetric VQGAN decoder with the vanilla one on masks")
+    p_inp.add_argument("--tokenizer", required=True, help="run directory of the base VQGAN / AutoencoderKL")
+    p_inp.add_argument("--decoder", required=True, help="run directory of the AsymmetricVQGAN")
+    p_inp.add_argument("--data", default="builtin", help="'builtin' or an image folder")
+    p_inp.add_argument("--split", default="val", choices=("train", "val"))
+    p_inp.add_argument("--masks", default="thick", choices=("thick", "medium", "thin", "box", "hard"))
+    p_inp.add_argument("--num", type=int, default=32, help="number of images")
+    p_inp.add_argument("--image-size", type=int)
+    p_inp.add_argument("--seed", type=int, default=0, help="mask seed")
+    p_inp.add_argument("--example-split", default="train", choices=("train", "val", "all"),
+                       help="built-in split of the example images ('text', 'page' are train)")
+    p_inp.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True)
+    p_inp.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False)
+    p_inp.add_argument("--out", help="report directory (default DECODER_RUN/inpaint_MASKS)")
+
     args = parser.parse_args(argv)
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
-                "bench": _bench, "demo": _demo}
+                "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint}
     return handlers[args.command](args)
 
 
