@@ -10,12 +10,12 @@ Two sources:
   discriminator and LPIPS) are dropped. A checkpoint does not say its
   architecture, so the caller names it (a preset or a ``VQGANConfig``);
   nothing is inferred from the tensors.
-- ``from_diffusers(model_or_dir) -> VQGAN | AutoencoderKL``: a diffusers
-  ``VQModel`` or ``AutoencoderKL``, either the instance or a directory its
-  ``save_pretrained`` wrote. The pyvq config is built from diffusers'
-  config, and diffusers' module names are mapped onto taming's (table
-  below). diffusers itself is never imported: a directory is read with
-  ``json`` and ``safetensors``.
+- ``from_diffusers(model_or_dir) -> VQGAN | AutoencoderKL | AsymmetricVQGAN``:
+  a diffusers ``VQModel``, ``AutoencoderKL`` or ``AsymmetricAutoencoderKL``,
+  either the instance or a directory its ``save_pretrained`` wrote. The pyvq
+  config is built from diffusers' config, and diffusers' module names are
+  mapped onto taming's (table below). diffusers itself is never imported: a
+  directory is read with ``json`` and ``safetensors``.
 
 Both are strict: every tensor of the source is used (``loss.*`` aside), every
 weight of the model is filled, shapes must agree; otherwise a ``ValueError``
@@ -57,6 +57,25 @@ placement; those levels become ``attn_resolutions``, which pyvq shares
 between encoder and decoder, so the two must put attention at the same
 levels. Pre-0.14 diffusers attention names (``query``, ``key``, ``value``,
 ``proj_attn``) are accepted as diffusers itself accepts them.
+
+``AsymmetricAutoencoderKL`` (diffusers' port of the asymmetric VQGAN)
+becomes an ``AsymmetricVQGAN`` with ``base_kind="kl"``: ``encoder.*``,
+``quant_conv``, ``post_quant_conv`` map as above onto ``base.*`` (base config
+from ``down_block_out_channels`` / ``layers_per_down_block`` /
+``down_block_types``), the ``MaskConditionDecoder`` as the table's
+``decoder.*`` (config from ``up_block_out_channels`` /
+``layers_per_up_block`` / ``up_block_types``; its attention levels are its
+own), and ``decoder.condition_encoder.layers.{k}`` keeps its name. Mask
+convention: both libraries take mask = 1 on the HOLE, so no conversion:
+diffusers' ``decode(z, image=x, mask=m).sample`` is pyvq's
+``decode(z, masked_image=(1 - m) * x, mask=m)`` (diffusers forms
+``(1 - m) * x`` itself), and ``decode(z)`` without image and mask is the
+plain decoder in both. diffusers' condition encoder always has five layers
+and looks each blend point's feature up by its tensor shape; pyvq's has
+``L + 1`` (L levels) and feeds blend point ``j`` from layer ``j``. The two
+agree exactly when the decoder has at most four levels whose channels double
+from the first, capped at the last (Stable Diffusion's layout); other
+layouts are refused, and the layers past ``L`` (unused) are dropped.
 """
 
 from __future__ import annotations
@@ -71,6 +90,7 @@ from typing import Any, Mapping
 import torch
 
 from pyvq.models._pretrained import config_from_dict, get_preset
+from pyvq.models.tokenizers.asymmetric import AsymmetricVQGAN, AsymmetricVQGANConfig
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 
@@ -276,10 +296,28 @@ _COMMON_KEYS = {
     "mid_block_add_attention",
     "force_upcast",  # dtype policy of diffusers pipelines; no effect on the weights
 }
+_ASYM = "AsymmetricAutoencoderKL"
 _KNOWN_KEYS = {
     "AutoencoderKL": _COMMON_KEYS
     | {"shift_factor", "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv"},
     "VQModel": _COMMON_KEYS | {"num_vq_embeddings", "vq_embed_dim", "norm_type", "lookup_from_codebook"},
+    _ASYM: {
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "down_block_out_channels",
+        "layers_per_down_block",
+        "up_block_types",
+        "up_block_out_channels",
+        "layers_per_up_block",
+        "act_fn",
+        "latent_channels",
+        "norm_num_groups",
+        "sample_size",
+        "scaling_factor",
+        "block_out_channels",  # registered by diffusers as a copy of up_block_out_channels
+        "force_upcast",
+    },
 }
 
 
@@ -295,12 +333,51 @@ def _resolution(sample_size) -> int:
     return int(sample_size)
 
 
+def _check_common(what: str, c: Mapping[str, Any]) -> None:
+    """Settings pyvq's blocks fix: GroupNorm of 32 groups, SiLU."""
+    if c["norm_num_groups"] != 32:
+        raise ValueError(f"{what}: norm_num_groups must be 32 (pyvq's GroupNorm), got {c['norm_num_groups']!r}")
+    if c["act_fn"] not in ("silu", "swish"):
+        raise ValueError(f"{what}: act_fn must be 'silu' (pyvq's blocks use SiLU), got {c['act_fn']!r}")
+
+
+def _ch_mult(what: str, boc, field: str = "block_out_channels") -> tuple[int, tuple[int, ...]]:
+    """``(ch, ch_mult)`` of a diffusers ``block_out_channels``."""
+    boc = tuple(int(b) for b in boc)
+    ch = boc[0]
+    if any(b % ch for b in boc):
+        raise ValueError(f"{what}: {field} {boc} must be multiples of the first entry (pyvq: ch * ch_mult)")
+    return ch, tuple(b // ch for b in boc)
+
+
+def _attn_levels(what: str, field: str, types, plain: str, attn: str, reverse: bool) -> list[int]:
+    """Resolution levels (pyvq's ``i``) with attention, from diffusers block
+    types; ``reverse``: up blocks, stored from the lowest resolution up."""
+    n = len(types)
+    for k, t in enumerate(types):
+        if t not in (plain, attn):
+            raise ValueError(f"{what}: {field}[{k}] = {t!r} is not supported; supported: {plain}, {attn}")
+    return sorted((n - 1 - k) if reverse else k for k in range(n) if types[k] == attn)
+
+
+def _attn_resolutions(what: str, resolution: int, levels: list[int], n: int) -> tuple[int, ...]:
+    factor = 2 ** (n - 1)
+    if levels and (resolution < factor or resolution % factor):
+        raise ValueError(
+            f"{what}: with attention blocks, sample_size ({resolution}) must be a multiple of the "
+            f"downsampling factor {factor} (it places pyvq's attention by resolution)"
+        )
+    return tuple(sorted((resolution // 2**i for i in levels), reverse=True))
+
+
 def _diffusers_config(class_name: str, cfg: Mapping[str, Any]):
-    """The pyvq config of a diffusers ``VQModel`` / ``AutoencoderKL`` config dict."""
+    """The pyvq config of a diffusers ``VQModel`` / ``AutoencoderKL`` /
+    ``AsymmetricAutoencoderKL`` config dict."""
     what = f"from_diffusers ({class_name})"
     if class_name not in _KNOWN_KEYS:
         raise ValueError(
-            f"from_diffusers: unsupported diffusers model class {class_name!r}; supported: AutoencoderKL, VQModel"
+            f"from_diffusers: unsupported diffusers model class {class_name!r}; supported: "
+            + ", ".join(sorted(_KNOWN_KEYS))
         )
     fields = {k: v for k, v in cfg.items() if not k.startswith("_")}
     unknown = sorted(set(fields) - _KNOWN_KEYS[class_name])
@@ -309,6 +386,8 @@ def _diffusers_config(class_name: str, cfg: Mapping[str, Any]):
             f"{what}: unknown config field(s) {unknown}; pyvq cannot tell whether they change the "
             "architecture (this converter knows diffusers 0.42's fields)"
         )
+    if class_name == _ASYM:
+        return _asymmetric_config(what, fields)
     defaults = {
         # diffusers' own defaults, for configs written before a field existed
         "in_channels": 3,
@@ -331,10 +410,7 @@ def _diffusers_config(class_name: str, cfg: Mapping[str, Any]):
     }
     c = {**defaults, **fields}
 
-    if c["norm_num_groups"] != 32:
-        raise ValueError(f"{what}: norm_num_groups must be 32 (pyvq's GroupNorm), got {c['norm_num_groups']!r}")
-    if c["act_fn"] not in ("silu", "swish"):
-        raise ValueError(f"{what}: act_fn must be 'silu' (pyvq's blocks use SiLU), got {c['act_fn']!r}")
+    _check_common(what, c)
     if not c["mid_block_add_attention"]:
         raise ValueError(f"{what}: mid_block_add_attention=False is not supported (pyvq's mid block has attention)")
     if class_name == "VQModel" and c["norm_type"] != "group":
@@ -350,40 +426,17 @@ def _diffusers_config(class_name: str, cfg: Mapping[str, Any]):
             f"{what}: block_out_channels {boc}, down_block_types {down} and up_block_types {up} "
             "must have the same, nonzero length"
         )
-    ch = boc[0]
-    if any(b % ch for b in boc):
+    ch, ch_mult = _ch_mult(what, boc)
+    enc_attn = _attn_levels(what, "down_block_types", down, _PLAIN_DOWN, _ATTN_DOWN, reverse=False)
+    dec_attn = _attn_levels(what, "up_block_types", up, _PLAIN_UP, _ATTN_UP, reverse=True)
+    if enc_attn != dec_attn:
         raise ValueError(
-            f"{what}: block_out_channels {boc} must be multiples of the first entry (pyvq: ch * ch_mult)"
-        )
-    ch_mult = tuple(b // ch for b in boc)
-    for i, t in enumerate(down):
-        if t not in (_PLAIN_DOWN, _ATTN_DOWN):
-            raise ValueError(
-                f"{what}: down_block_types[{i}] = {t!r} is not supported; supported: {_PLAIN_DOWN}, {_ATTN_DOWN}"
-            )
-    for k, t in enumerate(up):
-        if t not in (_PLAIN_UP, _ATTN_UP):
-            raise ValueError(
-                f"{what}: up_block_types[{k}] = {t!r} is not supported; supported: {_PLAIN_UP}, {_ATTN_UP}"
-            )
-
-    # Attention levels, indexed by resolution level i (up_blocks run reversed).
-    enc_attn = [i for i in range(n) if down[i] == _ATTN_DOWN]
-    dec_attn = [n - 1 - k for k in range(n) if up[k] == _ATTN_UP]
-    if sorted(enc_attn) != sorted(dec_attn):
-        raise ValueError(
-            f"{what}: the encoder has attention at levels {sorted(enc_attn)} and the decoder at levels "
-            f"{sorted(dec_attn)} (up_block_types run from the lowest resolution up); pyvq's attn_resolutions "
+            f"{what}: the encoder has attention at levels {enc_attn} and the decoder at levels "
+            f"{dec_attn} (up_block_types run from the lowest resolution up); pyvq's attn_resolutions "
             "is shared by encoder and decoder, so they must agree"
         )
     resolution = _resolution(c["sample_size"])
-    factor = 2 ** (n - 1)
-    if enc_attn and (resolution < factor or resolution % factor):
-        raise ValueError(
-            f"{what}: with attention blocks, sample_size ({resolution}) must be a multiple of the "
-            f"downsampling factor {factor} (it places pyvq's attention by resolution)"
-        )
-    attn_resolutions = tuple(sorted((resolution // 2**i for i in enc_attn), reverse=True))
+    attn_resolutions = _attn_resolutions(what, resolution, enc_attn, n)
 
     arch = dict(
         ch=ch,
@@ -410,6 +463,105 @@ def _diffusers_config(class_name: str, cfg: Mapping[str, Any]):
             )
     return AutoencoderKLConfig(
         embed_dim=int(c["latent_channels"]), scaling_factor=float(c["scaling_factor"]), **arch
+    )
+
+
+# diffusers' MaskConditionEncoder is built with its default stride=16: always
+# five conv layers, the last three halving the resolution.
+_ASYM_COND_LAYERS = 5
+
+
+def _asym_condition_layers(boc: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(channels, resolution level) of each output of diffusers'
+    ``MaskConditionEncoder(out_ch=boc[0], res_ch=boc[-1])`` (level i: H / 2**i)."""
+    c0, cap = boc[0], boc[-1]
+    chans = [min(c0 * 2**k, cap) for k in range(_ASYM_COND_LAYERS - 1)] + [cap]
+    return [(c, max(0, k - 1)) for k, c in enumerate(chans)]
+
+
+def _asymmetric_config(what: str, fields: Mapping[str, Any]) -> AsymmetricVQGANConfig:
+    defaults = {  # AsymmetricAutoencoderKL's defaults
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": (_PLAIN_DOWN,),
+        "down_block_out_channels": (64,),
+        "layers_per_down_block": 1,
+        "up_block_types": (_PLAIN_UP,),
+        "up_block_out_channels": (64,),
+        "layers_per_up_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
+    }
+    c = {**defaults, **fields}
+    _check_common(what, c)
+    down_boc = tuple(int(b) for b in c["down_block_out_channels"])
+    up_boc = tuple(int(b) for b in c["up_block_out_channels"])
+    down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
+    n = len(down_boc)
+    if n == 0 or len(down) != n or len(up) != n or len(up_boc) != n:
+        raise ValueError(
+            f"{what}: down_block_out_channels {down_boc}, up_block_out_channels {up_boc}, down_block_types "
+            f"{down} and up_block_types {up} must have the same, nonzero length (pyvq's decoder upsamples "
+            "as much as the encoder downsamples)"
+        )
+    if "block_out_channels" in c and tuple(int(b) for b in c["block_out_channels"]) != up_boc:
+        raise ValueError(
+            f"{what}: block_out_channels {tuple(c['block_out_channels'])} must equal up_block_out_channels "
+            f"{up_boc} (diffusers registers it as a copy)"
+        )
+    if int(c["in_channels"]) != int(c["out_channels"]):
+        raise ValueError(
+            f"{what}: in_channels ({c['in_channels']}) must equal out_channels ({c['out_channels']}): diffusers' "
+            "condition encoder reads out_channels, pyvq's in_channels"
+        )
+    ch, ch_mult = _ch_mult(what, down_boc, "down_block_out_channels")
+    dec_ch, dec_mult = _ch_mult(what, up_boc, "up_block_out_channels")
+    resolution = _resolution(c["sample_size"])
+    enc_attn = _attn_levels(what, "down_block_types", down, _PLAIN_DOWN, _ATTN_DOWN, reverse=False)
+    dec_attn = _attn_levels(what, "up_block_types", up, _PLAIN_UP, _ATTN_UP, reverse=True)
+
+    # diffusers looks each blend point's condition feature up by its shape
+    # (a later layer of the same shape replaces an earlier one); pyvq feeds
+    # blend point j (0: the final blend, i + 1: before up[i]) with layer j.
+    # Convertible iff that lookup picks layer j at every blend point.
+    layers = _asym_condition_layers(up_boc)
+    by_shape = {shape: k for k, shape in enumerate(layers)}
+    points = [(up_boc[0], 0)] + [(up_boc[min(i + 1, n - 1)], i) for i in range(n)]
+    for j, shape in enumerate(points):
+        if by_shape.get(shape) != j:
+            used = by_shape.get(shape)
+            raise ValueError(
+                f"{what}: up_block_out_channels {up_boc} is not supported: blend point {j} needs a "
+                f"{shape[0]}-channel condition feature at 1/{2 ** shape[1]} resolution, which diffusers' "
+                f"MaskConditionEncoder takes from "
+                + ("no layer (diffusers itself cannot run it)" if used is None else f"layer {used}")
+                + f" and pyvq's from layer {j} (supported: fewer than {_ASYM_COND_LAYERS} resolution levels "
+                "whose channels double from the first, capped at the last, e.g. Stable Diffusion's)"
+            )
+
+    base = AutoencoderKLConfig(
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=int(c["layers_per_down_block"]),
+        attn_resolutions=_attn_resolutions(what, resolution, enc_attn, n),
+        z_channels=int(c["latent_channels"]),
+        embed_dim=int(c["latent_channels"]),
+        resolution=resolution,
+        in_channels=int(c["in_channels"]),
+        out_ch=int(c["out_channels"]),
+        scaling_factor=float(c["scaling_factor"]),
+    )
+    return AsymmetricVQGANConfig(
+        base_kind="kl",
+        base_config=base,
+        ch=dec_ch,
+        ch_mult=dec_mult,
+        num_res_blocks=int(c["layers_per_up_block"]),
+        attn_resolutions=_attn_resolutions(what, resolution, dec_attn, n),
+        blend="add",
     )
 
 
@@ -469,6 +621,15 @@ def _diffusers_key(key: str, n_levels: int) -> str:
     return ".".join([prefix, f"{kind}rs", "0", *rest[3:]])
 
 
+def _asym_diffusers_key(key: str, n_levels: int) -> str:
+    """diffusers ``AsymmetricAutoencoderKL`` name of an ``AsymmetricVQGAN`` weight."""
+    if key.startswith("base."):
+        return _diffusers_key(key[len("base."):], n_levels)
+    if key.startswith("decoder.condition_encoder."):
+        return key
+    return _diffusers_key(key, n_levels)
+
+
 def _linear_to_conv(pyvq_key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # Attention projections: diffusers' Linear (C_out, C_in) is pyvq's 1x1 conv (C_out, C_in, 1, 1).
     module = pyvq_key.rsplit(".", 2)[-2]
@@ -523,11 +684,12 @@ def _read_diffusers_weights(directory: str, variant: str | None) -> dict:
     return dict(state)
 
 
-def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | AutoencoderKL:
+def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | AutoencoderKL | AsymmetricVQGAN:
     """A pyvq tokenizer holding the weights of a diffusers autoencoder.
 
     Args:
-        model_or_dir: a diffusers ``AutoencoderKL`` or ``VQModel`` instance,
+        model_or_dir: a diffusers ``AutoencoderKL``, ``VQModel`` or
+            ``AsymmetricAutoencoderKL`` instance,
             or a directory written by its ``save_pretrained`` (``config.json``
             and ``diffusion_pytorch_model.safetensors``, or a sharded
             ``.safetensors.index.json``; a ``.bin`` is read with
@@ -554,8 +716,19 @@ def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | Autoe
     ``shift_factor`` / ``latents_mean`` / ``latents_std`` are not kept (a
     warning says so).
 
+    ``AsymmetricAutoencoderKL``: an ``AsymmetricVQGAN`` (``base_kind="kl"``,
+    ``blend="add"``); the base from the ``down_*`` fields as above, the new
+    decoder's ``ch`` / ``ch_mult`` / ``num_res_blocks`` / ``attn_resolutions``
+    from ``up_block_out_channels`` / ``layers_per_up_block`` /
+    ``up_block_types``. Mask = 1 is the hole in both libraries:
+    ``model.decode(z, (1 - mask) * x, mask)`` is diffusers'
+    ``decode(z, image=x, mask=mask).sample``. ``in_channels`` must equal
+    ``out_channels``; the decoder layouts supported are in the module
+    docstring.
+
     Returns:
-        ``VQGAN`` for a VQModel, ``AutoencoderKL`` for an AutoencoderKL; on
+        ``VQGAN`` for a VQModel, ``AutoencoderKL`` for an AutoencoderKL,
+        ``AsymmetricVQGAN`` for an AsymmetricAutoencoderKL; on
         the CPU, float32, eval mode. ``model.decode(z)`` gives the image.
         For a VQModel, diffusers' ``encode(x).latents`` is pyvq's
         ``model.quant_conv(model.encoder(x))`` (before quantisation).
@@ -578,8 +751,8 @@ def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | Autoe
         cfg = getattr(model_or_dir, "config", None)
         if class_name not in _KNOWN_KEYS or cfg is None or not hasattr(model_or_dir, "state_dict"):
             raise TypeError(
-                "from_diffusers: argument 'model_or_dir' must be a diffusers AutoencoderKL or VQModel, or a "
-                f"directory, got {class_name}"
+                "from_diffusers: argument 'model_or_dir' must be a diffusers AutoencoderKL or VQModel (or "
+                f"AsymmetricAutoencoderKL), or a directory, got {class_name}"
             )
         cfg = dict(cfg)
 
@@ -590,6 +763,16 @@ def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | Autoe
         state = {k: v.detach() for k, v in model_or_dir.state_dict().items()}
     state = _rename_old_attention(state)
     what = f"from_diffusers ({class_name})"
+    if class_name == _ASYM:
+        model = AsymmetricVQGAN(config)
+        n_levels = len(config.ch_mult)
+        # diffusers' condition-encoder layers past pyvq's L + 1 feed no blend point
+        # (the config check above proved it): dropped.
+        for k in range(n_levels + 1, _ASYM_COND_LAYERS):
+            for p in ("weight", "bias"):
+                state.pop(f"decoder.condition_encoder.layers.{k}.{p}", None)
+        _load_into(model, state, lambda k: _asym_diffusers_key(k, n_levels), what, transform=_linear_to_conv)
+        return _finish(model)
     if class_name == "AutoencoderKL":
         model = AutoencoderKL(config)
         # use_quant_conv / use_post_quant_conv = False: no such modules in diffusers;

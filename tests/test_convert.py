@@ -456,7 +456,7 @@ def test_from_diffusers_directory_errors(tmp_path):
         (dict(block_out_channels=[32, 48]), r"multiples of the first entry"),
         (dict(sample_size=15), r"sample_size \(15\) must be a multiple"),
         (dict(use_linear_projection=True), r"unknown config field\(s\) \['use_linear_projection'\]"),
-        (dict(_class_name="AsymmetricAutoencoderKL"), r"unsupported diffusers model class"),
+        (dict(_class_name="AutoencoderTiny"), r"unsupported diffusers model class"),
     ]
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):
