@@ -23,12 +23,7 @@ from pyvq.models import VQGAN, AutoencoderKL, AutoencoderKLConfig, VQGANConfig, 
 STATS = ("quantize.cluster_size", "quantize.code_usage", "quantize.embed_sum")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from pyvq.models.tokenizers import decoder_gflops, decoder_parameter_count, mask
 from pyvq.nn import Decoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box_masks(n: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -25,16 +25,7 @@ from pyvq.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one intra-op thread. On the shared 2-core machine an
-    OpenMP team of 2 stalls at every barrier whenever another process holds
-    a core (measured: the training test takes 3 s on 1 thread, 13-17 s on 2
-    under load, 1.8 s on 2 when idle)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vqgan(**overrides) -> VQGAN:

@@ -12,14 +12,7 @@ import torch.nn.functional as F
 from pyvq.nn import AttnBlock, Decoder, Downsample, Encoder, Normalize, ResnetBlock, Upsample
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine a team of 2 stalls
-    whenever another process holds a core (see tests/models/test_tokenizers.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_normalize_is_groupnorm_32_eps_1e6():

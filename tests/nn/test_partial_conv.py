@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from pyvq.nn import PartialConv2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(layer: PartialConv2d, x: torch.Tensor, mask: torch.Tensor):

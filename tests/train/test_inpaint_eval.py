@@ -23,13 +23,7 @@ from pyvq.train.inpaint_eval import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
