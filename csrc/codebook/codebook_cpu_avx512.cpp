@@ -285,11 +285,7 @@ PYVQ_BF16 static void search_rows_screened(
     const int64_t nmp = (rows + 31) / 32;
     if (pack_rows<V>(x + r0 * D, rows, D, codes.x_limit, xp)) {
       // Non-finite or huge rows: the float32 NaN-ordering path.
-      for (int64_t i = 0; i < nmp * 32; ++i) {
-        best[i] = __builtin_inff();
-        iscratch[i] = 0;
-      }
-      search_block<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
+      search_block_fresh<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
       for (int64_t i = 0; i < rows; ++i) out_index[r0 + i] = iscratch[i];
       continue;
     }
@@ -311,12 +307,8 @@ PYVQ_BF16 static void search_rows_screened(
       bool overflow = false;
       for (int i = 0; i < 32; ++i) overflow |= s.count[mp * 32 + i] > kScreenCap;
       if (overflow) {  // too many near-ties: the float32 kernel decides
-        for (int i = 0; i < 32; ++i) {
-          best[mp * 32 + i] = __builtin_inff();
-          iscratch[mp * 32 + i] = 0;
-        }
-        search_block<V, false>(codes, xm, 1, blk.panels, best + mp * 32,
-                               iscratch + mp * 32);
+        search_block_fresh<V, false>(codes, xm, 1, blk.panels, best + mp * 32,
+                                     iscratch + mp * 32);
       } else {
         for (int i = 0; i < 32; ++i) {
           const int64_t r = mp * 32 + i;

@@ -230,6 +230,20 @@ static void search_block(const PackedCodes<typename V::T>& codes,
   }
 }
 
+// search_block from a fresh running minimum (+inf, index 0) for each row.
+template <class V, bool kCareful>
+static void search_block_fresh(const PackedCodes<typename V::T>& codes,
+                               const typename V::T* xp, int64_t nmp,
+                               int64_t panels_per_block, typename V::T* best,
+                               int32_t* best_index) {
+  for (int64_t i = 0; i < nmp * V::MR; ++i) {
+    best[i] = __builtin_inf();
+    best_index[i] = 0;
+  }
+  search_block<V, kCareful>(codes, xp, nmp, panels_per_block, best,
+                            best_index);
+}
+
 template <class V>
 static void search_rows_impl(const PackedCodes<typename V::T>& codes,
                              const typename V::T* x, int64_t n,
@@ -244,14 +258,10 @@ static void search_rows_impl(const PackedCodes<typename V::T>& codes,
     const int64_t nmp = (rows + V::MR - 1) / V::MR;
     const bool careful =
         pack_rows<V>(x + r0 * D, rows, D, codes.x_limit, xp) || codes.careful;
-    for (int64_t i = 0; i < nmp * V::MR; ++i) {
-      best[i] = __builtin_inf();
-      iscratch[i] = 0;
-    }
     if (careful)
-      search_block<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
+      search_block_fresh<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
     else
-      search_block<V, false>(codes, xp, nmp, blk.panels, best, iscratch);
+      search_block_fresh<V, false>(codes, xp, nmp, blk.panels, best, iscratch);
     for (int64_t i = 0; i < rows; ++i) out_index[r0 + i] = iscratch[i];
   }
 }
