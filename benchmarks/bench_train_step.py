@@ -21,7 +21,7 @@ from benchmarks.harness import Table, ratio  # noqa: E402
 def main() -> None:
     import torch
 
-    from pyvq.train.benchmark import time_train_steps
+    from pyvq.train.benchmark import compare_backends
     from pyvq.train.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,12 +42,7 @@ def main() -> None:
     for preset, size, batch, overrides in shapes:
         config = TrainConfig(model=preset, model_overrides=overrides, image_size=size, batch_size=batch,
                              steps=1000, disc_start=0, perceptual_weight=0.0, warmup_steps=1)
-        # Interleave the two backends so drifting machine load hits both.
-        k1 = time_train_steps(config, "kernel", steps=steps)
-        r1 = time_train_steps(config, "reference", steps=steps)
-        k2 = time_train_steps(config, "kernel", steps=steps)
-        r2 = time_train_steps(config, "reference", steps=steps)
-        k, r = min(k1, k2), min(r1, r2)
+        k, r = compare_backends(config, steps=steps)
         codes = overrides.get("n_embed", 256)
         table.add(preset=preset, codes=codes, image=size, batch=batch, kernel_s=k, reference_s=r,
                   **{"reference/kernel": ratio(r, k)})

@@ -18,7 +18,7 @@ import torch
 
 from pyvq.data import BuiltinImages
 from pyvq.refit import freeze_encoder, rebuild_codebook
-from pyvq.train.benchmark import time_train_steps
+from pyvq.train.benchmark import compare_backends
 from pyvq.train.config import TrainConfig
 from pyvq.train.evaluate import evaluate, reconstruct
 from pyvq.train.logger import read_jsonl
@@ -69,11 +69,7 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
 
     print("[1/5] timing a training step with the kernels and with PYVQ_BACKEND=reference", flush=True)
     timing_cfg = TrainConfig(**{**base, "steps": 1000, "disc_start": 0})
-    # Interleaved, best of two each: machine load drifting hits both sides.
-    t_kernel, t_ref = float("inf"), float("inf")
-    for _ in range(2):
-        t_kernel = min(t_kernel, time_train_steps(timing_cfg, "kernel", steps=5))
-        t_ref = min(t_ref, time_train_steps(timing_cfg, "reference", steps=5))
+    t_kernel, t_ref = compare_backends(timing_cfg, steps=5)
 
     print(f"[2/5] training vqgan_tiny for {train_steps} steps on the built-in photographs", flush=True)
     config = TrainConfig(**{**base, "steps": train_steps, "disc_start": int(0.8 * train_steps)})

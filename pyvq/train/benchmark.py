@@ -39,3 +39,14 @@ def time_train_steps(config: TrainConfig, backend: str, *, steps: int = 10, warm
         else:
             os.environ["PYVQ_BACKEND"] = old
     return statistics.median(times)
+
+
+def compare_backends(config: TrainConfig, *, steps: int = 10, rounds: int = 2) -> tuple[float, float]:
+    """(kernel, reference) step times: ``time_train_steps`` for each backend,
+    interleaved ``rounds`` times and the best kept, so machine load that
+    drifts during the measurement hits both sides alike."""
+    kernel = reference = float("inf")
+    for _ in range(rounds):
+        kernel = min(kernel, time_train_steps(config, "kernel", steps=steps))
+        reference = min(reference, time_train_steps(config, "reference", steps=steps))
+    return kernel, reference

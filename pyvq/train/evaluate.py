@@ -12,6 +12,15 @@ from torch.utils.data import DataLoader
 from pyvq.metrics import code_usage_stats, fidelity_metrics, psnr, ssim
 
 
+def latents(model, x: torch.Tensor):
+    """(z, indices) a tokenizer decodes ``x`` from: the quantised latents and
+    code indices of a VQ model, or the posterior's mode and None for KL."""
+    enc = model.encode(x)
+    if isinstance(enc, tuple):  # VQ: (z_q, indices, aux)
+        return enc[0], enc[1]
+    return enc.mode(), None
+
+
 @torch.no_grad()
 def reconstruct(model, dataset, *, batch_size: int = 16, device="cpu", limit: int | None = None):
     """(originals, reconstructions, indices or None) over a dataset, in order."""
@@ -20,12 +29,10 @@ def reconstruct(model, dataset, *, batch_size: int = 16, device="cpu", limit: in
     seen = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-        enc = model.encode(x)
-        if isinstance(enc, tuple):  # VQ: (z_q, indices, aux)
-            y = model.decode(enc[0])
-            idx.append(enc[1].cpu())
-        else:  # KL: the posterior's mode
-            y = model.decode(enc.mode())
+        z, indices = latents(model, x)
+        y = model.decode(z)
+        if indices is not None:
+            idx.append(indices.cpu())
         xs.append(x.cpu())
         ys.append(y.float().clamp(-1, 1).cpu())
         seen += len(x)

@@ -51,6 +51,7 @@ import torch
 from pyvq.data._common import derived_generator
 from pyvq.data.masks import box_mask, irregular_mask
 from pyvq.metrics import fidelity_metrics, psnr
+from pyvq.train.evaluate import latents
 
 __all__ = [
     "MASK_SETS",
@@ -137,13 +138,6 @@ def pre_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> f
     return float((((pred.double() - target.double()) ** 2) * keep.double()).sum() / count.double())
 
 
-def _latents(asymmetric, x: torch.Tensor) -> torch.Tensor:
-    if asymmetric.config.base_kind == "vq":
-        z, _, _ = asymmetric.encode(x)
-        return z
-    return asymmetric.encode(x).mode()
-
-
 @torch.no_grad()
 def inpaint_predictions(vanilla, asymmetric, x: torch.Tensor, masks: torch.Tensor) -> dict:
     """The four predictions (see the module docstring) for one batch:
@@ -153,7 +147,7 @@ def inpaint_predictions(vanilla, asymmetric, x: torch.Tensor, masks: torch.Tenso
     masks = masks.to(device=x.device, dtype=x.dtype)
     if masks.shape[0] == 1 and x.shape[0] != 1:
         masks = masks.expand(x.shape[0], -1, -1, -1)
-    z = _latents(asymmetric, x)
+    z, _ = latents(asymmetric, x)
     van = vanilla.decode(z).float().clamp(-1, 1)
     out = {
         "vanilla": van,
