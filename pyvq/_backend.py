@@ -22,7 +22,7 @@ except ImportError as exc:  # a source checkout without a build
     _C_ERROR = exc
 
 # The C++ ops pyvq registers, in the order info() lists them.
-CPP_OPS = ("nearest_code",)
+CPP_OPS = ("nearest_code", "grid_encode")
 _BACKENDS = ("kernel", "reference")
 
 
@@ -43,7 +43,10 @@ def has_kernel(op: str, device: torch.device | str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvq::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvq::{op}", key)
+    except RuntimeError:  # an extension built before the op existed
+        return False
 
 
 def use_kernel(op: str, device: torch.device | str) -> bool:

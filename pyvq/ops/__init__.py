@@ -6,6 +6,7 @@ or where no kernel exists, its twin in ``pyvq.reference``.
 """
 
 from pyvq.ops.codebook import nearest_code
+from pyvq.ops.grid import grid_encode, level_resolutions
 from pyvq.ops.kmeans import kmeans
 
-__all__ = ["nearest_code", "kmeans"]
+__all__ = ["grid_encode", "kmeans", "level_resolutions", "nearest_code"]

@@ -5,5 +5,6 @@ op takes under ``PYVQ_BACKEND=reference`` or where no kernel exists.
 """
 
 from pyvq.reference.codebook import nearest_code
+from pyvq.reference.grid import grid_encode
 
-__all__ = ["nearest_code"]
+__all__ = ["grid_encode", "nearest_code"]

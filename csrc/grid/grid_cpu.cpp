@@ -1,0 +1,199 @@
+// CPU launcher of pyvq::grid_encode and pyvq::_grid_encode_backward.
+//
+// Work is split so that no two threads ever write the same element, which
+// keeps every result independent of the thread count (deterministic):
+//   forward and coordinate gradient: tasks of (group, block of points); a
+//     task walks the levels outer and its points inner, so a level's table
+//     slice is reused across the block;
+//   table gradient: one task per (group, level) table slice, points in
+//     ascending order (a fixed summation order per entry).
+// No intermediate of size N x 2^d x L x F is built.
+#include "grid/grid_common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace pyvq {
+namespace grid {
+namespace {
+
+constexpr int64_t kBlock = 256;  // points per task
+
+template <typename acc_t>
+inline void locate_point(const acc_t* x, int d, const LevelIndex& li, Axis<acc_t>* ax) {
+  for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
+}
+
+template <typename scalar_t, typename acc_t, int F>
+void forward_impl(const acc_t* coords, const scalar_t* tables, scalar_t* out, const Shape& s,
+                  const std::vector<LevelIndex>& levels) {
+  const int64_t nblocks = (s.N + kBlock - 1) / kBlock;
+  const int corners = 1 << s.d;
+  at::parallel_for(0, s.G * nblocks, 1, [&](int64_t t0, int64_t t1) {
+    Axis<acc_t> ax[kMaxDim];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / nblocks, n0 = (t % nblocks) * kBlock;
+      const int64_t n1 = std::min(s.N, n0 + kBlock);
+      for (int64_t l = 0; l < s.L; ++l) {
+        const LevelIndex& li = levels[l];
+        const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
+        for (int64_t n = n0; n < n1; ++n) {
+          locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
+          acc_t acc[F];
+          for (int f = 0; f < F; ++f) acc[f] = acc_t(0);
+          for (int c = 0; c < corners; ++c) {
+            const acc_t w = corner_weight(ax, s.d, c);
+            const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
+            for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(e[f]);
+          }
+          scalar_t* o = out + (n * s.G + g) * s.L * F + l * F;
+          for (int f = 0; f < F; ++f) o[f] = static_cast<scalar_t>(acc[f]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, int F>
+void coords_grad_impl(const scalar_t* grad_out, const acc_t* coords, const scalar_t* tables,
+                      acc_t* grad_coords, const Shape& s, const std::vector<LevelIndex>& levels) {
+  const int64_t nblocks = (s.N + kBlock - 1) / kBlock;
+  const int corners = 1 << s.d;
+  at::parallel_for(0, s.G * nblocks, 1, [&](int64_t t0, int64_t t1) {
+    Axis<acc_t> ax[kMaxDim];
+    std::vector<acc_t> buf(kBlock * s.d);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / nblocks, n0 = (t % nblocks) * kBlock;
+      const int64_t n1 = std::min(s.N, n0 + kBlock);
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int64_t l = 0; l < s.L; ++l) {
+        const LevelIndex& li = levels[l];
+        const acc_t r = static_cast<acc_t>(li.res);
+        const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
+        for (int64_t n = n0; n < n1; ++n) {
+          locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
+          const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
+          acc_t gof[F];
+          for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
+          acc_t gw[kMaxDim] = {};
+          for (int c = 0; c < corners; ++c) {
+            const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
+            acc_t dot = acc_t(0);
+            for (int f = 0; f < F; ++f) dot += gof[f] * static_cast<acc_t>(e[f]);
+            for (int k = 0; k < s.d; ++k) gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
+          }
+          acc_t* b = buf.data() + (n - n0) * s.d;
+          for (int k = 0; k < s.d; ++k)
+            if (ax[k].inside) b[k] += r * gw[k];
+        }
+      }
+      for (int64_t n = n0; n < n1; ++n)
+        std::copy_n(buf.data() + (n - n0) * s.d, s.d, grad_coords + (n * s.G + g) * s.d);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, int F>
+void tables_grad_impl(const scalar_t* grad_out, const acc_t* coords, acc_t* grad_tables,
+                      const Shape& s, const std::vector<LevelIndex>& levels) {
+  const int corners = 1 << s.d;
+  at::parallel_for(0, s.G * s.L, 1, [&](int64_t t0, int64_t t1) {
+    Axis<acc_t> ax[kMaxDim];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / s.L, l = t % s.L;
+      const LevelIndex& li = levels[l];
+      acc_t* gt = grad_tables + t * s.T * F;
+      for (int64_t n = 0; n < s.N; ++n) {
+        locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
+        const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
+        acc_t gof[F];
+        for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
+        for (int c = 0; c < corners; ++c) {
+          const acc_t w = corner_weight(ax, s.d, c);
+          acc_t* e = gt + corner_row(ax, s.d, c, li) * F;
+          for (int f = 0; f < F; ++f) e[f] += w * gof[f];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor grid_encode_cpu(const at::Tensor& coords_in, const at::Tensor& tables_in,
+                           c10::IntArrayRef resolutions, c10::string_view index) {
+  check_inputs(coords_in, tables_in, resolutions);
+  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
+  const Shape s = shape_of(coords_in, tables_in);
+  const int64_t F = tables_in.size(3);
+  at::Tensor out = at::empty({s.N, s.G, s.L * F}, tables_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor coords = coords_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const auto levels = level_indices(resolutions, s.d, s.T, mode);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    with_feature_size(F, [&](auto fc) {
+      forward_impl<scalar_t, acc_t, decltype(fc)::value>(
+          coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), s, levels);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& coords_in, const at::Tensor& tables_in,
+    c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
+  check_inputs(coords_in, tables_in, resolutions);
+  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
+  const Shape s = shape_of(coords_in, tables_in);
+  const int64_t F = tables_in.size(3);
+  check_grad_out(grad_out_in, s, F);
+  const at::Tensor grad_out = grad_out_in.to(tables_in.scalar_type()).contiguous();
+  const at::Tensor coords = coords_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const auto acc_type = coords.scalar_type();
+  at::Tensor grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
+                                       : at::empty({0}, coords.options());
+  at::Tensor grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(acc_type))
+                                       : at::empty({0}, tables.options());
+  const auto levels = level_indices(resolutions, s.d, s.T, mode);
+  if (s.N > 0 && s.L > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_backward_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      with_feature_size(F, [&](auto fc) {
+        constexpr int kF = decltype(fc)::value;
+        if (need_coords)
+          coords_grad_impl<scalar_t, acc_t, kF>(grad_out.const_data_ptr<scalar_t>(),
+                                                coords.const_data_ptr<acc_t>(),
+                                                tables.const_data_ptr<scalar_t>(),
+                                                grad_coords.mutable_data_ptr<acc_t>(), s, levels);
+        if (need_tables)
+          tables_grad_impl<scalar_t, acc_t, kF>(grad_out.const_data_ptr<scalar_t>(),
+                                                coords.const_data_ptr<acc_t>(),
+                                                grad_tables.mutable_data_ptr<acc_t>(), s, levels);
+      });
+    });
+  }
+  if (need_tables && grad_tables.scalar_type() != tables.scalar_type())
+    grad_tables = grad_tables.to(tables.scalar_type());
+  return {grad_coords, grad_tables};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvq, CPU, m) {
+  m.impl("grid_encode", &grid_encode_cpu);
+  m.impl("_grid_encode_backward", &grid_encode_backward_cpu);
+}
+
+}  // namespace grid
+}  // namespace pyvq

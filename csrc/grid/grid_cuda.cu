@@ -1,0 +1,284 @@
+// CUDA launcher and kernels of pyvq::grid_encode / _grid_encode_backward.
+// Same semantics as the CPU op (grid_cpu.cpp); the per-axis, per-corner
+// arithmetic is the shared code in grid.h.
+//
+//   forward_kernel:      one thread per (point, group, level); tables may be
+//                        float16/bfloat16 (accumulated in float32).
+//   coords_grad_kernel:  one thread per (point, group), levels summed in
+//                        order: deterministic, no atomics.
+//   table gradient:      by default tables_grad_atomic_kernel, one thread per
+//                        (point, group, level) adding into a float32/float64
+//                        buffer with atomicAdd (fast; the summation order,
+//                        hence the last bits, varies run to run). Under
+//                        torch.use_deterministic_algorithms(True) it runs a
+//                        deterministic path instead: every (point, group,
+//                        level, corner) contribution gets the key
+//                        (group * L + level) * T + row, a stable sort orders
+//                        them by key (ties by contribution index), and
+//                        tables_grad_segment_kernel lets the first thread of
+//                        each key's run sum that run in order.
+#include "grid/grid_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+namespace pyvq {
+namespace grid {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void locate_point_dev(const acc_t* x, int d, const LevelIndex& li,
+                                                 Axis<acc_t>* ax) {
+  for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
+}
+
+template <typename scalar_t, typename acc_t, int F>
+__global__ void forward_kernel(const acc_t* __restrict__ coords, const scalar_t* __restrict__ tables,
+                               scalar_t* __restrict__ out, const LevelIndex* __restrict__ levels,
+                               Shape s) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
+  if (i >= s.N * s.G * s.L) return;
+  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
+  const LevelIndex li = levels[l];
+  Axis<acc_t> ax[kMaxDim];
+  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
+  acc_t acc[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) acc[f] = acc_t(0);
+  for (int c = 0; c < (1 << s.d); ++c) {
+    const acc_t w = corner_weight(ax, s.d, c);
+    const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
+#pragma unroll
+    for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(e[f]);
+  }
+#pragma unroll
+  for (int f = 0; f < F; ++f) out[i * F + f] = static_cast<scalar_t>(acc[f]);
+}
+
+template <typename scalar_t, typename acc_t, int F>
+__global__ void coords_grad_kernel(const scalar_t* __restrict__ grad_out, const acc_t* __restrict__ coords,
+                                   const scalar_t* __restrict__ tables, acc_t* __restrict__ grad_coords,
+                                   const LevelIndex* __restrict__ levels, Shape s) {
+  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g)
+  if (ng >= s.N * s.G) return;
+  const int64_t g = ng % s.G;
+  acc_t total[kMaxDim];
+  for (int k = 0; k < s.d; ++k) total[k] = acc_t(0);
+  Axis<acc_t> ax[kMaxDim];
+  for (int64_t l = 0; l < s.L; ++l) {
+    const LevelIndex li = levels[l];
+    locate_point_dev(coords + ng * s.d, s.d, li, ax);
+    const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
+    const scalar_t* go = grad_out + (ng * s.L + l) * F;
+    acc_t gw[kMaxDim];
+    for (int k = 0; k < s.d; ++k) gw[k] = acc_t(0);
+    for (int c = 0; c < (1 << s.d); ++c) {
+      const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
+      acc_t dot = acc_t(0);
+#pragma unroll
+      for (int f = 0; f < F; ++f) dot += static_cast<acc_t>(go[f]) * static_cast<acc_t>(e[f]);
+      for (int k = 0; k < s.d; ++k) gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
+    }
+    for (int k = 0; k < s.d; ++k)
+      if (ax[k].inside) total[k] += static_cast<acc_t>(li.res) * gw[k];
+  }
+  for (int k = 0; k < s.d; ++k) grad_coords[ng * s.d + k] = total[k];
+}
+
+template <typename scalar_t, typename acc_t, int F>
+__global__ void tables_grad_atomic_kernel(const scalar_t* __restrict__ grad_out,
+                                          const acc_t* __restrict__ coords, acc_t* __restrict__ grad_tables,
+                                          const LevelIndex* __restrict__ levels, Shape s) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
+  if (i >= s.N * s.G * s.L) return;
+  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
+  const LevelIndex li = levels[l];
+  Axis<acc_t> ax[kMaxDim];
+  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  acc_t go[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) go[f] = static_cast<acc_t>(grad_out[i * F + f]);
+  acc_t* gt = grad_tables + (g * s.L + l) * s.T * F;
+  for (int c = 0; c < (1 << s.d); ++c) {
+    const acc_t w = corner_weight(ax, s.d, c);
+    acc_t* e = gt + corner_row(ax, s.d, c, li) * F;
+#pragma unroll
+    for (int f = 0; f < F; ++f) atomicAdd(e + f, w * go[f]);
+  }
+}
+
+// Deterministic path, step 1: the key of every contribution
+// e = ((n * G + g) * L + l) * 2^d + corner.
+template <typename acc_t>
+__global__ void contribution_keys_kernel(const acc_t* __restrict__ coords, int64_t* __restrict__ keys,
+                                         const LevelIndex* __restrict__ levels, Shape s) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
+  if (i >= s.N * s.G * s.L) return;
+  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
+  const LevelIndex li = levels[l];
+  Axis<acc_t> ax[kMaxDim];
+  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  const int corners = 1 << s.d;
+  for (int c = 0; c < corners; ++c)
+    keys[i * corners + c] = (g * s.L + l) * s.T + corner_row(ax, s.d, c, li);
+}
+
+// Step 3: the first position of each run of equal keys sums the run in
+// order (the stable sort keeps contributions in index order within a run).
+template <typename scalar_t, typename acc_t, int F>
+__global__ void tables_grad_segment_kernel(const scalar_t* __restrict__ grad_out,
+                                           const acc_t* __restrict__ coords,
+                                           const int64_t* __restrict__ sorted_keys,
+                                           const int64_t* __restrict__ order, int64_t M,
+                                           acc_t* __restrict__ grad_tables,
+                                           const LevelIndex* __restrict__ levels, Shape s) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= M) return;
+  const int64_t key = sorted_keys[j];
+  if (j > 0 && sorted_keys[j - 1] == key) return;
+  const int corners = 1 << s.d;
+  acc_t acc[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) acc[f] = acc_t(0);
+  Axis<acc_t> ax[kMaxDim];
+  for (int64_t m = j; m < M && sorted_keys[m] == key; ++m) {
+    const int64_t e = order[m];
+    const int c = static_cast<int>(e % corners);
+    const int64_t i = e / corners, l = i % s.L, ng = i / s.L;
+    const LevelIndex li = levels[l];
+    locate_point_dev(coords + ng * s.d, s.d, li, ax);
+    const acc_t w = corner_weight(ax, s.d, c);
+#pragma unroll
+    for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(grad_out[i * F + f]);
+  }
+#pragma unroll
+  for (int f = 0; f < F; ++f) grad_tables[key * F + f] = acc[f];
+}
+
+at::Tensor levels_on_device(c10::IntArrayRef resolutions, int d, int64_t T, IndexMode mode,
+                            const at::Device& device) {
+  const auto host = level_indices(resolutions, d, T, mode);
+  at::Tensor bytes = at::empty({static_cast<int64_t>(host.size() * sizeof(LevelIndex))},
+                               at::TensorOptions().dtype(at::kByte));
+  if (!host.empty()) std::memcpy(bytes.mutable_data_ptr<uint8_t>(), host.data(), bytes.numel());
+  return bytes.to(device);
+}
+
+const LevelIndex* level_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const LevelIndex*>(t.const_data_ptr<uint8_t>());
+}
+
+at::Tensor grid_encode_cuda(const at::Tensor& coords_in, const at::Tensor& tables_in,
+                            c10::IntArrayRef resolutions, c10::string_view index) {
+  check_inputs(coords_in, tables_in, resolutions);
+  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
+  const c10::cuda::CUDAGuard device_guard(coords_in.device());
+  const Shape s = shape_of(coords_in, tables_in);
+  const int64_t F = tables_in.size(3);
+  at::Tensor out = at::empty({s.N, s.G, s.L * F}, tables_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor coords = coords_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, mode, coords.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    with_feature_size(F, [&](auto fc) {
+      forward_kernel<scalar_t, acc_t, decltype(fc)::value>
+          <<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+              coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
+              out.mutable_data_ptr<scalar_t>(), level_ptr(levels), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& coords_in, const at::Tensor& tables_in,
+    c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
+  check_inputs(coords_in, tables_in, resolutions);
+  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
+  const c10::cuda::CUDAGuard device_guard(coords_in.device());
+  const Shape s = shape_of(coords_in, tables_in);
+  const int64_t F = tables_in.size(3);
+  check_grad_out(grad_out_in, s, F);
+  const at::Tensor grad_out = grad_out_in.to(tables_in.scalar_type()).contiguous();
+  const at::Tensor coords = coords_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const auto acc_type = coords.scalar_type();
+  at::Tensor grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
+                                       : at::empty({0}, coords.options());
+  at::Tensor grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(acc_type))
+                                       : at::empty({0}, tables.options());
+  if (s.N > 0 && s.L > 0 && (need_coords || need_tables)) {
+    const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, mode, coords.device());
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t M = s.N * s.G * s.L * (int64_t(1) << s.d);
+    at::Tensor sorted_keys, order;
+    if (need_tables && deterministic) {
+      at::Tensor keys = at::empty({M}, coords.options().dtype(at::kLong));
+      AT_DISPATCH_FLOATING_TYPES(acc_type, "grid_encode_keys_cuda", [&] {
+        contribution_keys_kernel<scalar_t><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+            coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), level_ptr(levels), s);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      std::tie(sorted_keys, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_backward_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      with_feature_size(F, [&](auto fc) {
+        constexpr int kF = decltype(fc)::value;
+        if (need_coords) {
+          coords_grad_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G), kThreads, 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
+              tables.const_data_ptr<scalar_t>(), grad_coords.mutable_data_ptr<acc_t>(),
+              level_ptr(levels), s);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (need_tables && deterministic) {
+          tables_grad_segment_kernel<scalar_t, acc_t, kF><<<blocks_for(M), kThreads, 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
+              sorted_keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M,
+              grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else if (need_tables) {
+          tables_grad_atomic_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
+              grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    });
+  }
+  if (need_tables && grad_tables.scalar_type() != tables.scalar_type())
+    grad_tables = grad_tables.to(tables.scalar_type());
+  return {grad_coords, grad_tables};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvq, CUDA, m) {
+  m.impl("grid_encode", &grid_encode_cuda);
+  m.impl("_grid_encode_backward", &grid_encode_backward_cuda);
+}
+
+}  // namespace grid
+}  // namespace pyvq
