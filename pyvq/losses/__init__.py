@@ -1,5 +1,6 @@
-"""Training losses: LPIPS, PatchGAN discriminator and GAN losses, and the
-VQGAN loss that combines them (``VQLPIPSWithDiscriminator``).
+"""Training losses: LPIPS, PatchGAN discriminator and GAN losses, the
+VQGAN loss that combines them (``VQLPIPSWithDiscriminator``), and the
+Wasserstein GAN losses of BRICS (``ReconstructionWGANLoss``).
 
 ``lpips`` (and through it torchvision) is imported only when an LPIPS module
 is built, so ``import pyvq.losses`` stays light.
@@ -19,6 +20,7 @@ from pyvq.losses.gan import (
 )
 from pyvq.losses.perceptual import LPIPS, backbone_weights, build_lpips
 from pyvq.losses.vqperceptual import VQLPIPSWithDiscriminator
+from pyvq.losses.wgan import ReconstructionWGANLoss, gradient_penalty, r1_penalty, wgan_d_loss, wgan_g_loss
 
 __all__ = [
     "LPIPS",
@@ -35,4 +37,9 @@ __all__ = [
     "adopt_weight",
     "adaptive_weight",
     "VQLPIPSWithDiscriminator",
+    "ReconstructionWGANLoss",
+    "wgan_d_loss",
+    "wgan_g_loss",
+    "r1_penalty",
+    "gradient_penalty",
 ]

@@ -9,16 +9,20 @@ from pyvq.models._pretrained import (
     register_preset,
 )
 from pyvq.models.tokenizers import (
+    BRICS,
     VQGAN,
     AsymmetricVQGAN,
     AsymmetricVQGANConfig,
     AutoencoderKL,
     AutoencoderKLConfig,
+    BRICSConfig,
     DiagonalGaussianDistribution,
     VQGANConfig,
 )
 
 __all__ = [
+    "BRICS",
+    "BRICSConfig",
     "VQGAN",
     "AsymmetricVQGAN",
     "AsymmetricVQGANConfig",

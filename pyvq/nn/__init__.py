@@ -1,7 +1,15 @@
 """pyvq's layers: parameters, shapes and the call to an op."""
 
 from pyvq.nn.blocks import AttnBlock, Decoder, Downsample, Encoder, Normalize, ResnetBlock, Upsample
+from pyvq.nn.feature_grid import FeatureGrid
 from pyvq.nn.partial_conv import PartialConv2d
+from pyvq.nn.stylegan import (
+    ModulatedConv2d,
+    ResidualDiscriminator,
+    StyleMLP,
+    SynthesisNetwork,
+    ToRGB,
+)
 from pyvq.nn.vector_quantizer import QuantizerOutput, VectorQuantizer, code_usage_stats
 
 __all__ = [
@@ -9,10 +17,16 @@ __all__ = [
     "Decoder",
     "Downsample",
     "Encoder",
+    "FeatureGrid",
+    "ModulatedConv2d",
     "Normalize",
     "PartialConv2d",
     "QuantizerOutput",
+    "ResidualDiscriminator",
     "ResnetBlock",
+    "StyleMLP",
+    "SynthesisNetwork",
+    "ToRGB",
     "Upsample",
     "VectorQuantizer",
     "code_usage_stats",

@@ -20,6 +20,18 @@ class TrainConfig:
     LPIPS's VGG weights in the torch hub cache (0 turns LPIPS off).
     ``ckpt_every`` (steps) and ``ckpt_minutes`` (wall time) both trigger a
     checkpoint, whichever comes first.
+
+    Model defaults: the defaults above are VQGAN's. A model class may name
+    its own with a ``train_defaults()`` method (BRICS: lr 2e-3, betas
+    (0, 0.99), Adam eps 1e-15 / 1e-8, L2 x 20, LPIPS x 5, ...); the trainer
+    then replaces every such field that still holds TrainConfig's default
+    (``with_model_defaults``) and writes the resolved values to the run's
+    config.json. A value that differs from TrainConfig's default is the
+    user's and is kept; ``model_defaults=False`` keeps every field as given
+    (also a value that happens to equal TrainConfig's default).
+    ``adam_eps`` / ``disc_adam_eps`` are the optimizers' eps (the
+    discriminator's defaults to ``adam_eps``); ``pixel_weight`` weights the
+    pixel loss.
     """
 
     model: str = "vqgan_tiny"
@@ -45,6 +57,10 @@ class TrainConfig:
     codebook_weight: float = 1.0
     pixel_loss: str = "l1"
     kl_weight: float = 1e-6
+    pixel_weight: float = 1.0
+    adam_eps: float = 1e-8
+    disc_adam_eps: float | None = None
+    model_defaults: bool = True
     log_every: int = 10
     image_every: int = 200
     ckpt_every: int = 500
@@ -61,6 +77,27 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: '{name}' must be an int >= 1, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
+
+    def with_model_defaults(self, defaults: dict) -> "TrainConfig":
+        """A copy in which each field named in ``defaults`` that still holds
+        TrainConfig's own default takes the value from ``defaults``
+        (nothing changes when ``model_defaults`` is False)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(defaults) - set(fields))
+        if unknown:
+            raise ValueError(f"TrainConfig.with_model_defaults: unknown keys {unknown}")
+        if not self.model_defaults:
+            return self
+        changes = {}
+        for name, value in defaults.items():
+            default = fields[name].default
+            if default is dataclasses.MISSING:  # a default_factory field: compare with a fresh default
+                default = fields[name].default_factory()  # type: ignore[misc]
+            if name == "betas":
+                value, default = tuple(value), tuple(default)
+            if getattr(self, name) == default:
+                changes[name] = value
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":

@@ -14,10 +14,13 @@ from pyvq.metrics import code_usage_stats, fidelity_metrics, psnr, ssim
 
 def latents(model, x: torch.Tensor):
     """(z, indices) a tokenizer decodes ``x`` from: the quantised latents and
-    code indices of a VQ model, or the posterior's mode and None for KL."""
+    code indices of a VQ model, the posterior's mode and None for KL, the
+    key codes and None for BRICS."""
     enc = model.encode(x)
     if isinstance(enc, tuple):  # VQ: (z_q, indices, aux)
         return enc[0], enc[1]
+    if isinstance(enc, torch.Tensor):  # continuous codes (BRICS keys)
+        return enc, None
     return enc.mode(), None
 
 

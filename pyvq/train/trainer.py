@@ -7,6 +7,14 @@ optional bf16 autocast and weight EMA; DistributedDataParallel under torchrun
 (rank 0 logs and checkpoints, metrics are all-reduced); checkpoints
 every ``ckpt_every`` steps or ``ckpt_minutes`` minutes and at the end;
 ``resume=True`` continues from the last one with the same data order.
+
+A model can bring its own training setup (BRICS does) through three
+optional methods: ``train_defaults()`` (TrainConfig values used where the
+config holds TrainConfig's defaults, see ``TrainConfig``),
+``build_loss(config, perceptual=None)`` (a loss module with a
+``discriminator`` attribute and ``VQLPIPSWithDiscriminator``'s call
+signature) and ``loss_inputs(aux)`` (the generator-step keyword arguments
+taken from the model's ``aux``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from pyvq.train.schedule import warmup_cosine
 def build_model(name: str, overrides: dict | None = None, base: str | None = None):
     """A tokenizer with random weights from a registered preset; with
     ``base`` (a run directory or a saved model), an asymmetric model on that
-    trained tokenizer (encoder side frozen)."""
+    trained tokenizer (encoder side frozen) whose decoder is the preset's
+    relative to the preset's own base (``AsymmetricVQGANConfig.scaled_to``:
+    e.g. twice the width for ``asym_vqgan_tiny``); ``overrides`` set decoder
+    fields on top."""
     from pyvq.models import _pretrained
     import pyvq.models  # noqa: F401  (registers the presets)
 
@@ -42,7 +53,8 @@ def build_model(name: str, overrides: dict | None = None, base: str | None = Non
             raise ValueError(f"build_model: 'base' applies to asymmetric presets, and {name!r} is a "
                              f"{type(config).__name__}")
         folder = os.path.join(base, "model") if os.path.isdir(os.path.join(base, "model")) else base
-        return AsymmetricVQGAN.from_base(_pretrained.load_pretrained(folder), **(overrides or {}))
+        base_model = _pretrained.load_pretrained(folder)
+        return AsymmetricVQGAN.from_base(base_model, **{**config.scaled_to(base_model.config), **(overrides or {})})
     if overrides:
         config = dataclasses.replace(config, **overrides)
     for cls in _pretrained._MODEL_CLASSES.values():
@@ -105,21 +117,29 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         if model is None:
             model = build_model(config.model, config.model_overrides, config.base)
+        if hasattr(model, "train_defaults"):  # the model's own training defaults (see TrainConfig)
+            self.config = config = config.with_model_defaults(model.train_defaults())
         self.model = model.to(self.dist.device)
-        self.loss = VQLPIPSWithDiscriminator(
-            config.disc_start,
-            codebook_weight=config.codebook_weight,
-            pixel_loss=config.pixel_loss,
-            perceptual_weight=config.perceptual_weight,
-            perceptual=perceptual,
-            disc_weight=config.disc_weight,
-            disc_loss=config.disc_loss,
-            kl_weight=config.kl_weight,
-        ).to(self.dist.device)
+        if hasattr(model, "build_loss"):  # a model with its own loss (BRICS: WGAN + gradient penalty)
+            self.loss = model.build_loss(config, perceptual=perceptual).to(self.dist.device)
+        else:
+            self.loss = VQLPIPSWithDiscriminator(
+                config.disc_start,
+                codebook_weight=config.codebook_weight,
+                pixel_loss=config.pixel_loss,
+                pixelloss_weight=config.pixel_weight,
+                perceptual_weight=config.perceptual_weight,
+                perceptual=perceptual,
+                disc_weight=config.disc_weight,
+                disc_loss=config.disc_loss,
+                kl_weight=config.kl_weight,
+            ).to(self.dist.device)
         self.disc = self.loss.discriminator
         c = config
-        self.opt_g = torch.optim.AdamW(trainable_params(self.model), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.opt_g = torch.optim.AdamW(trainable_params(self.model), lr=c.lr, betas=c.betas, eps=c.adam_eps,
+                                       weight_decay=c.weight_decay)
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.disc_lr or c.lr, betas=c.betas,
+                                       eps=c.adam_eps if c.disc_adam_eps is None else c.disc_adam_eps,
                                        weight_decay=c.weight_decay)
         warm = min(c.warmup_steps, c.steps)
         self.sched_g = warmup_cosine(self.opt_g, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
@@ -214,7 +234,9 @@ class Trainer:
             else:
                 x_rec, aux = self.model_ddp(x)
         x_rec = x_rec.float()
-        if isinstance(aux, dict):  # VQ: the quantizer's loss (a constant for a frozen base)
+        if hasattr(self.model, "loss_inputs"):  # the model says what its loss takes from aux
+            extra = self.model.loss_inputs(aux)
+        elif isinstance(aux, dict):  # VQ: the quantizer's loss (a constant for a frozen base)
             extra = {"codebook_loss": aux["loss"].float()}
         elif conditional:  # KL base frozen: the KL term is omitted
             extra = {}
@@ -239,7 +261,7 @@ class Trainer:
                 for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
                     mine.copy_(live)
         out = {k: float(v) for k, v in log.items()}
-        if isinstance(aux, dict):
+        if isinstance(aux, dict) and "perplexity" in aux:
             out["train/perplexity"] = float(aux["perplexity"])
             out["train/usage"] = float(aux["usage"])
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]

@@ -1,6 +1,7 @@
-"""Stage-1 image tokenizers: VQGAN (discrete codes) and AutoencoderKL
-(continuous Gaussian latents), and the asymmetric (frozen-encoder,
-mask-conditioned decoder) tokenizer on either."""
+"""Stage-1 image tokenizers: VQGAN (discrete codes), AutoencoderKL
+(continuous Gaussian latents), BRICS (continuous key codes indexing feature
+grids), and the asymmetric (frozen-encoder, mask-conditioned decoder)
+tokenizer on VQGAN or AutoencoderKL."""
 
 from pyvq.models.tokenizers.asymmetric import (
     AsymmetricVQGAN,
@@ -11,9 +12,12 @@ from pyvq.models.tokenizers.asymmetric import (
     mask_guided_blend,
 )
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
+from pyvq.models.tokenizers.brics import BRICS, BRICSConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 
 __all__ = [
+    "BRICS",
+    "BRICSConfig",
     "VQGAN",
     "AsymmetricVQGAN",
     "AsymmetricVQGANConfig",

@@ -1,0 +1,435 @@
+"""BRICS tokenizer (Yang et al., "Bi-level feature Representation of Image
+CollectionS"): continuous key codes that index groups of multiresolution
+feature grids, decoded by a StyleGAN2-style generator.
+
+    x -> encoder (VQGAN ``Encoder``, Cz = N_h * C_key channels) -> sigmoid
+      -> key codes z in [0, 1]^(Cz, Hz, Wz)
+      -> tiled to the feature size Hd x Wd (``tiling``)
+      -> per group h: (C_key key values, (i + 0.5) / Hd, (j + 0.5) / Wd)
+         = a point in [0, 1]^(C_key + 2), looked up in group h's grid
+         (``pyvq.nn.FeatureGrid``, one MLP per group)
+      -> feature block f (Cd, Hd, Wd)
+      -> style w = StyleMLP(mean_{i,j} f); StyleGAN2 skip synthesis network
+         on f (modulated convs, bilinear x2 upsampling) -> image
+
+Images are (B, in_channels, H, W) in [-1, 1] (like VQGAN, the output has no
+activation). H and W must be divisible by the encoder's downsampling factor
+``2 ** (len(ch_mult) - 1)``; other sizes than ``resolution`` work (code and
+feature sizes scale with the image).
+
+Tiling. The feature block is ``t = feature_size // code_size`` times larger
+than the code map per side. ``tiling="interleave"`` (default) repeats the
+whole code map t x t times, ``torch.tile(z, (1, 1, t, t))``: feature position
+(i, j) takes key (i mod Hz, j mod Wz), so each key is queried at t**2
+positions spread over the image, each with its own spatial coordinates.
+``tiling="nearest"`` repeats each key over a t x t block
+(``repeat_interleave``): position (i, j) takes key (i // t, j // t). Either
+way the source key of every position is recoverable from (i, j) alone.
+
+Relaxed precision (training mode only): the tiled keys get Gaussian noise of
+standard deviation ``1 / (4 * max_res)`` per query (a quarter of the finest
+grid cell), so that nearby keys must give similar features; the grid lookup
+clamps the noisy keys to [0, 1]. In eval mode the lookup is deterministic.
+
+KL variant (``kl=True``, appendix A.4): the encoder outputs mu and log-sigma
+(2 * Cz channels); training uses ``z = sigmoid(mu + sigma * eps)``, eval
+``sigmoid(mu)``; ``aux["kl"]`` is the per-sample KL to N(0, I) (summed over
+the code), which the loss weights by ``kl_weight`` (1e-6).
+
+Training (``build_loss`` / ``train_defaults`` / ``loss_inputs``, used by
+``pyvq.train``): L2 x 20, LPIPS x 5, Wasserstein GAN x 1 with an R1
+gradient penalty x 4 on a StyleGAN2 residual discriminator
+(``pyvq.losses.ReconstructionWGANLoss``); Adam, lr 2e-3 (constant), betas
+(0, 0.99), eps 1e-15 for the autoencoder and grids and 1e-8 for the
+discriminator, no gradient clipping. The GAN terms start at the trainer's
+``disc_start``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.tokenizers.autoencoder_kl import DiagonalGaussianDistribution
+from pyvq.models.tokenizers.vqgan import _check_image, _check_positive, _int_tuple
+from pyvq.nn.blocks import Encoder
+from pyvq.nn.feature_grid import FeatureGrid
+from pyvq.nn.stylegan import StyleMLP, SynthesisNetwork
+from pyvq.ops.grid import FEATURE_SIZES, MAX_DIM
+from pyvq.reference.grid import INDEX_MODES
+
+__all__ = ["BRICS", "BRICSConfig", "tile_codes"]
+
+TILINGS = ("interleave", "nearest")
+_NAME = "BRICSConfig"
+
+
+def tile_codes(z: torch.Tensor, factor: int, tiling: str = "interleave") -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h * factor, w * factor).
+
+    ``"interleave"``: ``out[..., i, j] = z[..., i % h, j % w]`` (``torch.tile``);
+    ``"nearest"``: ``out[..., i, j] = z[..., i // factor, j // factor]``.
+    """
+    if tiling not in TILINGS:
+        raise ValueError(f"tile_codes: argument 'tiling' must be one of {TILINGS}, got {tiling!r}")
+    if factor == 1:
+        return z
+    if tiling == "interleave":
+        return torch.tile(z, (1, 1, factor, factor))
+    return z.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+@dataclass(frozen=True)
+class BRICSConfig:
+    """Architecture of a ``BRICS`` tokenizer (defaults: preset ``brics_16x16x8``).
+
+    Attributes:
+        resolution: nominal image side length.
+        in_channels, out_channels: image channels.
+        ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+        resamp_with_conv: the VQGAN ``Encoder``; ``code_size`` must equal
+            ``resolution / 2**(len(ch_mult) - 1)``. ``attn_resolutions``
+            default (None): attention at the code resolution only.
+        code_size: Hz = Wz, the key-code side length at ``resolution``.
+        code_channels: Cz = N_h * C_key, key-code channels.
+        key_dim: C_key, key channels per group; N_h = Cz / C_key groups.
+        kl: the KL-regularised variant (encoder outputs mu and log-sigma).
+        kl_weight: weight of the KL term (training; the trainer's default).
+        key_noise: relaxed-precision noise on the keys in training mode.
+        feature_size: Hd = Wd, a multiple of ``code_size``.
+        feature_channels: Cd, channels of the feature block (divisible by
+            N_h: each group's MLP gives Cd / N_h of them).
+        levels, features, log2_table_size, min_res, max_res, index: the
+            grids (N_r levels, C_v features per entry, T = 2**log2_table_size
+            rows per level, resolutions from min_res to max_res = r_max).
+        grid_hidden_dim: hidden width of each group's MLP (0: one Linear).
+        tiling: ``"interleave"`` or ``"nearest"`` (module docstring).
+        decoder_channels: synthesis-network channels per resolution, from
+            the feature size up; ``resolution`` must equal
+            ``feature_size * 2**(len(decoder_channels) - 1)``.
+        style_dim, style_layers: the style MLP on the pooled features.
+        disc_channels, disc_max_channels, disc_mbstd_group: the residual
+            discriminator ``build_loss`` makes (0 group: no minibatch stddev).
+        gan_penalty, gan_penalty_weight: the critic's gradient penalty
+            (``"r1"``, ``"gp"`` or ``"none"``) and its weight.
+    """
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] | None = None
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    code_size: int = 16
+    code_channels: int = 8
+    key_dim: int = 1
+    kl: bool = False
+    kl_weight: float = 1e-6
+    key_noise: bool = True
+    feature_size: int = 64
+    feature_channels: int = 512
+    levels: int = 16
+    features: int = 4
+    log2_table_size: int = 18
+    min_res: int = 4
+    max_res: int = 32
+    grid_hidden_dim: int = 64
+    index: str = "dense_mod"
+    tiling: str = "interleave"
+    decoder_channels: tuple[int, ...] = (512, 256, 128)
+    style_dim: int = 512
+    style_layers: int = 2
+    disc_channels: int = 64
+    disc_max_channels: int = 512
+    disc_mbstd_group: int = 4
+    gan_penalty: str = "r1"
+    gan_penalty_weight: float = 4.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", _NAME, self.ch_mult))
+        object.__setattr__(self, "decoder_channels", _int_tuple("decoder_channels", _NAME, self.decoder_channels))
+        if self.attn_resolutions is not None:
+            object.__setattr__(self, "attn_resolutions", _int_tuple("attn_resolutions", _NAME, self.attn_resolutions))
+        _check_positive(_NAME, self, (
+            "resolution", "in_channels", "out_channels", "ch", "num_res_blocks", "code_size", "code_channels",
+            "key_dim", "feature_size", "feature_channels", "levels", "min_res", "max_res", "style_dim",
+            "style_layers", "disc_channels", "disc_max_channels",
+        ))
+        for name in ("log2_table_size", "grid_hidden_dim", "disc_mbstd_group"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{_NAME}: field {name!r} must be an int >= 0, got {v!r}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"{_NAME}: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if bad:
+            raise ValueError(f"{_NAME}: fields 'ch' * 'ch_mult' must be multiples of 32 (GroupNorm(32)), got {bad}")
+        if not self.decoder_channels or min(self.decoder_channels) < 1:
+            raise ValueError(f"{_NAME}: field 'decoder_channels' must be non-empty with entries >= 1, "
+                             f"got {self.decoder_channels}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{_NAME}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        f = self.downsample_factor
+        if self.resolution != self.code_size * f:
+            raise ValueError(
+                f"{_NAME}: field 'code_size' ({self.code_size}) must equal resolution / 2**(len(ch_mult) - 1) "
+                f"= {self.resolution} / {f}"
+            )
+        if self.feature_size % self.code_size:
+            raise ValueError(
+                f"{_NAME}: field 'feature_size' ({self.feature_size}) must be a multiple of 'code_size' "
+                f"({self.code_size})"
+            )
+        up = 2 ** (len(self.decoder_channels) - 1)
+        if self.resolution != self.feature_size * up:
+            raise ValueError(
+                f"{_NAME}: 'resolution' ({self.resolution}) must equal feature_size * 2**(len(decoder_channels) - 1) "
+                f"= {self.feature_size} * {up}"
+            )
+        if self.code_channels % self.key_dim:
+            raise ValueError(
+                f"{_NAME}: field 'code_channels' ({self.code_channels}) must be divisible by 'key_dim' "
+                f"({self.key_dim}): the code splits into code_channels / key_dim key groups"
+            )
+        if self.key_dim + 2 > MAX_DIM:
+            raise ValueError(f"{_NAME}: field 'key_dim' must be at most {MAX_DIM - 2} (grids of key_dim + 2 <= "
+                             f"{MAX_DIM} dimensions), got {self.key_dim}")
+        if self.feature_channels % self.num_groups:
+            raise ValueError(
+                f"{_NAME}: field 'feature_channels' ({self.feature_channels}) must be divisible by the number of "
+                f"key groups code_channels / key_dim = {self.num_groups}"
+            )
+        if self.features not in FEATURE_SIZES:
+            raise ValueError(f"{_NAME}: field 'features' must be one of {FEATURE_SIZES}, got {self.features!r}")
+        if self.max_res < self.min_res:
+            raise ValueError(f"{_NAME}: field 'max_res' ({self.max_res}) must be >= 'min_res' ({self.min_res})")
+        if self.log2_table_size > 30:
+            raise ValueError(f"{_NAME}: field 'log2_table_size' must be <= 30, got {self.log2_table_size}")
+        for name, value, options in (("index", self.index, INDEX_MODES), ("tiling", self.tiling, TILINGS),
+                                     ("gan_penalty", self.gan_penalty, ("r1", "gp", "none"))):
+            if value not in options:
+                raise ValueError(f"{_NAME}: field {name!r} must be one of {options}, got {value!r}")
+        for name in ("kl_weight", "gan_penalty_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_NAME}: field {name!r} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / code side, ``2 ** (len(ch_mult) - 1)``."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def encoder_attn_resolutions(self) -> tuple[int, ...]:
+        """``attn_resolutions``, or ``(code_size,)`` when it is None."""
+        return (self.code_size,) if self.attn_resolutions is None else self.attn_resolutions
+
+    @property
+    def num_groups(self) -> int:
+        """N_h = code_channels / key_dim."""
+        return self.code_channels // self.key_dim
+
+    @property
+    def tile_factor(self) -> int:
+        """feature_size / code_size."""
+        return self.feature_size // self.code_size
+
+    @property
+    def key_noise_std(self) -> float:
+        """Relaxed-precision noise, 1 / (4 * max_res)."""
+        return 1.0 / (4 * self.max_res)
+
+
+class BRICS(PretrainedModel, nn.Module):
+    """BRICS tokenizer; see the module docstring.
+
+    Args:
+        config: a ``BRICSConfig``.
+
+    Submodules: ``encoder`` (``pyvq.nn.Encoder``), ``grid``
+    (``pyvq.nn.FeatureGrid``), ``mapping`` (``StyleMLP``), ``synthesis``
+    (``SynthesisNetwork``).
+
+    ``aux`` (from ``forward``) is a dict: ``"keys"`` (B, Cz, Hz, Wz), and with
+    ``kl=True`` ``"kl"`` (B,), the per-sample KL term.
+    """
+
+    config_class = BRICSConfig
+
+    def __init__(self, config: BRICSConfig):
+        super().__init__()
+        if not isinstance(config, BRICSConfig):
+            raise TypeError(f"BRICS: argument 'config' must be a BRICSConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.encoder = Encoder(
+            in_channels=c.in_channels, ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks,
+            attn_resolutions=c.encoder_attn_resolutions, z_channels=c.code_channels, resolution=c.resolution,
+            dropout=c.dropout, resamp_with_conv=c.resamp_with_conv, double_z=c.kl,
+        )
+        self.grid = FeatureGrid(
+            c.num_groups, key_dim=c.key_dim, levels=c.levels, features=c.features,
+            log2_table_size=c.log2_table_size, min_res=c.min_res, max_res=c.max_res,
+            out_dim=c.feature_channels, hidden_dim=c.grid_hidden_dim, index=c.index,
+        )
+        self.mapping = StyleMLP(c.feature_channels, c.style_dim, c.style_layers)
+        self.synthesis = SynthesisNetwork(c.feature_channels, c.decoder_channels, c.style_dim, c.out_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    # ------------------------------------------------------------ encoding
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution | None]:
+        _check_image("BRICS.encode", x, self.config.in_channels, self.downsample_factor)
+        h = self.encoder(x)
+        if not self.config.kl:
+            return torch.sigmoid(h), None
+        mu, log_sigma = h.chunk(2, dim=1)
+        posterior = DiagonalGaussianDistribution(torch.cat([mu, 2.0 * log_sigma], dim=1))
+        z = posterior.sample() if self.training else posterior.mode()
+        return torch.sigmoid(z), posterior
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Key codes of images: (B, in_channels, H, W) -> (B, Cz, H/f, W/f)
+        in [0, 1] (KL variant: a posterior sample in training mode, the mean
+        in eval mode)."""
+        return self._encode(x)[0]
+
+    # ------------------------------------------------------------ decoding
+    def query_points(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid queries of key codes (B, Cz, h, w): the tiled keys
+        (B, H_d, W_d, N_h, C_key) (noisy in training mode) and the spatial
+        coordinates (H_d, W_d, 2), ``((i + 0.5) / H_d, (j + 0.5) / W_d)``,
+        with H_d = h * tile_factor."""
+        c = self.config
+        if not isinstance(keys, torch.Tensor) or not keys.is_floating_point():
+            raise TypeError("BRICS.decode: argument 'keys' must be a floating-point tensor")
+        if keys.dim() != 4 or keys.shape[1] != c.code_channels:
+            raise ValueError(
+                f"BRICS.decode: argument 'keys' must have shape (B, {c.code_channels}, h, w), got {tuple(keys.shape)}"
+            )
+        B, _, h, w = keys.shape
+        t = c.tile_factor
+        tiled = tile_codes(keys, t, c.tiling)
+        if self.training and c.key_noise:
+            tiled = tiled + c.key_noise_std * torch.randn_like(tiled)
+        Hd, Wd = h * t, w * t
+        tiled = tiled.reshape(B, c.num_groups, c.key_dim, Hd, Wd).permute(0, 3, 4, 1, 2)
+        ii = (torch.arange(Hd, device=keys.device, dtype=keys.dtype) + 0.5) / Hd
+        jj = (torch.arange(Wd, device=keys.device, dtype=keys.dtype) + 0.5) / Wd
+        coords = torch.stack(torch.meshgrid(ii, jj, indexing="ij"), dim=-1)
+        return tiled, coords
+
+    def features(self, keys: torch.Tensor) -> torch.Tensor:
+        """The feature block f (B, Cd, H_d, W_d) of key codes (B, Cz, h, w)."""
+        tiled, coords = self.query_points(keys)
+        return self.grid(tiled, coords).permute(0, 3, 1, 2)
+
+    def decode(self, keys: torch.Tensor) -> torch.Tensor:
+        """Key codes (B, Cz, h, w) -> images (B, out_channels, h*f, w*f)."""
+        f = self.features(keys)
+        style = self.mapping(f.mean(dim=(2, 3)))
+        return self.synthesis(f, style)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Reconstruct ``x``: returns (x_rec, aux)."""
+        keys, posterior = self._encode(x)
+        aux = {"keys": keys}
+        if posterior is not None:
+            aux["kl"] = posterior.kl()
+        return self.decode(keys), aux
+
+    def get_last_layer(self) -> torch.Tensor:
+        """The last ToRGB conv weight (for an adaptive GAN weight)."""
+        return self.synthesis.last_layer()
+
+    @torch.no_grad()
+    def grid_usage(self, images) -> float:
+        """``FeatureGrid.usage`` of the (noise-free) queries of images: one
+        (B, C, H, W) tensor or an iterable of them (or of (images, ...)
+        tuples, as data loaders give)."""
+        if isinstance(images, torch.Tensor):
+            images = [images]
+        def pairs():
+            for batch in images:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                yield self.query_points(self.encode(x.to(self.grid.tables.device)))
+
+        was_training = self.training
+        self.eval()
+        try:
+            return self.grid.usage(pairs())
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------ training
+    def train_defaults(self) -> dict:
+        """``TrainConfig`` values BRICS trains with (appendix A.3), applied by
+        the trainer to fields the user left at TrainConfig's defaults.
+
+        ``disc_start`` is not among them: the GAN terms start at the
+        trainer's default step (500), after a reconstruction-only warm-up
+        (a WGAN critic switched on at step 0 destabilised the tiny preset)."""
+        return {
+            "lr": 2e-3,
+            "betas": (0.0, 0.99),
+            "adam_eps": 1e-15,
+            "disc_adam_eps": 1e-8,
+            "warmup_steps": 0,
+            "min_lr_ratio": 1.0,
+            "grad_clip": 0.0,
+            "disc_weight": 1.0,
+            "pixel_loss": "l2",
+            "pixel_weight": 20.0,
+            "perceptual_weight": 5.0,
+            "kl_weight": self.config.kl_weight,
+        }
+
+    def build_loss(self, train_config, perceptual: nn.Module | None = None) -> nn.Module:
+        """The training loss for ``train_config`` (a ``TrainConfig``):
+        ``ReconstructionWGANLoss`` with a ``ResidualDiscriminator`` at
+        ``train_config.image_size``."""
+        from pyvq.losses.wgan import ReconstructionWGANLoss
+        from pyvq.nn.stylegan import ResidualDiscriminator
+
+        c, t = self.config, train_config
+        disc = ResidualDiscriminator(
+            t.image_size, in_channels=c.out_channels, channels=c.disc_channels,
+            max_channels=c.disc_max_channels, mbstd_group=c.disc_mbstd_group,
+        )
+        return ReconstructionWGANLoss(
+            disc, pixel_loss=t.pixel_loss, pixel_weight=t.pixel_weight, perceptual_weight=t.perceptual_weight,
+            perceptual=perceptual, gan_weight=t.disc_weight, penalty=c.gan_penalty,
+            penalty_weight=c.gan_penalty_weight, disc_start=t.disc_start, kl_weight=t.kl_weight,
+        )
+
+    def loss_inputs(self, aux: dict) -> dict:
+        """Keyword arguments of the loss's generator step taken from ``aux``."""
+        return {"kl": aux["kl"]} if "kl" in aux else {}
+
+
+# The paper's configurations, named by code size Hz x Wz x Cz (256x256
+# images, Hd = Wd = 64, Cd = 512, 16 levels of 4 features, C_key = 1,
+# T = 2**18). r_max: 64 for 64x64 codes, 32 for the smaller ones.
+register_preset("brics_16x16x8", BRICSConfig(code_size=16, code_channels=8, ch_mult=(1, 1, 2, 2, 4), max_res=32))
+register_preset("brics_16x16x16", BRICSConfig(code_size=16, code_channels=16, ch_mult=(1, 1, 2, 2, 4), max_res=32))
+register_preset("brics_32x32x4", BRICSConfig(code_size=32, code_channels=4, ch_mult=(1, 2, 2, 4), max_res=32))
+register_preset("brics_64x64x4", BRICSConfig(code_size=64, code_channels=4, ch_mult=(1, 2, 4), max_res=64))
+# A toy for tests and demos: 64x64 nominal images (32x32 work too), f4 codes
+# of 4 channels (4 key groups; 16x16 at 64x64), features at twice the code
+# size (tiling x2), 4 levels of 2**12 rows; about 0.1 s per step of 8 32x32
+# images on one CPU core.
+register_preset(
+    "brics_tiny",
+    BRICSConfig(
+        resolution=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, code_size=16, code_channels=4,
+        feature_size=32, feature_channels=64, levels=4, features=4, log2_table_size=12, min_res=4, max_res=16,
+        grid_hidden_dim=32, decoder_channels=(64, 32), style_dim=64, style_layers=2,
+        disc_channels=16, disc_max_channels=64,
+    ),
+)
