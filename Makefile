@@ -2,6 +2,7 @@
 #   make demo   set everything up from a fresh clone and run the main job
 #               (train a tiny VQGAN, evaluate, ReFiT, write runs/demo/report.md)
 #   make test   set everything up and run the whole test suite
+#   make demo-inpaint   (after or including the demo) the Asymmetric VQGAN job
 # Both create .venv with the pinned requirements, then build pyvq in place.
 
 PYTHON ?= python3.11
@@ -12,7 +13,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: demo test install venv bench clean
+.PHONY: demo demo-inpaint test install venv bench clean
 
 $(VENV)/.requirements: requirements.txt requirements-bench.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (torch==2.14.1 wheels are for Python 3.11)"; exit 1; }
@@ -34,6 +35,12 @@ test: install
 demo: install
 	$(VENV)/bin/pyvq info
 	$(VENV)/bin/pyvq demo --out runs/demo
+
+# Asymmetric VQGAN: a heavier, mask-conditioned decoder trained on the demo's
+# frozen VQGAN, compared with the vanilla decoder (runs/demo-inpaint/report.md).
+demo-inpaint: install
+	test -d runs/demo/train/model || $(VENV)/bin/pyvq demo --out runs/demo
+	$(VENV)/bin/pyvq demo-inpaint --base runs/demo/train --out runs/demo-inpaint
 
 bench: install
 	$(PY) benchmarks/bench_codebook.py

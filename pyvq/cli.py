@@ -7,6 +7,7 @@
     pyvq bench NAME        run a benchmark script from a source checkout
     pyvq demo ...          the main job: train, evaluate, ReFiT, report
     pyvq eval-inpaint ...  Asymmetric VQGAN decoder vs vanilla on inpainting masks
+    pyvq demo-inpaint ...  train the tiny asymmetric decoder on the demo's VQGAN, evaluate
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def _demo(args) -> int:
     return 0
 
 
+def _demo_inpaint(args) -> int:
+    from pyvq.demo import run_inpaint_demo
+
+    report = run_inpaint_demo(args.out, base_run=args.base, steps=args.steps, masks=args.masks)
+    print(f"\nreport: {report}")
+    return 0
+
+
 def _eval_inpaint(args) -> int:
     import os
 
@@ -202,9 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     p_inp.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False)
     p_inp.add_argument("--out", help="report directory (default DECODER_RUN/inpaint_MASKS)")
 
+    p_dinp = sub.add_parser("demo-inpaint", help="train the tiny Asymmetric VQGAN decoder on the demo's VQGAN, "
+                            "write an inpainting report")
+    p_dinp.add_argument("--base", default="runs/demo/train", help="the demo's VQGAN run (pyvq demo writes it)")
+    p_dinp.add_argument("--out", default="runs/demo-inpaint")
+    p_dinp.add_argument("--steps", type=int, default=None, help="decoder training steps (default 2400)")
+    p_dinp.add_argument("--masks", default="hard", choices=("thick", "medium", "thin", "box", "hard"))
+
     args = parser.parse_args(argv)
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
-                "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint}
+                "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint,
+                "demo-inpaint": _demo_inpaint}
     return handlers[args.command](args)
 
 

@@ -3,6 +3,8 @@ save/load, the paper's presets, and a short decoder training run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +233,16 @@ def test_training_learns_to_use_the_known_region(skimage_patches):
     # measured: 0.25 conditioned vs 0.42 for the same decoder without the condition, 0.53 before training
     assert cond_err < 0.75 * vanilla_after and cond_err < 0.6 * vanilla_before, (cond_err, vanilla_after, vanilla_before)
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.base.state_dict().items())
+
+
+def test_preset_scaling_follows_the_base():
+    """A preset's decoder is relative to its own base: asym_vqgan_tiny doubles
+    the width of whatever VQGAN it is put on; Large x2 doubles width and
+    multiplies depth by 2.5."""
+    tiny = get_preset("asym_vqgan_tiny")
+    assert tiny.ch == 2 * tiny.base().ch
+    wide_base = dataclasses.replace(get_preset("vqgan_tiny"), ch=64, num_res_blocks=2)
+    assert tiny.scaled_to(wide_base) == dict(ch=128, num_res_blocks=2, blend="add", dropout=0.0)
+    large2 = get_preset("asym_vq_f16_large2")
+    assert large2.scaled_to(wide_base) == dict(ch=128, num_res_blocks=5, blend="add", dropout=0.0)
+    assert get_preset("asym_vq_f16_base").scaled_to(wide_base)["ch"] == 64

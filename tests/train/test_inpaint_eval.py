@@ -190,3 +190,32 @@ def test_cli_eval_inpaint_missing_run(tmp_path):
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
     )
     assert proc.returncode != 0 and "has no trained model" in proc.stderr
+
+
+def test_demo_inpaint_job(tiny_vq, tmp_path):
+    """The demo-inpaint job end to end on a saved base, with a few steps:
+    trains the decoder (base frozen), writes the report with the target lines
+    and the examples at 4x the evaluation size."""
+    from PIL import Image
+
+    from pyvq.demo import run_inpaint_demo
+
+    base, _ = tiny_vq
+    base.save_pretrained(str(tmp_path / "tok" / "model"))
+    report = run_inpaint_demo(str(tmp_path / "out"), base_run=str(tmp_path / "tok"), steps=2, image_size=32,
+                              batch_size=4, num_images=4)
+    text = open(report).read()
+    assert "Pre_error ratio vanilla / asymmetric-with-mask" in text
+    assert "Without the mask the asymmetric decoder's Pre_error" in text
+    data = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert data["info"]["decoder_train_steps"] == 2 and data["info"]["masks"] == "hard"
+    assert os.path.isfile(tmp_path / "out" / "train" / "model" / "config.json")
+    w, h = Image.open(tmp_path / "out" / "examples.png").size
+    assert w > 5 * 128 and h > 2 * 128  # 5 columns, "text" and "page" rows, 128 px crops
+
+
+def test_demo_inpaint_needs_a_base(tmp_path):
+    from pyvq.demo import run_inpaint_demo
+
+    with pytest.raises(SystemExit, match="run `pyvq demo`"):
+        run_inpaint_demo(str(tmp_path / "out"), base_run=str(tmp_path / "missing"), steps=1)
