@@ -6,10 +6,14 @@
 #include "common/checks.h"
 #include "grid/grid.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/ArrayRef.h>
 
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -90,6 +94,52 @@ inline void check_grad_out(const at::Tensor& grad_out, const Shape& s, int64_t F
                   grad_out.size(2) == s.L * F,
               "pyvq._grid_encode_backward: argument 'grad_out' must have shape (", s.N, ", ", s.G,
               ", ", s.L * F, "), got ", grad_out.sizes());
+}
+
+// Calls fn(scalar_t{}, acc_t{}, std::integral_constant<int, F>{}) for the
+// tables' dtype (float16/bfloat16/float32/float64), its accumulation dtype
+// (float64 for float64 tables, else float32) and the feature size F.
+template <typename Fn>
+inline void dispatch_grid(at::ScalarType tables_type, int64_t F, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables_type, "grid_encode", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    with_feature_size(F, [&](auto fc) { fn(scalar_t{}, acc_t{}, fc); });
+  });
+}
+
+// Checked, contiguous inputs and zeroed gradient buffers of one backward call
+// (grad_tables in the accumulation dtype; an output not asked for is (0,)).
+struct Backward {
+  IndexMode mode;
+  Shape s;
+  int64_t F;
+  at::Tensor grad_out, coords, tables, grad_coords, grad_tables;
+};
+
+inline Backward prepare_backward(const at::Tensor& grad_out, const at::Tensor& coords,
+                                 const at::Tensor& tables, c10::IntArrayRef resolutions,
+                                 c10::string_view index, bool need_coords, bool need_tables) {
+  check_inputs(coords, tables, resolutions);
+  Backward b;
+  b.mode = parse_index(std::string(index.data(), index.size()));
+  b.s = shape_of(coords, tables);
+  b.F = tables.size(3);
+  check_grad_out(grad_out, b.s, b.F);
+  b.grad_out = grad_out.to(tables.scalar_type()).contiguous();
+  b.coords = coords.contiguous();
+  b.tables = tables.contiguous();
+  b.grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
+                              : at::empty({0}, coords.options());
+  b.grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(coords.scalar_type()))
+                              : at::empty({0}, tables.options());
+  return b;
+}
+
+// (grad_coords, grad_tables in the tables' dtype).
+inline std::tuple<at::Tensor, at::Tensor> finish_backward(const Backward& b) {
+  at::Tensor gt = b.grad_tables;
+  if (gt.numel() > 0 && gt.scalar_type() != b.tables.scalar_type()) gt = gt.to(b.tables.scalar_type());
+  return {b.grad_coords, gt};
 }
 
 }  // namespace grid

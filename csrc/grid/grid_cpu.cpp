@@ -138,54 +138,38 @@ at::Tensor grid_encode_cpu(const at::Tensor& coords_in, const at::Tensor& tables
   const at::Tensor coords = coords_in.contiguous();
   const at::Tensor tables = tables_in.contiguous();
   const auto levels = level_indices(resolutions, s.d, s.T, mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    with_feature_size(F, [&](auto fc) {
-      forward_impl<scalar_t, acc_t, decltype(fc)::value>(
-          coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), s, levels);
-    });
+  dispatch_grid(tables.scalar_type(), F, [&](auto sv, auto av, auto fc) {
+    using scalar_t = decltype(sv);
+    using acc_t = decltype(av);
+    forward_impl<scalar_t, acc_t, decltype(fc)::value>(
+        coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), s, levels);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& coords_in, const at::Tensor& tables_in,
+    const at::Tensor& grad_out, const at::Tensor& coords, const at::Tensor& tables,
     c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
-  check_inputs(coords_in, tables_in, resolutions);
-  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
-  const Shape s = shape_of(coords_in, tables_in);
-  const int64_t F = tables_in.size(3);
-  check_grad_out(grad_out_in, s, F);
-  const at::Tensor grad_out = grad_out_in.to(tables_in.scalar_type()).contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  const at::Tensor tables = tables_in.contiguous();
-  const auto acc_type = coords.scalar_type();
-  at::Tensor grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
-                                       : at::empty({0}, coords.options());
-  at::Tensor grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(acc_type))
-                                       : at::empty({0}, tables.options());
-  const auto levels = level_indices(resolutions, s.d, s.T, mode);
-  if (s.N > 0 && s.L > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_backward_cpu", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      with_feature_size(F, [&](auto fc) {
-        constexpr int kF = decltype(fc)::value;
-        if (need_coords)
-          coords_grad_impl<scalar_t, acc_t, kF>(grad_out.const_data_ptr<scalar_t>(),
-                                                coords.const_data_ptr<acc_t>(),
-                                                tables.const_data_ptr<scalar_t>(),
-                                                grad_coords.mutable_data_ptr<acc_t>(), s, levels);
-        if (need_tables)
-          tables_grad_impl<scalar_t, acc_t, kF>(grad_out.const_data_ptr<scalar_t>(),
-                                                coords.const_data_ptr<acc_t>(),
-                                                grad_tables.mutable_data_ptr<acc_t>(), s, levels);
-      });
-    });
-  }
-  if (need_tables && grad_tables.scalar_type() != tables.scalar_type())
-    grad_tables = grad_tables.to(tables.scalar_type());
-  return {grad_coords, grad_tables};
+  Backward b = prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
+  const Shape& s = b.s;
+  if (s.N == 0 || s.L == 0) return finish_backward(b);
+  const auto levels = level_indices(resolutions, s.d, s.T, b.mode);
+  dispatch_grid(b.tables.scalar_type(), b.F, [&](auto sv, auto av, auto fc) {
+    using scalar_t = decltype(sv);
+    using acc_t = decltype(av);
+    constexpr int kF = decltype(fc)::value;
+    if (need_coords)
+      coords_grad_impl<scalar_t, acc_t, kF>(b.grad_out.const_data_ptr<scalar_t>(),
+                                            b.coords.const_data_ptr<acc_t>(),
+                                            b.tables.const_data_ptr<scalar_t>(),
+                                            b.grad_coords.mutable_data_ptr<acc_t>(), s, levels);
+    if (need_tables)
+      tables_grad_impl<scalar_t, acc_t, kF>(b.grad_out.const_data_ptr<scalar_t>(),
+                                            b.coords.const_data_ptr<acc_t>(),
+                                            b.grad_tables.mutable_data_ptr<acc_t>(), s, levels);
+  });
+  return finish_backward(b);
 }
 
 }  // namespace

@@ -197,80 +197,63 @@ at::Tensor grid_encode_cuda(const at::Tensor& coords_in, const at::Tensor& table
   const at::Tensor tables = tables_in.contiguous();
   const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, mode, coords.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    with_feature_size(F, [&](auto fc) {
-      forward_kernel<scalar_t, acc_t, decltype(fc)::value>
-          <<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
-              coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
-              out.mutable_data_ptr<scalar_t>(), level_ptr(levels), s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  dispatch_grid(tables.scalar_type(), F, [&](auto sv, auto av, auto fc) {
+    using scalar_t = decltype(sv);
+    using acc_t = decltype(av);
+    forward_kernel<scalar_t, acc_t, decltype(fc)::value>
+        <<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+            coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>(), level_ptr(levels), s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& coords_in, const at::Tensor& tables_in,
+    const at::Tensor& grad_out, const at::Tensor& coords, const at::Tensor& tables,
     c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
-  check_inputs(coords_in, tables_in, resolutions);
-  const IndexMode mode = parse_index(std::string(index.data(), index.size()));
-  const c10::cuda::CUDAGuard device_guard(coords_in.device());
-  const Shape s = shape_of(coords_in, tables_in);
-  const int64_t F = tables_in.size(3);
-  check_grad_out(grad_out_in, s, F);
-  const at::Tensor grad_out = grad_out_in.to(tables_in.scalar_type()).contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  const at::Tensor tables = tables_in.contiguous();
-  const auto acc_type = coords.scalar_type();
-  at::Tensor grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
-                                       : at::empty({0}, coords.options());
-  at::Tensor grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(acc_type))
-                                       : at::empty({0}, tables.options());
-  if (s.N > 0 && s.L > 0 && (need_coords || need_tables)) {
-    const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, mode, coords.device());
-    const bool deterministic = at::globalContext().deterministicAlgorithms();
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int64_t M = s.N * s.G * s.L * (int64_t(1) << s.d);
-    at::Tensor sorted_keys, order;
-    if (need_tables && deterministic) {
-      at::Tensor keys = at::empty({M}, coords.options().dtype(at::kLong));
-      AT_DISPATCH_FLOATING_TYPES(acc_type, "grid_encode_keys_cuda", [&] {
-        contribution_keys_kernel<scalar_t><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
-            coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), level_ptr(levels), s);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      std::tie(sorted_keys, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables.scalar_type(), "grid_encode_backward_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      with_feature_size(F, [&](auto fc) {
-        constexpr int kF = decltype(fc)::value;
-        if (need_coords) {
-          coords_grad_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G), kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
-              tables.const_data_ptr<scalar_t>(), grad_coords.mutable_data_ptr<acc_t>(),
-              level_ptr(levels), s);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (need_tables && deterministic) {
-          tables_grad_segment_kernel<scalar_t, acc_t, kF><<<blocks_for(M), kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
-              sorted_keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M,
-              grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else if (need_tables) {
-          tables_grad_atomic_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), coords.const_data_ptr<acc_t>(),
-              grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+  const c10::cuda::CUDAGuard device_guard(coords.device());
+  Backward b = prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
+  const Shape& s = b.s;
+  if (s.N == 0 || s.L == 0 || !(need_coords || need_tables)) return finish_backward(b);
+  const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, b.mode, b.coords.device());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t M = s.N * s.G * s.L * (int64_t(1) << s.d);
+  at::Tensor sorted_keys, order;
+  if (need_tables && deterministic) {
+    at::Tensor keys = at::empty({M}, b.coords.options().dtype(at::kLong));
+    AT_DISPATCH_FLOATING_TYPES(b.coords.scalar_type(), "grid_encode_keys_cuda", [&] {
+      contribution_keys_kernel<scalar_t><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+          b.coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), level_ptr(levels), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    std::tie(sorted_keys, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   }
-  if (need_tables && grad_tables.scalar_type() != tables.scalar_type())
-    grad_tables = grad_tables.to(tables.scalar_type());
-  return {grad_coords, grad_tables};
+  dispatch_grid(b.tables.scalar_type(), b.F, [&](auto sv, auto av, auto fc) {
+    using scalar_t = decltype(sv);
+    using acc_t = decltype(av);
+    constexpr int kF = decltype(fc)::value;
+    const scalar_t* go = b.grad_out.const_data_ptr<scalar_t>();
+    const acc_t* xs = b.coords.const_data_ptr<acc_t>();
+    if (need_coords) {
+      coords_grad_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G), kThreads, 0, stream>>>(
+          go, xs, b.tables.const_data_ptr<scalar_t>(), b.grad_coords.mutable_data_ptr<acc_t>(),
+          level_ptr(levels), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_tables && deterministic) {
+      tables_grad_segment_kernel<scalar_t, acc_t, kF><<<blocks_for(M), kThreads, 0, stream>>>(
+          go, xs, sorted_keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), M,
+          b.grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (need_tables) {
+      tables_grad_atomic_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+          go, xs, b.grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return finish_backward(b);
 }
 
 }  // namespace

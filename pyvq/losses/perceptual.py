@@ -28,7 +28,7 @@ from torch import nn
 
 from pyvq._weights import MissingWeightsError, require_weights
 
-__all__ = ["LPIPS", "build_lpips", "backbone_weights", "MissingWeightsError"]
+__all__ = ["LPIPS", "build_lpips", "backbone_weights", "MissingWeightsError", "perceptual_module"]
 
 # torchvision's IMAGENET1K_V1 weights of each LPIPS trunk (torchvision 0.29:
 # VGG16_Weights, AlexNet_Weights, SqueezeNet1_1_Weights). The cache file name
@@ -179,3 +179,12 @@ def build_lpips(
     when ``pretrained_backbone`` is set and the backbone file is not on this
     machine; never downloads."""
     return LPIPS(net, pretrained_backbone=pretrained_backbone, backbone_path=backbone_path)
+
+
+def perceptual_module(weight: float, perceptual: nn.Module | None = None) -> nn.Module | None:
+    """The LPIPS module a loss with perceptual weight ``weight`` uses: None
+    when the weight is 0, else ``perceptual`` or ``build_lpips()`` (which
+    raises ``MissingWeightsError`` when the VGG weights are missing)."""
+    if weight <= 0:
+        return None
+    return perceptual if perceptual is not None else build_lpips()

@@ -35,6 +35,7 @@ from pyvq.losses.gan import (
     non_saturating_g_loss,
     vanilla_d_loss,
 )
+from pyvq.losses.perceptual import perceptual_module
 
 __all__ = ["VQLPIPSWithDiscriminator"]
 
@@ -126,14 +127,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.kl_weight = float(kl_weight)
         self.max_adaptive_weight = float(max_adaptive_weight)
 
-        if self.perceptual_weight > 0:
-            if perceptual is None:
-                from pyvq.losses.perceptual import build_lpips
-
-                perceptual = build_lpips()
-            self.perceptual = perceptual
-        else:
-            self.perceptual = None
+        self.perceptual = perceptual_module(self.perceptual_weight, perceptual)
         self.discriminator = NLayerDiscriminator(
             input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers, use_actnorm=use_actnorm
         )

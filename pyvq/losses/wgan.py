@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyvq.losses.perceptual import perceptual_module
+
 __all__ = ["ReconstructionWGANLoss", "gradient_penalty", "r1_penalty", "wgan_d_loss", "wgan_g_loss"]
 
 PENALTIES = ("r1", "gp", "none")
@@ -136,14 +138,7 @@ class ReconstructionWGANLoss(nn.Module):
         self.drift_weight = float(drift_weight)
         self.disc_start = int(disc_start)
         self.kl_weight = float(kl_weight)
-        if self.perceptual_weight > 0:
-            if perceptual is None:
-                from pyvq.losses.perceptual import build_lpips
-
-                perceptual = build_lpips()
-            self.perceptual = perceptual
-        else:
-            self.perceptual = None
+        self.perceptual = perceptual_module(self.perceptual_weight, perceptual)
 
     def train(self, mode: bool = True):
         super().train(mode)
