@@ -21,4 +21,19 @@ TORCH_LIBRARY(pyvq, m) {
   // Gradients of grid_encode; an output not asked for is an empty (0,) tensor.
   m.def("_grid_encode_backward(Tensor grad_out, Tensor coords, Tensor tables, int[] resolutions, "
         "str index, bool need_coords, bool need_tables) -> (Tensor grad_coords, Tensor grad_tables)");
+  // Multinomial (uniform-transition) diffusion posterior over K classes,
+  // log-probabilities (B, K, *S) of z_{t-1} given x_t (B, *S) int64 and x0:
+  // int64 indices (B, *S) (the true posterior; output in alpha_t's
+  // accumulation dtype) or logits (B, K, *S) (the model posterior, output in
+  // the logits' dtype). alpha_t = alpha_t, alpha_bar_prev = alpha_bar_{t-1},
+  // both (B,) in (0, 1]; num_classes = K.
+  m.def("multinomial_posterior(Tensor x_t, Tensor x0, Tensor alpha_t, Tensor alpha_bar_prev, "
+        "int num_classes) -> Tensor");
+  // Gradient of the logits form with respect to the logits.
+  m.def("_multinomial_posterior_backward(Tensor grad, Tensor x_t, Tensor logits, Tensor alpha_t, "
+        "Tensor alpha_bar_prev) -> Tensor");
+  // KL(q(z_{t-1} | x_t, x0) || p(z_{t-1} | x_t, logits)) per position, (B, *S).
+  m.def("multinomial_kl(Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, Tensor alpha_bar_prev) -> Tensor");
+  m.def("_multinomial_kl_backward(Tensor grad, Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, "
+        "Tensor alpha_bar_prev) -> Tensor");
 }

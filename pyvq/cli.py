@@ -8,6 +8,10 @@
     pyvq demo ...          the main job: train, evaluate, ReFiT, report
     pyvq eval-inpaint ...  Asymmetric VQGAN decoder vs vanilla on inpainting masks
     pyvq demo-inpaint ...  train the tiny asymmetric decoder on the demo's VQGAN, evaluate
+    pyvq encode ...        cache a tokenizer's codes of a dataset (for training a prior)
+    pyvq train --codes ... train a prior (vqddm_*, keycode_diffusion_*) on cached codes
+    pyvq sample ...        sample codes from a prior, decode them, write a PNG grid
+    pyvq inpaint ...       complete the masked region of an image through a prior
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def _train(args) -> int:
         data["data"] = args.data
     if args.base:
         data["base"] = args.base
+    if args.codes:
+        data["codes"] = args.codes
     for name in _TRAIN_FLAGS:
         value = getattr(args, name)
         if value is not None:
@@ -68,7 +74,12 @@ def _train(args) -> int:
     if args.device:
         data["device"] = args.device
     config = TrainConfig.from_dict(data)
-    trainer = Trainer(config, args.out, resume=args.resume)
+    if config.codes is not None:
+        from pyvq.train.prior_trainer import PriorTrainer
+
+        trainer = PriorTrainer(config, args.out, resume=args.resume)
+    else:
+        trainer = Trainer(config, args.out, resume=args.resume)
     scalars = trainer.train()
     if trainer.dist.is_main:
         print(f"run written to {args.out} (step {trainer.step}); last scalars: "
@@ -158,6 +169,81 @@ def _eval_inpaint(args) -> int:
     return 0
 
 
+def _load(path: str, flag: str, command: str):
+    import os
+
+    from pyvq.models import load_run
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"pyvq {command}: {flag} {path} is not a directory")
+    try:
+        return load_run(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"pyvq {command}: {flag} {path}: {exc}") from None
+
+
+def _dataset(data: str, split: str, size: int):
+    if data == "builtin":
+        from pyvq.data import BuiltinImages
+
+        return BuiltinImages(split=split, size=size)
+    from pyvq.data import ImageFolder
+
+    return ImageFolder(data, size, crop="random" if split == "train" else "center", flip=split == "train")
+
+
+def _encode(args) -> int:
+    from pyvq.data.codes import encode_codes
+
+    tokenizer = _load(args.tokenizer, "--tokenizer", "encode")
+    size = args.image_size or tokenizer.config.resolution
+    meta = encode_codes(tokenizer, _dataset(args.data, args.split, size), args.out, repeats=args.repeats,
+                        batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
+    print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")
+    return 0
+
+
+def _sample(args) -> int:
+    import os
+
+    import pyvq.models.priors  # noqa: F401  (registers the prior classes)
+    from pyvq.train.generate import sample_images, save_image_grid
+
+    prior = _load(args.prior, "--prior", "sample")
+    tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
+    images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True)
+    out = args.out or os.path.join(args.prior, "samples.png")
+    save_image_grid(out, images, nrow=args.nrow or max(1, int(args.n**0.5 + 0.5)))
+    print(f"wrote {out}")
+    return 0
+
+
+def _inpaint(args) -> int:
+    import os
+
+    import torch
+
+    import pyvq.models.priors  # noqa: F401
+    from pyvq.train.generate import inpaint_image, read_image, read_mask, save_image_grid
+
+    prior = _load(args.prior, "--prior", "inpaint")
+    tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
+    size = prior.config.code_size * tokenizer.downsample_factor  # the image size the prior's codes come from
+    for path, flag in ((args.image, "--image"), (args.mask, "--mask")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"pyvq inpaint: {flag} {path} is not a file")
+    image, mask = read_image(args.image, size), read_mask(args.mask, size)
+    out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste)
+    target = args.out or os.path.join(args.prior, "inpaint.png")
+    save_image_grid(target, out["completion"][None], nrow=1)
+    panel = os.path.splitext(target)[0] + "_panel.png"
+    masked = image * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0])[:, None, None]  # holes in magenta
+    save_image_grid(panel, torch.stack([image, masked, out["decoded"], out["completion"]]), nrow=4)
+    print(f"wrote {target} and {panel} (input, masked, decoded codes, completion); "
+          f"{int((~out['keep']).sum())} of {out['keep'].numel()} codes generated")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyvq", description="pyvq command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--preset", help="model preset, e.g. vqgan_tiny")
     p_train.add_argument("--data", help="'builtin' or an image folder")
     p_train.add_argument("--base", help="trained tokenizer run (asymmetric presets: train only a new decoder)")
+    p_train.add_argument("--codes", help="codes folder from `pyvq encode` (prior presets: vqddm_*, "
+                         "keycode_diffusion_*)")
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -218,10 +306,40 @@ def main(argv: list[str] | None = None) -> int:
     p_dinp.add_argument("--steps", type=int, default=None, help="decoder training steps (default 2400)")
     p_dinp.add_argument("--masks", default="hard", choices=("thick", "medium", "thin", "box", "hard"))
 
+    p_enc = sub.add_parser("encode", help="cache a tokenizer's codes of a dataset for training a prior")
+    p_enc.add_argument("--tokenizer", required=True, help="run directory (or model folder) of a VQGAN or BRICS")
+    p_enc.add_argument("--data", default="builtin", help="'builtin' or an image folder")
+    p_enc.add_argument("--split", default="train", choices=("train", "val"))
+    p_enc.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")
+    p_enc.add_argument("--repeats", type=int, default=1,
+                       help="passes over the data (fresh random crops and flips each pass)")
+    p_enc.add_argument("--batch-size", type=int, default=16)
+    p_enc.add_argument("--out", required=True, help="codes folder to write")
+
+    p_sample = sub.add_parser("sample", help="sample from a prior and decode with its tokenizer into a PNG grid")
+    p_sample.add_argument("--prior", required=True, help="prior run directory")
+    p_sample.add_argument("--tokenizer", required=True, help="the tokenizer run whose codes the prior models")
+    p_sample.add_argument("--n", type=int, default=16, help="number of samples")
+    p_sample.add_argument("--steps", type=int, help="strided reverse steps (default: all)")
+    p_sample.add_argument("--seed", type=int, default=0)
+    p_sample.add_argument("--nrow", type=int, help="images per row (default: about sqrt(n))")
+    p_sample.add_argument("--out", help="PNG path (default PRIOR/samples.png)")
+
+    p_inpt = sub.add_parser("inpaint", help="complete the masked region of an image through a prior")
+    p_inpt.add_argument("--prior", required=True, help="prior run directory")
+    p_inpt.add_argument("--tokenizer", required=True, help="the tokenizer run whose codes the prior models")
+    p_inpt.add_argument("--image", required=True, help="image file (its centre square is used)")
+    p_inpt.add_argument("--mask", required=True, help="mask image: white (> 127) = region to generate")
+    p_inpt.add_argument("--steps", type=int, help="strided reverse steps (default: all)")
+    p_inpt.add_argument("--seed", type=int, default=0)
+    p_inpt.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
+                        help="put the known pixels back after decoding")
+    p_inpt.add_argument("--out", help="PNG path (default PRIOR/inpaint.png; a _panel.png is written beside it)")
+
     args = parser.parse_args(argv)
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
                 "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint,
-                "demo-inpaint": _demo_inpaint}
+                "demo-inpaint": _demo_inpaint, "encode": _encode, "sample": _sample, "inpaint": _inpaint}
     return handlers[args.command](args)
 
 

@@ -1,4 +1,4 @@
-"""Models built from ``pyvq.nn``: ``Model(config)``, ``save_pretrained`` /
+"""Models built from ``pyvq.nn`` (tokenizers and the priors over their codes): ``Model(config)``, ``save_pretrained`` /
 ``from_pretrained``, and named presets (``list_presets()``)."""
 
 from pyvq.models._pretrained import (
@@ -6,7 +6,14 @@ from pyvq.models._pretrained import (
     get_preset,
     list_presets,
     load_pretrained,
+    load_run,
     register_preset,
+)
+from pyvq.models.priors import (
+    GaussianDiffusion,
+    GaussianDiffusionConfig,
+    MultinomialDiffusion,
+    MultinomialDiffusionConfig,
 )
 from pyvq.models.tokenizers import (
     BRICS,
@@ -29,10 +36,15 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "DiagonalGaussianDistribution",
+    "GaussianDiffusion",
+    "GaussianDiffusionConfig",
+    "MultinomialDiffusion",
+    "MultinomialDiffusionConfig",
     "PretrainedModel",
     "VQGANConfig",
     "get_preset",
     "list_presets",
     "load_pretrained",
+    "load_run",
     "register_preset",
 ]

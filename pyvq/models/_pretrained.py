@@ -40,6 +40,7 @@ __all__ = [
     "get_preset",
     "list_presets",
     "load_pretrained",
+    "load_run",
     "register_preset",
 ]
 
@@ -234,6 +235,13 @@ def _load(cls, directory, data: dict, map_location):
     except RuntimeError as exc:
         raise ValueError(f"{cls.__name__}.from_pretrained: weights in {os.fspath(directory)!r} do not fit: {exc}") from exc
     return model.to(torch.device(map_location)).eval()
+
+
+def load_run(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """``load_pretrained`` of a training run's final model (``path/model``)
+    or of a saved model folder."""
+    folder = os.path.join(path, "model")
+    return load_pretrained(folder if os.path.isdir(folder) else path, map_location)
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):

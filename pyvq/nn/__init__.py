@@ -10,6 +10,7 @@ from pyvq.nn.stylegan import (
     SynthesisNetwork,
     ToRGB,
 )
+from pyvq.nn.unet import UNet
 from pyvq.nn.vector_quantizer import QuantizerOutput, VectorQuantizer, code_usage_stats
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "StyleMLP",
     "SynthesisNetwork",
     "ToRGB",
+    "UNet",
     "Upsample",
     "VectorQuantizer",
     "code_usage_stats",

@@ -8,5 +8,6 @@ or where no kernel exists, its twin in ``pyvq.reference``.
 from pyvq.ops.codebook import nearest_code
 from pyvq.ops.grid import grid_encode, level_resolutions
 from pyvq.ops.kmeans import kmeans
+from pyvq.ops.posterior import multinomial_kl, multinomial_posterior
 
-__all__ = ["grid_encode", "kmeans", "level_resolutions", "nearest_code"]
+__all__ = ["grid_encode", "kmeans", "level_resolutions", "multinomial_kl", "multinomial_posterior", "nearest_code"]

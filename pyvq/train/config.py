@@ -32,12 +32,19 @@ class TrainConfig:
     ``adam_eps`` / ``disc_adam_eps`` are the optimizers' eps (the
     discriminator's defaults to ``adam_eps``); ``pixel_weight`` weights the
     pixel loss.
+
+    Priors: ``codes`` is a codes folder written by ``pyvq encode``; a prior
+    preset (``vqddm_tiny``, ``keycode_diffusion_tiny``, ...) trains on it
+    with ``PriorTrainer`` (``data`` and the tokenizer loss fields are then
+    unused; the preset's code shape and number of classes are taken from
+    the codes).
     """
 
     model: str = "vqgan_tiny"
     model_overrides: dict = field(default_factory=dict)
     base: str | None = None
     data: str = "builtin"
+    codes: str | None = None
     image_size: int = 64
     batch_size: int = 8
     steps: int = 1000

@@ -52,8 +52,7 @@ def build_model(name: str, overrides: dict | None = None, base: str | None = Non
         if not isinstance(config, AsymmetricVQGANConfig):
             raise ValueError(f"build_model: 'base' applies to asymmetric presets, and {name!r} is a "
                              f"{type(config).__name__}")
-        folder = os.path.join(base, "model") if os.path.isdir(os.path.join(base, "model")) else base
-        base_model = _pretrained.load_pretrained(folder)
+        base_model = _pretrained.load_run(base)
         return AsymmetricVQGAN.from_base(base_model, **{**config.scaled_to(base_model.config), **(overrides or {})})
     if overrides:
         config = dataclasses.replace(config, **overrides)
@@ -106,6 +105,8 @@ class Trainer:
             encoder, say) are left out of the optimizer.
     """
 
+    progress_key = "train/rec_loss"  # the scalar the progress bar shows
+
     def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
                  perceptual: torch.nn.Module | None = None, dataset=None,
                  model: torch.nn.Module | None = None):
@@ -144,36 +145,39 @@ class Trainer:
         warm = min(c.warmup_steps, c.steps)
         self.sched_g = warmup_cosine(self.opt_g, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
         self.sched_d = warmup_cosine(self.opt_d, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
-        self.ema = None
-        if c.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
+        self.ema = self._make_ema()
         self.dataset = dataset if dataset is not None else build_dataset(c, "train")
+        self._finish_setup(resume, {"model": self.model, "disc": self.disc})
+
+    def _finish_setup(self, resume: bool, ddp_modules: dict) -> None:
+        """The set-up every trainer shares once model, optimizers and dataset
+        exist: resume from the last checkpoint, wrap ``ddp_modules`` as
+        ``self.<name>_ddp`` (DDP under torchrun), open the logger, write
+        config.json."""
+        c = self.config
         if len(self.dataset) < c.batch_size * self.dist.world_size:
             raise ValueError(
-                f"Trainer: the dataset has {len(self.dataset)} samples, fewer than one global batch "
+                f"{type(self).__name__}: the dataset has {len(self.dataset)} samples, fewer than one global batch "
                 f"({c.batch_size} x {self.dist.world_size} processes)"
             )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if resume:
-            found = latest_checkpoint(out_dir)
+            found = latest_checkpoint(self.out_dir)
             if found is None:
-                raise FileNotFoundError(f"Trainer: resume=True but {out_dir} has no checkpoint")
+                raise FileNotFoundError(f"{type(self).__name__}: resume=True but {self.out_dir} has no checkpoint")
             info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
                                    schedulers=self._schedulers(), map_location=self.dist.device)
             self.step = info["step"]
             self.epoch = info["extra"]["epoch"]
             self.batch_in_epoch = info["extra"]["batch_in_epoch"]
-        self.model_ddp = self.model
-        self.disc_ddp = self.disc
-        if self.dist.distributed:
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.model_ddp = DDP(self.model, device_ids=ids)
-            self.disc_ddp = DDP(self.disc, device_ids=ids)
-        self.logger = RunLogger(out_dir, enabled=self.dist.is_main)
+        for name, module in ddp_modules.items():
+            if self.dist.distributed:
+                ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+                module = DDP(module, device_ids=ids)
+            setattr(self, f"{name}_ddp", module)
+        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
-            with open(os.path.join(out_dir, "config.json"), "w") as f:
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(c.to_dict(), f, indent=1)
 
     # -- state handed to checkpoints
@@ -253,19 +257,30 @@ class Trainer:
             loss_d, log_d = self._disc_step(x, x_rec.detach())
             log.update(log_d)
             self.sched_d.step()
-        if self.ema is not None:
-            # EMA of the parameters; buffers (quantizer statistics, an EMA
-            # codebook, norm statistics) follow the live model.
-            self.ema.update_parameters(self.model)
-            with torch.no_grad():
-                for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
-                    mine.copy_(live)
+        self._update_ema()
         out = {k: float(v) for k, v in log.items()}
         if isinstance(aux, dict) and "perplexity" in aux:
             out["train/perplexity"] = float(aux["perplexity"])
             out["train/usage"] = float(aux["usage"])
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]
         return out
+
+    def _make_ema(self):
+        if self.config.ema_decay <= 0:
+            return None
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema_decay))
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            # EMA of the parameters; buffers (quantizer statistics, an EMA
+            # codebook, norm statistics, a prior's loss history) follow the
+            # live model.
+            self.ema.update_parameters(self.model)
+            with torch.no_grad():
+                for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
+                    mine.copy_(live)
 
     def _disc_step(self, x, x_rec):
         # The loss module calls its discriminator; route it through DDP.
@@ -298,7 +313,8 @@ class Trainer:
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
         self.model.train()
-        self.loss.train()
+        if self.loss is not None:
+            self.loss.train()
         batches = self._batches()
         last_ckpt = time.monotonic()
         bar = tqdm(total=c.steps, initial=self.step, disable=not (progress and self.dist.is_main),
@@ -314,7 +330,7 @@ class Trainer:
             if self.step % c.log_every == 0 or self.step == c.steps:
                 logged = all_reduce_mean(scalars, self.dist)
                 self.logger.scalars(self.step, logged)
-                bar.set_postfix(loss=f"{logged.get('train/rec_loss', float('nan')):.4f}")
+                bar.set_postfix(loss=f"{logged.get(self.progress_key, float('nan')):.4f}")
             if self.step % c.image_every == 0 or self.step == c.steps:
                 self._log_images(sample)
             due = (time.monotonic() - last_ckpt) / 60 >= c.ckpt_minutes

@@ -1,0 +1,557 @@
+"""Gaussian diffusion over BRICS key codes (the BRICS prior, appendix).
+
+BRICS encodes an image into key codes ``z`` in [0, 1]^(Cz, Hz, Wz); this
+prior learns their distribution with a DDPM-style Gaussian diffusion:
+
+- data space: ``x0 = to_model(z) = 2 z - 1`` in [-1, 1]; samples come back
+  through ``from_model(x) = clamp((x + 1) / 2, 0, 1)``;
+- forward process: ``q(x_t | x0) = N(sqrt(a_t) x0, (1 - a_t) I)`` with
+  ``a_t = alpha_bar[t]`` of a ``pyvq.models.priors.schedules`` schedule
+  (default the cosine variant of Chen 2023, start 0.2, end 1, tau 1.5, as
+  BRICS; also ``"cosine"`` and ``"linear"``), t = 1..T;
+- network: ``pyvq.nn.UNet`` predicts the noise ``eps`` from ``(x_t, t)``
+  (the integer timestep goes to its sinusoidal embedding); BRICS' UNet has
+  channel multipliers (1, 2, 3, 4), 2 residual blocks per level and
+  attention at sides 32, 16 and 8 (those of them that the code size has);
+- loss: per-sample ``mean((eps_hat - eps)**2)`` weighted by Min-SNR-gamma
+  (Hang et al. 2023; epsilon form ``min(snr_t, gamma) / snr_t``, gamma 5),
+  t uniform in 1..T;
+- sampling: DDPM ancestral steps (all T, or a strided subset with the
+  respaced posterior variance) or DDIM (Song et al. 2021) with ``eta``, over
+  ``Schedule.strided(steps)`` in decreasing order, the last step jumping to
+  t = 0 where ``alpha_bar = 1`` (so the result is the predicted x0);
+- inpainting by replacement: after every reverse step the kept region of
+  ``x_s`` is overwritten by a fresh ``q_sample(x0_known, s)``.
+
+The predicted x0 is clipped to [-1, 1] (``clip_denoised``) and the noise
+estimate recomputed from the clipped x0, as in ADM, so that the DDIM and
+DDPM updates stay consistent (with that, DDIM with ``eta=1`` is the DDPM
+update).
+
+Key values outside [0, 1] are clamped into it (BRICS' keys are sigmoids, so
+this only matters for hand-made inputs); wrong shapes raise ``ValueError``.
+
+Tensor layout: key codes and diffusion states are (B, C, H, W) =
+(B, channels, code_size, code_size); timesteps are int64 of shape (B,).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
+from pyvq.nn.unet import UNet
+
+__all__ = ["GaussianDiffusion", "GaussianDiffusionConfig"]
+
+_NAME = "GaussianDiffusionConfig"
+METHODS = ("ddim", "ddpm")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _int_tuple(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
+    out = tuple(value)
+    if not all(_is_int(v) for v in out):
+        raise ValueError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in out)
+
+
+@dataclass(frozen=True)
+class GaussianDiffusionConfig:
+    """Architecture and schedule of a ``GaussianDiffusion`` prior.
+
+    Attributes:
+        channels: Cz, key-code channels (the tokenizer's ``code_channels``).
+        code_size: Hz = Wz, key-code side; divisible by
+            ``2 ** (len(channel_mult) - 1)``.
+        timesteps: T, diffusion steps.
+        schedule: ``"cosine_variant"`` (BRICS), ``"cosine"`` or ``"linear"``.
+        schedule_kwargs: keyword arguments of ``make_schedule`` for that
+            schedule; empty means its defaults (for ``"cosine_variant"``:
+            start 0.2, end 1, tau 1.5, BRICS' values).
+        min_snr_gamma: gamma of the Min-SNR loss weight; None or 0 turns
+            the weighting off (plain epsilon MSE).
+        model_channels, channel_mult, num_res_blocks, dropout, num_heads,
+            scale_shift, num_groups: the ``UNet``.
+        attention_resolutions: level sides with self-attention; sides that
+            the UNet does not have (``code_size / 2**i``) are ignored, so
+            the paper's (32, 16, 8) fits every code size
+            (``unet_attention_resolutions`` is what is used).
+        clip_denoised: clip the predicted x0 to [-1, 1] while sampling.
+    """
+
+    channels: int = 8
+    code_size: int = 16
+    timesteps: int = 1000
+    schedule: str = "cosine_variant"
+    schedule_kwargs: dict = field(default_factory=dict)
+    min_snr_gamma: float | None = 5.0
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    dropout: float = 0.0
+    num_heads: int = 4
+    scale_shift: bool = True
+    num_groups: int = 32
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        for name in ("channels", "code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads",
+                     "num_groups"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{_NAME}: field {name!r} must be an int >= 1, got {v!r}")
+        object.__setattr__(self, "channel_mult", _int_tuple("channel_mult", self.channel_mult))
+        object.__setattr__(self, "attention_resolutions",
+                           _int_tuple("attention_resolutions", self.attention_resolutions))
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"{_NAME}: field 'channel_mult' must be non-empty with entries >= 1, "
+                             f"got {self.channel_mult}")
+        f = 2 ** (len(self.channel_mult) - 1)
+        if self.code_size % f:
+            raise ValueError(f"{_NAME}: field 'code_size' ({self.code_size}) must be divisible by "
+                             f"2**(len(channel_mult) - 1) = {f}")
+        widths = [self.model_channels * m for m in self.channel_mult]
+        bad = [w for w in widths if w % self.num_groups]
+        if bad:
+            raise ValueError(f"{_NAME}: field 'num_groups' ({self.num_groups}) must divide every UNet width "
+                             f"model_channels * channel_mult = {widths}")
+        # Heads are needed at the attention levels and in the middle block (last width).
+        sizes = self.level_sizes
+        att = [w for w, s in zip(widths, sizes) if s in self.attention_resolutions] + [widths[-1]]
+        bad = [w for w in att if w % self.num_heads]
+        if bad:
+            raise ValueError(f"{_NAME}: field 'num_heads' ({self.num_heads}) must divide the widths of the "
+                             f"attention levels, got {sorted(set(bad))}")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{_NAME}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        for name in ("scale_shift", "clip_denoised"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_NAME}: field {name!r} must be a bool, got {getattr(self, name)!r}")
+        g = self.min_snr_gamma
+        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not g >= 0
+                              or math.isinf(g)):
+            raise ValueError(f"{_NAME}: field 'min_snr_gamma' must be None or a finite number >= 0, got {g!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{_NAME}: field 'schedule' must be one of {sorted(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
+        if not isinstance(self.schedule_kwargs, dict):
+            raise ValueError(f"{_NAME}: field 'schedule_kwargs' must be a dict, got {self.schedule_kwargs!r}")
+        try:
+            self.make_schedule()
+        except ValueError as exc:
+            raise ValueError(f"{_NAME}: fields 'schedule' / 'schedule_kwargs' / 'timesteps' do not make a "
+                             f"schedule: {exc}") from exc
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """UNet level sides, ``code_size / 2**i``."""
+        return tuple(self.code_size // 2**i for i in range(len(self.channel_mult)))
+
+    @property
+    def unet_attention_resolutions(self) -> tuple[int, ...]:
+        """The ``attention_resolutions`` the UNet has a level for."""
+        return tuple(r for r in self.attention_resolutions if r in self.level_sizes)
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        """(channels, code_size, code_size)."""
+        return (self.channels, self.code_size, self.code_size)
+
+    def make_schedule(self) -> Schedule:
+        """The ``Schedule`` (float64, on the CPU whatever the default device)."""
+        with torch.device("cpu"):  # also under ``with torch.device("meta")``
+            return make_schedule(self.schedule, self.timesteps, **self.schedule_kwargs)
+
+
+class GaussianDiffusion(PretrainedModel, nn.Module):
+    """Epsilon-prediction Gaussian diffusion over key codes; see the module
+    docstring.
+
+    Args:
+        config: a ``GaussianDiffusionConfig``.
+
+    Submodule: ``net`` (``pyvq.nn.UNet``, ``channels`` in and out).
+    Attribute: ``schedule`` (``Schedule``, float64 on the CPU; the
+    coefficients are copied once per device and cast to the state's dtype
+    after indexing).
+    """
+
+    config_class = GaussianDiffusionConfig
+
+    def __init__(self, config: GaussianDiffusionConfig):
+        super().__init__()
+        if not isinstance(config, GaussianDiffusionConfig):
+            raise TypeError(f"GaussianDiffusion: argument 'config' must be a GaussianDiffusionConfig, "
+                            f"got {type(config).__name__}")
+        self.config = c = config
+        self.net = UNet(
+            c.channels, c.channels, image_size=c.code_size, model_channels=c.model_channels,
+            channel_mult=c.channel_mult, num_res_blocks=c.num_res_blocks,
+            attention_resolutions=c.unet_attention_resolutions, dropout=c.dropout, num_heads=c.num_heads,
+            scale_shift=c.scale_shift, num_groups=c.num_groups,
+        )
+        self.schedule = c.make_schedule()
+        # device -> float64 tables (alpha_bar, snr); not buffers, so that
+        # ``.half()`` cannot round the schedule and state_dict holds only weights.
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.timesteps
+
+    def _device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._tables:
+            ab = self.schedule.alpha_bar
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._tables[device] = (ab.to(device, dtype), (ab / (1 - ab)).to(device, dtype))
+        return self._tables[device]
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar[t] as (B, 1, 1, 1) in float64 on ``like``'s device."""
+        return self._table(like.device)[0][t].reshape(-1, 1, 1, 1)
+
+    def _timesteps(self, t, batch: int, device: torch.device, where: str, lo: int = 0) -> torch.Tensor:
+        T = self.config.timesteps
+        if _is_int(t):
+            if not lo <= t <= T:
+                raise ValueError(f"GaussianDiffusion.{where}: argument 't' must lie in {lo}..{T}, got {t}")
+            return torch.full((batch,), int(t), dtype=torch.int64, device=device)
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must be an int or an integer tensor, "
+                             f"got {t!r}")
+        t = t.to(device=device, dtype=torch.int64)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must be a scalar or have shape "
+                             f"({batch},), got {tuple(t.shape)}")
+        # One sync; only for user-given timesteps (sampled ones are in range).
+        if t.numel() and not bool(((t >= lo) & (t <= T)).all()):
+            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must lie in {lo}..{T}, got values in "
+                             f"{int(t.min())}..{int(t.max())}")
+        return t
+
+    def _check_codes(self, x: torch.Tensor, name: str, where: str) -> None:
+        shape = self.config.code_shape
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"GaussianDiffusion.{where}: argument {name!r} must be a floating-point tensor, "
+                             f"got {got}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"GaussianDiffusion.{where}: argument {name!r} must have shape (B, {shape[0]}, "
+                             f"{shape[1]}, {shape[2]}), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------ spaces
+    @staticmethod
+    def to_model(keys: torch.Tensor) -> torch.Tensor:
+        """Key codes in [0, 1] -> diffusion space [-1, 1]: ``2 keys - 1``."""
+        return 2 * keys - 1
+
+    @staticmethod
+    def from_model(x: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> key codes: ``clamp((x + 1) / 2, 0, 1)``."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------ process
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``x_t ~ q(x_t | x0) = sqrt(a_t) x0 + sqrt(1 - a_t) noise``.
+
+        Args:
+            x0: (B, C, H, W), diffusion space ([-1, 1]).
+            t: int or (B,) integer timesteps in 0..T (t = 0 returns x0).
+            noise: standard normal noise of x0's shape; drawn with
+                ``generator`` when None.
+
+        Returns (B, C, H, W) in x0's dtype.
+        """
+        t = self._timesteps(t, x0.shape[0], x0.device, "q_sample")
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"GaussianDiffusion.q_sample: argument 'noise' must have x0's shape "
+                             f"{tuple(x0.shape)}, got {tuple(noise.shape)}")
+        ab = self._alpha_bar(t, x0)
+        return (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).to(x0.dtype)
+
+    def predict_eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The network's noise estimate: (B, C, H, W), t int or (B,) -> (B, C, H, W)."""
+        t = self._timesteps(t, x_t.shape[0], x_t.device, "predict_eps")
+        return self.net(x_t, t)
+
+    def predict_x0(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """Invert ``q_sample``: ``(x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``,
+        clipped to [-1, 1] when ``config.clip_denoised``.
+
+        Shapes: x_t, eps (B, C, H, W); t int or (B,) -> (B, C, H, W).
+        """
+        t = self._timesteps(t, x_t.shape[0], x_t.device, "predict_x0")
+        ab = self._alpha_bar(t, x_t)
+        x0 = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).to(x_t.dtype)
+        return x0.clamp(-1, 1) if self.config.clip_denoised else x0
+
+    # ------------------------------------------------------------ training
+    def training_loss(self, keys: torch.Tensor, generator: torch.Generator | None = None, *,
+                      t: torch.Tensor | int | None = None,
+                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Min-SNR-weighted epsilon-prediction loss on a batch of key codes.
+
+        Args:
+            keys: (B, C, H, W) key codes in [0, 1] (clamped into it).
+            generator: draws t (uniform in 1..T) and the noise.
+            t: fixed timesteps instead (int or (B,) in 1..T), e.g. for tests.
+            noise: fixed noise (B, C, H, W) instead.
+
+        Returns ``(loss, logs)``: ``loss`` the batch mean of
+        ``w(t) * mean((eps_hat - eps)**2)`` (0-dim, float32 or wider), with
+        ``w = min(snr_t, gamma) / snr_t`` (1 when the weighting is off);
+        ``logs`` ``{"train/loss", "train/mse"}`` (floats; mse unweighted).
+        """
+        self._check_codes(keys, "keys", "training_loss")
+        b = keys.shape[0]
+        if b == 0:
+            raise ValueError("GaussianDiffusion.training_loss: argument 'keys' is an empty batch")
+        x0 = self.to_model(keys.clamp(0, 1))
+        if t is None:
+            t = torch.randint(1, self.config.timesteps + 1, (b,), generator=generator, device=keys.device)
+        else:
+            t = self._timesteps(t, b, keys.device, "training_loss", lo=1)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        eps = self.net(x_t, t)
+        mse = (eps.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        gamma = self.config.min_snr_gamma
+        if gamma:
+            w = min_snr_weight(self._table(keys.device)[1][t], gamma).to(mse.dtype)
+            loss = (w * mse).mean()
+        else:
+            loss = mse.mean()
+        logs = {"train/loss": float(loss.detach()), "train/mse": float(mse.detach().mean())}
+        return loss, logs
+
+    def forward(self, keys: torch.Tensor, generator: torch.Generator | None = None):
+        """``training_loss(keys, generator)``."""
+        return self.training_loss(keys, generator)
+
+    def train_defaults(self) -> dict:
+        """``TrainConfig`` overrides for training this prior.
+
+        Adam betas (0.9, 0.999), no weight decay, a short warm-up and
+        gradient clipping at 1 (the DDPM / ADM recipe). The learning rate is
+        ADM's 1e-4 for paper-sized UNets (model_channels >= 128) and 2e-4
+        for the small ones, which are trained for few steps. EMA is off by
+        default (0.0): with ADM's 0.9999 the average of a run of a few
+        thousand steps is still close to the random initialisation; set
+        ``ema_decay`` (e.g. 0.9999) for long runs.
+        """
+        return {
+            "lr": 1e-4 if self.config.model_channels >= 128 else 2e-4,
+            "betas": (0.9, 0.999),
+            "weight_decay": 0.0,
+            "warmup_steps": 100,
+            "grad_clip": 1.0,
+            "ema_decay": 0.0,
+        }
+
+    # ------------------------------------------------------------ sampling
+    def _plan(self, steps, where: str) -> list[tuple[int, int]]:
+        """(t, s) pairs of the reverse process, t decreasing, last s = 0."""
+        T = self.config.timesteps
+        if steps is None:
+            steps = T
+        if not _is_int(steps) or not 1 <= steps <= T:
+            raise ValueError(f"GaussianDiffusion.{where}: argument 'steps' must be None or an int in 1..{T}, "
+                             f"got {steps!r}")
+        seq = self.schedule.strided(int(steps)).tolist()
+        prev = [0] + seq[:-1]
+        return list(zip(reversed(seq), reversed(prev)))
+
+    def _step(self, x: torch.Tensor, t: int, s: int, method: str, eta: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """One reverse step x_t -> x_s (s < t)."""
+        b = x.shape[0]
+        tt = torch.full((b,), t, dtype=torch.int64, device=x.device)
+        ab_t = float(self.schedule.alpha_bar[t])
+        ab_s = float(self.schedule.alpha_bar[s])
+        eps = self.net(x, tt)
+        # The update in at least float32 (half-precision states are rounded once, at the end).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        x0 = (xf - math.sqrt(1 - ab_t) * eps.to(dtype)) / math.sqrt(ab_t)
+        if self.config.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        # The noise consistent with the (clipped) x0 (ADM), so DDIM(eta=1) == DDPM.
+        eps = (xf - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        if s == 0:
+            return x0.to(x.dtype)
+        if method == "ddpm":
+            # Posterior q(x_s | x_t, x0) of the (respaced) forward process:
+            # beta = 1 - a_t / a_s, the "fixed small" variance.
+            beta = 1 - ab_t / ab_s
+            c0 = math.sqrt(ab_s) * beta / (1 - ab_t)
+            ct = math.sqrt(ab_t / ab_s) * (1 - ab_s) / (1 - ab_t)
+            mean = c0 * x0 + ct * xf
+            sigma = math.sqrt(beta * (1 - ab_s) / (1 - ab_t))
+        else:
+            sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+            mean = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps
+        out = mean.to(x.dtype)
+        if sigma > 0:
+            out = out + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return out
+
+    def _check_method(self, method, eta, where: str) -> None:
+        if method not in METHODS:
+            raise ValueError(f"GaussianDiffusion.{where}: argument 'method' must be one of {METHODS}, "
+                             f"got {method!r}")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta >= 0 or math.isinf(eta):
+            raise ValueError(f"GaussianDiffusion.{where}: argument 'eta' must be a finite number >= 0, "
+                             f"got {eta!r}")
+
+    def _iterate(self, plan, progress: bool, desc: str):
+        if not progress:
+            return plan
+        from tqdm import tqdm
+
+        return tqdm(plan, desc=desc, leave=False)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, steps: int | None = None, method: str = "ddim", eta: float = 0.0,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Draw ``n`` key codes.
+
+        Args:
+            n: number of samples (>= 0).
+            steps: reverse steps over ``schedule.strided(steps)``; None: all T.
+            method: ``"ddim"`` (with ``eta``; 0 is deterministic given the
+                starting noise) or ``"ddpm"`` (ancestral, the posterior
+                variance of the respaced process; ``eta`` is ignored).
+            eta: DDIM noise scale (1 gives the DDPM update).
+            generator: source of all randomness (on the model's device);
+                the same seed gives the same samples.
+            progress: show a tqdm bar.
+
+        Returns (n, C, H, W) key codes in [0, 1], in the model's dtype and
+        on its device. The model runs in eval mode (restored afterwards).
+        """
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"GaussianDiffusion.sample: argument 'n' must be an int >= 0, got {n!r}")
+        self._check_method(method, eta, "sample")
+        plan = self._plan(steps, "sample")
+        c = self.config
+        x = torch.randn((int(n), *c.code_shape), generator=generator, device=self._device(), dtype=self._dtype())
+        if n == 0:
+            return self.from_model(x)
+        was_training = self.training
+        self.eval()
+        try:
+            for t, s in self._iterate(plan, progress, f"{method} sampling"):
+                x = self._step(x, t, s, method, float(eta), generator)
+        finally:
+            self.train(was_training)
+        return self.from_model(x)
+
+    @torch.no_grad()
+    def inpaint(self, keys: torch.Tensor, keep: torch.Tensor, *, steps: int | None = None, method: str = "ddim",
+                eta: float = 0.0, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:
+        """Fill in key codes by replacement conditioning.
+
+        The reverse process starts from ``x_T`` with its kept region set to
+        ``q_sample(x0_known, T)``; after every step t -> s the kept region of
+        ``x_s`` is replaced by a fresh ``q_sample(x0_known, s)`` (the last,
+        s = 0, is x0_known itself).
+
+        Args:
+            keys: (B, C, H, W) known key codes in [0, 1] (values under
+                ``~keep`` are ignored).
+            keep: bool tensor broadcastable to (B, C, H, W), True where
+                ``keys`` is kept.
+            steps, method, eta, generator, progress: as ``sample``.
+
+        Returns (B, C, H, W) key codes in [0, 1], equal to ``keys`` where
+        ``keep`` is True, in ``keys``' dtype.
+        """
+        self._check_codes(keys, "keys", "inpaint")
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            got = f"{keep.dtype} tensor" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"GaussianDiffusion.inpaint: argument 'keep' must be a bool tensor, got {got}")
+        try:
+            keep = torch.broadcast_to(keep.to(keys.device), keys.shape)
+        except RuntimeError:
+            raise ValueError(f"GaussianDiffusion.inpaint: argument 'keep' of shape {tuple(keep.shape)} does not "
+                             f"broadcast to keys' shape {tuple(keys.shape)}") from None
+        self._check_method(method, eta, "inpaint")
+        plan = self._plan(steps, "inpaint")
+        device, dtype = self._device(), self._dtype()
+        x0_known = self.to_model(keys.clamp(0, 1)).to(device, dtype)
+        m = keep.to(device)
+        b = keys.shape[0]
+        T = self.config.timesteps
+
+        def known(s: int) -> torch.Tensor:
+            if s == 0:
+                return x0_known
+            return self.q_sample(x0_known, s, generator=generator)
+
+        x = torch.randn(keys.shape, generator=generator, device=device, dtype=dtype)
+        if b == 0:
+            return keys.clone()
+        x = torch.where(m, known(T), x)
+        was_training = self.training
+        self.eval()
+        try:
+            for t, s in self._iterate(plan, progress, f"{method} inpainting"):
+                x = self._step(x, t, s, method, float(eta), generator)
+                x = torch.where(m, known(s), x)
+        finally:
+            self.train(was_training)
+        out = self.from_model(x).to(keys.device, keys.dtype)
+        return torch.where(keep, keys, out)
+
+
+def _preset(channels: int, code_size: int, **kw) -> GaussianDiffusionConfig:
+    return GaussianDiffusionConfig(channels=channels, code_size=code_size, **kw)
+
+
+# BRICS' priors, one per tokenizer preset (code Hz x Wz x Cz): UNet with
+# channel multipliers (1, 2, 3, 4), 2 residual blocks per level, attention
+# at 32, 16 and 8 where the level exists (16x16 codes: levels 16, 8, 4, 2
+# -> attention at 16 and 8), cosine-variant schedule, Min-SNR-5, T = 1000.
+register_preset("keycode_diffusion_16x16x8", _preset(8, 16))
+register_preset("keycode_diffusion_16x16x16", _preset(16, 16))
+register_preset("keycode_diffusion_32x32x4", _preset(4, 32))
+register_preset("keycode_diffusion_64x64x4", _preset(4, 64))
+# A toy matching brics_tiny's 16x16x4 codes, for tests and demos: two levels
+# (16, 8), 32/64 channels, attention only at 8 (and in the middle block:
+# attention over the 256 positions of level 16 doubled the CPU cost of a
+# step), T = 100 so that ancestral sampling over every step is cheap on a CPU.
+register_preset(
+    "keycode_diffusion_tiny",
+    _preset(4, 16, timesteps=100, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_groups=8,
+            attention_resolutions=(8,)),
+)
