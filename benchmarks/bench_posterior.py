@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each method")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated numbers of classes K")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--no-sampling", action="store_true", help="skip the tiny VQ-DDM sampling-step table")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "posterior.json"))
     args = p.parse_args()
     batch = 4 if args.quick else B
@@ -135,6 +136,40 @@ def main() -> None:
             row["pyvq_GB/s"] = _TRAFFIC_UNITS[pass_name] * unit_mib * 2**20 / (row["pyvq_ms"] * 1e-3) / 1e9
             table.add(**row)
     table.save(args.out)
+    if not args.no_sampling:
+        _sampling_table(16 if not args.quick else 4, 5 if not args.quick else 2, args.out)
+
+
+def _sampling_table(n: int, steps: int, out: str) -> None:
+    """Seconds per reverse step of the tiny VQ-DDM (vqddm_tiny at K = 256,
+    16 x 16 codes: the demo tokenizer's codebook) sampling ``n`` code maps,
+    with the kernels and with PYVQ_BACKEND=reference. A step is one UNet
+    call, the model posterior and a categorical draw; the UNet dominates."""
+    import dataclasses
+
+    import torch
+
+    from pyvq.models import MultinomialDiffusion, get_preset
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("vqddm_tiny"), num_classes=256, code_size=16)
+    model = MultinomialDiffusion(config).eval()
+    table = Table(f"vqddm_tiny sampling, K = 256, 16x16 codes, n = {n}, {steps} strided steps per run",
+                  ["backend", "s/step", "ref/kernel"])
+    table.header()
+    times = {}
+    for backend in ("kernel", "reference"):
+        os.environ["PYVQ_BACKEND"] = backend
+
+        def run():
+            model.sample(n, steps=steps, generator=torch.Generator().manual_seed(0))
+
+        times[backend] = median_time(run, repeats=3, warmup=1, budget_s=60.0) / steps
+    os.environ.pop("PYVQ_BACKEND")
+    for backend in ("kernel", "reference"):
+        table.add(backend=backend, **{"s/step": times[backend],
+                                      "ref/kernel": ratio(times["reference"], times[backend])})
+    table.save(os.path.splitext(out)[0] + "_sampling.json")
 
 
 if __name__ == "__main__":
