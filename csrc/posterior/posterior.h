@@ -36,24 +36,93 @@
 #include <cmath>
 #include <cstdint>
 
+// Everything here is inlined into its caller: on CPU the loops over
+// positions then vectorise inside the launcher's per-ISA clones.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PYVQ_POSTERIOR_FN PYVQ_HOST_DEVICE
+#else
+#define PYVQ_POSTERIOR_FN inline __attribute__((always_inline))
+#endif
+
 namespace pyvq {
 namespace posterior {
 
-PYVQ_HOST_DEVICE float pexp(float x) { return ::expf(x); }
-PYVQ_HOST_DEVICE double pexp(double x) { return ::exp(x); }
-PYVQ_HOST_DEVICE float plog(float x) { return ::logf(x); }
-PYVQ_HOST_DEVICE double plog(double x) { return ::log(x); }
-PYVQ_HOST_DEVICE float plog1p(float x) { return ::log1pf(x); }
-PYVQ_HOST_DEVICE double plog1p(double x) { return ::log1p(x); }
+PYVQ_POSTERIOR_FN float pexp(float x) { return ::expf(x); }
+PYVQ_POSTERIOR_FN double pexp(double x) { return ::exp(x); }
+PYVQ_POSTERIOR_FN float plog(float x) { return ::logf(x); }
+PYVQ_POSTERIOR_FN double plog(double x) { return ::log(x); }
+PYVQ_POSTERIOR_FN float plog1p(float x) { return ::log1pf(x); }
+PYVQ_POSTERIOR_FN double plog1p(double x) { return ::log1p(x); }
+
+// exp / log / log1p of the per-class loops. float on the host: branch-free
+// polynomials (Cephes' expf and logf coefficients, within about 2 ulp of
+// libm) that the compiler vectorises; float on CUDA and every double: libm.
+// fast_log expects a positive normal argument, fast_log1p a non-negative
+// one; fast_exp gives 0 below -87.3 (so exp(-inf) = 0) and NaN for NaN.
+PYVQ_POSTERIOR_FN float fast_exp(float x) {
+#if PYVQ_ON_DEVICE
+  return ::expf(x);
+#else
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float kf = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
+  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;           // x - k ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(kf) + 127) << 23);
+  return x < -87.3f ? 0.0f : y;
+#endif
+}
+
+PYVQ_POSTERIOR_FN float fast_log(float x) {
+#if PYVQ_ON_DEVICE
+  return ::logf(x);
+#else
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  const float m1 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
+  const bool big = m1 > 1.41421356f;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
+  const float f = (big ? 0.5f * m1 : m1) - 1.0f;  // in [sqrt(1/2) - 1, sqrt(2) - 1)
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = f * z * p - 2.12194440e-4f * e - 0.5f * z;
+  return (f + y) + 0.693359375f * e;
+#endif
+}
+
+PYVQ_POSTERIOR_FN float fast_log1p(float x) {
+#if PYVQ_ON_DEVICE
+  return ::log1pf(x);
+#else
+  const float u = 1.0f + x;
+  return fast_log(u) - ((u - 1.0f) - x) / u;  // corrects the rounding of 1 + x
+#endif
+}
+
+PYVQ_POSTERIOR_FN double fast_exp(double x) { return ::exp(x); }
+PYVQ_POSTERIOR_FN double fast_log(double x) { return ::log(x); }
+PYVQ_POSTERIOR_FN double fast_log1p(double x) { return ::log1p(x); }
 
 template <typename A>
-PYVQ_HOST_DEVICE A neg_inf() {
+PYVQ_POSTERIOR_FN A neg_inf() {
   return -static_cast<A>(INFINITY);
 }
 
 // log(exp(a) + exp(b)), exact when either is -inf.
 template <typename A>
-PYVQ_HOST_DEVICE A log_add_exp(A a, A b) {
+PYVQ_POSTERIOR_FN A log_add_exp(A a, A b) {
   const A hi = a > b ? a : b, lo = a > b ? b : a;
   if (lo == neg_inf<A>()) return hi;
   return hi + plog1p(pexp(lo - hi));
@@ -61,7 +130,7 @@ PYVQ_HOST_DEVICE A log_add_exp(A a, A b) {
 
 // q * log q for q = exp(lq), with 0 log 0 = 0.
 template <typename A>
-PYVQ_HOST_DEVICE A xlogx_from_log(A lq) {
+PYVQ_POSTERIOR_FN A xlogx_from_log(A lq) {
   return lq == neg_inf<A>() ? A(0) : pexp(lq) * lq;
 }
 
@@ -74,7 +143,7 @@ struct Coeffs {
 };
 
 template <typename A>
-PYVQ_HOST_DEVICE Coeffs<A> make_coeffs(A alpha, A abar, int64_t K) {
+PYVQ_POSTERIOR_FN Coeffs<A> make_coeffs(A alpha, A abar, int64_t K) {
   Coeffs<A> c;
   c.alpha = alpha;
   c.abar = abar;
@@ -102,7 +171,7 @@ struct TrueQ {
 };
 
 template <typename A>
-PYVQ_HOST_DEVICE TrueQ<A> make_true_q(const Coeffs<A>& c, bool same, int64_t K) {
+PYVQ_POSTERIOR_FN TrueQ<A> make_true_q(const Coeffs<A>& c, bool same, int64_t K) {
   // Unnormalised factors: other c1 * c2; hit (alpha + c1)(abar [same] + c2);
   // x0 c1 (abar + c2); normaliser c1 + alpha (abar [same] + c2).
   const A log_second_hit = same ? plog(c.abar + c.c2) : c.log_c2;
@@ -129,19 +198,19 @@ PYVQ_HOST_DEVICE TrueQ<A> make_true_q(const Coeffs<A>& c, bool same, int64_t K) 
 }
 
 template <typename A>
-PYVQ_HOST_DEVICE A true_log_q(const TrueQ<A>& q, bool is_hit, bool is_x0) {
+PYVQ_POSTERIOR_FN A true_log_q(const TrueQ<A>& q, bool is_hit, bool is_x0) {
   return is_hit ? q.log_hit : (is_x0 ? q.log_x0 : q.log_other);
 }
 
 // g = log(abar * softmax + c2) from ls = log softmax.
 template <typename A>
-PYVQ_HOST_DEVICE A model_log_g(A ls, const Coeffs<A>& c) {
-  return c.c2 > A(0) ? plog(c.abar * pexp(ls) + c.c2) : c.log_abar + ls;
+PYVQ_POSTERIOR_FN A model_log_g(A ls, const Coeffs<A>& c) {
+  return c.c2 > A(0) ? fast_log(c.abar * fast_exp(ls) + c.c2) : c.log_abar + ls;
 }
 
 // r = abar * softmax / (abar * softmax + c2) from softmax sm.
 template <typename A>
-PYVQ_HOST_DEVICE A model_ratio(A sm, const Coeffs<A>& c) {
+PYVQ_POSTERIOR_FN A model_ratio(A sm, const Coeffs<A>& c) {
   if (!(c.c2 > A(0))) return A(1);
   const A u = c.abar * sm;
   return u / (u + c.c2);
@@ -149,7 +218,7 @@ PYVQ_HOST_DEVICE A model_ratio(A sm, const Coeffs<A>& c) {
 
 // log Z of the model posterior from g at k == z_t.
 template <typename A>
-PYVQ_HOST_DEVICE A model_log_z(A g_hit, const Coeffs<A>& c) {
+PYVQ_POSTERIOR_FN A model_log_z(A g_hit, const Coeffs<A>& c) {
   return log_add_exp(c.log_c1, c.log_alpha + g_hit);
 }
 
@@ -160,7 +229,7 @@ PYVQ_HOST_DEVICE A model_log_z(A g_hit, const Coeffs<A>& c) {
 // accumulation type A on CUDA), everything else in A.
 
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S, int n, A* lse) {
+PYVQ_POSTERIOR_FN void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S, int n, A* lse) {
   A m[TILE];
   Sum sum[TILE];
   for (int i = 0; i < n; ++i) m[i] = neg_inf<A>(), sum[i] = Sum(0);
@@ -173,19 +242,19 @@ PYVQ_HOST_DEVICE void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S,
   }
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = lg + k * S;
-    for (int i = 0; i < n; ++i) sum[i] += pexp(static_cast<A>(row[i]) - m[i]);
+    for (int i = 0; i < n; ++i) sum[i] += fast_exp(static_cast<A>(row[i]) - m[i]);
   }
   for (int i = 0; i < n; ++i) lse[i] = m[i] + static_cast<A>(plog(sum[i]));
 }
 
 template <typename scalar_t, typename A>
-PYVQ_HOST_DEVICE A log_softmax_at(const scalar_t* lg, int64_t S, int i, int64_t k, A lse) {
+PYVQ_POSTERIOR_FN A log_softmax_at(const scalar_t* lg, int64_t S, int i, int64_t k, A lse) {
   return static_cast<A>(lg[k * S + i]) - lse;
 }
 
 // log q (index x0) into out[b, :, s0..]: a pure write.
 template <typename out_t, typename A, int TILE>
-PYVQ_HOST_DEVICE void true_posterior_tile(const int64_t* xt, const int64_t* x0, int64_t K, int64_t S,
+PYVQ_POSTERIOR_FN void true_posterior_tile(const int64_t* xt, const int64_t* x0, int64_t K, int64_t S,
                                           int n, const Coeffs<A>& c, out_t* out) {
   const TrueQ<A> q_same = make_true_q(c, true, K), q_diff = make_true_q(c, false, K);
   for (int64_t k = 0; k < K; ++k) {
@@ -199,7 +268,7 @@ PYVQ_HOST_DEVICE void true_posterior_tile(const int64_t* xt, const int64_t* x0, 
 
 // log p (logits) into out[b, :, s0..].
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void model_posterior_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S,
+PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S,
                                            int n, const Coeffs<A>& c, scalar_t* out) {
   A lse[TILE], log_z[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
@@ -217,35 +286,59 @@ PYVQ_HOST_DEVICE void model_posterior_tile(const scalar_t* lg, const int64_t* xt
 
 // w = alpha * abar * softmax[z_t] / Z, the z_t weight of d log Z / d logits.
 template <typename scalar_t, typename A>
-PYVQ_HOST_DEVICE A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64_t xt, A lse,
+PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64_t xt, A lse,
                                     const Coeffs<A>& c) {
   const A ls = log_softmax_at(lg, S, i, xt, lse);
   const A g = model_log_g(ls, c);
-  return pexp(c.log_alpha + g - model_log_z(g, c)) * model_ratio(pexp(ls), c);
+  return pexp(c.log_alpha + g - model_log_z(g, c)) * model_ratio(fast_exp(ls), c);
 }
 
 // grad[b, :, s0..] = scale_i * (coef_k r_k + softmax_k (W_i - S_i) - W_i [k == z_t]);
 // coef(k, i) gives coef_k of position i.
 template <typename scalar_t, typename A, int TILE, typename Coef>
-PYVQ_HOST_DEVICE void write_grad_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S, int n,
+PYVQ_POSTERIOR_FN void write_grad_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S, int n,
                                       const Coeffs<A>& c, const A* lse, const A* scale, const A* W,
                                       const A* Ssum, Coef coef, scalar_t* grad) {
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = lg + k * S;
     scalar_t* grow = grad + k * S;
     for (int i = 0; i < n; ++i) {
-      const A sm = pexp(static_cast<A>(row[i]) - lse[i]);
+      const A sm = fast_exp(static_cast<A>(row[i]) - lse[i]);
       const A v = coef(k, i) * model_ratio(sm, c) + sm * (W[i] - Ssum[i]) - (k == xt[i] ? W[i] : A(0));
       grow[i] = static_cast<scalar_t>(scale[i] * v);
     }
   }
 }
 
+// coef of the posterior's backward: the upstream gradient, zero at the
+// classes that are a constant -inf (all but z_t when alpha == 1).
+template <typename scalar_t, typename A>
+struct UpstreamCoef {
+  const scalar_t* gout;
+  const int64_t* xt;
+  int64_t S;
+  bool all_live;
+  PYVQ_POSTERIOR_FN A operator()(int64_t k, int i) const {
+    return all_live || k == xt[i] ? static_cast<A>(gout[k * S + i]) : A(0);
+  }
+};
+
+// coef of the KL's backward: the true posterior q_k.
+template <typename A>
+struct TrueQCoef {
+  const int64_t *xt, *x0;
+  const TrueQ<A>*q_same, *q_diff;
+  PYVQ_POSTERIOR_FN A operator()(int64_t k, int i) const {
+    const TrueQ<A>& q = xt[i] == x0[i] ? *q_same : *q_diff;
+    return k == xt[i] ? q.hit : (k == x0[i] ? q.x0 : q.other);
+  }
+};
+
 // Backward of model_posterior_tile: grad_out gout[b, :, s0..] -> grad logits.
 // With alpha == 1 every class but z_t is a constant -inf: its upstream
 // gradient is ignored (as autograd of the reference does).
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void model_posterior_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
+PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
                                                     int64_t K, int64_t S, int n, const Coeffs<A>& c,
                                                     scalar_t* grad) {
   A lse[TILE], Ra[TILE], W[TILE], one[TILE];
@@ -259,16 +352,15 @@ PYVQ_HOST_DEVICE void model_posterior_backward_tile(const scalar_t* gout, const 
     for (int i = 0; i < n; ++i) {
       const A go = all_live || k == xt[i] ? static_cast<A>(grow[i]) : A(0);
       G[i] += go;
-      R[i] += go * model_ratio(pexp(static_cast<A>(row[i]) - lse[i]), c);
+      R[i] += go * model_ratio(fast_exp(static_cast<A>(row[i]) - lse[i]), c);
     }
   }
   for (int i = 0; i < n; ++i) {
     W[i] = static_cast<A>(G[i]) * model_hit_weight(lg, S, i, xt[i], lse[i], c);
     Ra[i] = static_cast<A>(R[i]);
   }
-  write_grad_tile<scalar_t, A, TILE>(
-      lg, xt, K, S, n, c, lse, one, W, Ra,
-      [&](int64_t k, int i) { return all_live || k == xt[i] ? static_cast<A>(gout[k * S + i]) : A(0); }, grad);
+  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, one, W, Ra, UpstreamCoef<scalar_t, A>{gout, xt, S, all_live},
+                                     grad);
 }
 
 // Per position, one pass over the classes when q has an "other" value
@@ -277,7 +369,7 @@ PYVQ_HOST_DEVICE void model_posterior_backward_tile(const scalar_t* gout, const 
 // / c2) = g_k - log c2 >= 0 (small, same-signed terms: no cancellation),
 // the backward sums r_k.
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int n, const Coeffs<A>& c,
+PYVQ_POSTERIOR_FN void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int n, const Coeffs<A>& c,
                                    const A* lse, bool forward, A* out) {
   Sum acc[TILE];
   for (int i = 0; i < n; ++i) acc[i] = Sum(0);
@@ -286,8 +378,8 @@ PYVQ_HOST_DEVICE void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t* row = lg + k * S;
       for (int i = 0; i < n; ++i) {
-        const A sm = pexp(static_cast<A>(row[i]) - lse[i]);
-        acc[i] += forward ? plog1p(scale * sm) : model_ratio(sm, c);
+        const A sm = fast_exp(static_cast<A>(row[i]) - lse[i]);
+        acc[i] += forward ? fast_log1p(scale * sm) : model_ratio(sm, c);
       }
     }
   }
@@ -297,7 +389,7 @@ PYVQ_HOST_DEVICE void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int
 // q * (log q - log p) summed over a class group of total mass `mass`, with
 // 0 log 0 = 0.
 template <typename A>
-PYVQ_HOST_DEVICE A kl_term(A mass, A diff) {
+PYVQ_POSTERIOR_FN A kl_term(A mass, A diff) {
   return mass > A(0) ? mass * diff : A(0);
 }
 
@@ -307,7 +399,7 @@ PYVQ_HOST_DEVICE A kl_term(A mass, A diff) {
 //   other: dZ - h_k,            dZ = log Z_p - log Z_q,
 // so the "other" classes contribute other * (n_other dZ - sum_other h_k).
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void kl_forward_tile(const scalar_t* lg, const int64_t* xt, const int64_t* x0, int64_t K,
+PYVQ_POSTERIOR_FN void kl_forward_tile(const scalar_t* lg, const int64_t* xt, const int64_t* x0, int64_t K,
                                       int64_t S, int n, const Coeffs<A>& c, scalar_t* out) {
   A lse[TILE], sum_h[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
@@ -326,11 +418,11 @@ PYVQ_HOST_DEVICE void kl_forward_tile(const scalar_t* lg, const int64_t* xt, con
     const A d_z = model_log_z(g_hit, c) - q.log_z;
     A kl = kl_term(q.hit, (same ? log_abar_c2 : c.log_c2) - g_hit + d_z);
     A h_special = A(0);
-    if (q.other > A(0)) h_special += plog1p(c.abar / c.c2 * pexp(ls_hit));
+    if (q.other > A(0)) h_special += fast_log1p(c.abar / c.c2 * fast_exp(ls_hit));
     if (!same) {
       const A ls_x0 = log_softmax_at(lg, S, i, x0[i], lse[i]);
       kl += kl_term(q.x0, log_abar_c2 - model_log_g(ls_x0, c) + d_z);
-      if (q.other > A(0)) h_special += plog1p(c.abar / c.c2 * pexp(ls_x0));
+      if (q.other > A(0)) h_special += fast_log1p(c.abar / c.c2 * fast_exp(ls_x0));
     }
     kl += kl_term(q.other, q.n_other * d_z - (sum_h[i] - h_special));
     out[i] = static_cast<scalar_t>(kl);
@@ -339,7 +431,7 @@ PYVQ_HOST_DEVICE void kl_forward_tile(const scalar_t* lg, const int64_t* xt, con
 
 // Backward of kl_forward_tile: gout[b, s0..] -> grad logits.
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_HOST_DEVICE void kl_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
+PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
                                        const int64_t* x0, int64_t K, int64_t S, int n, const Coeffs<A>& c,
                                        scalar_t* grad) {
   A lse[TILE], sum_r[TILE], scale[TILE], W[TILE], Ssum[TILE];
@@ -349,21 +441,16 @@ PYVQ_HOST_DEVICE void kl_backward_tile(const scalar_t* gout, const scalar_t* lg,
   for (int i = 0; i < n; ++i) {
     const bool same = xt[i] == x0[i];
     const TrueQ<A>& q = same ? q_same : q_diff;
-    const A r_hit = model_ratio(pexp(log_softmax_at(lg, S, i, xt[i], lse[i])), c);
-    const A r_x0 = same ? A(0) : model_ratio(pexp(log_softmax_at(lg, S, i, x0[i], lse[i])), c);
+    const A r_hit = model_ratio(fast_exp(log_softmax_at(lg, S, i, xt[i], lse[i])), c);
+    const A r_x0 = same ? A(0) : model_ratio(fast_exp(log_softmax_at(lg, S, i, x0[i], lse[i])), c);
     A s = q.hit * r_hit + (same ? A(0) : q.x0 * r_x0);
     if (q.other > A(0)) s += q.other * (sum_r[i] - r_hit - (same ? A(0) : r_x0));
     Ssum[i] = s;
     W[i] = model_hit_weight(lg, S, i, xt[i], lse[i], c);  // sum_k q_k = 1
     scale[i] = q.empty ? A(0) : -static_cast<A>(gout[i]);  // KL = const - sum_k q_k log p_k
   }
-  write_grad_tile<scalar_t, A, TILE>(
-      lg, xt, K, S, n, c, lse, scale, W, Ssum,
-      [&](int64_t k, int i) {
-        const TrueQ<A>& q = xt[i] == x0[i] ? q_same : q_diff;
-        return k == xt[i] ? q.hit : (k == x0[i] ? q.x0 : q.other);
-      },
-      grad);
+  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, scale, W, Ssum, TrueQCoef<A>{xt, x0, &q_same, &q_diff},
+                                     grad);
 }
 
 }  // namespace posterior

@@ -1,18 +1,29 @@
 // CPU launcher of pyvq::multinomial_posterior, pyvq::multinomial_kl and their
 // backward ops.
 //
-// Tasks are (batch row, tile of kTile consecutive positions); a task owns
-// its output slice, so results do not depend on the thread count
+// Tasks are (batch row, tile of up to kTile consecutive positions); a task
+// owns its output slice, so results do not depend on the thread count
 // (deterministic). Inside a tile the passes over the K classes read the
-// tile's K x kTile slice of the logits (contiguous along positions), which
-// stays in cache from one pass to the next (tile_for). Sums over the classes
+// tile's K x n slice of the logits (contiguous along positions), which stays
+// in cache from one pass to the next (tile_for). Sums over the classes
 // accumulate in double.
+//
+// float32, the training path, runs in functions compiled twice
+// (target_clones: AVX-512 "x86-64-v4" and the baseline, picked once at load
+// time by the CPU): the shared tile code of posterior.h is inlined into them
+// and its loops over positions vectorise, exp/log included (fast_exp,
+// fast_log). Trapping math is off in this file so that the compiler may turn
+// the branches of those loops into selects; nothing here reads the
+// floating-point exception flags.
+#pragma GCC optimize("no-trapping-math")
+
 #include "posterior/posterior_common.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace pyvq {
 namespace posterior {
@@ -20,106 +31,129 @@ namespace {
 
 constexpr int kTile = 64;  // most positions per tile
 // Positions per tile for K classes: the tile's K x n slice of the logits
-// (read by every pass) stays within about 256 KiB, inside L2.
+// (read by every pass) stays within about 512 KiB, inside L2.
 inline int tile_for(int64_t K) {
   int n = kTile;
-  while (n > 4 && K * n > 65536) n /= 2;
+  while (n > 4 && K * n > 131072) n /= 2;
   return n;
 }
 
-// Calls fn(n, coeffs, offset into (B, K, S), offset into (B, S)) for every
-// tile of n <= kTile positions, in parallel.
-template <typename acc_t, typename Fn>
-void for_each_tile(const Prepared& p, Fn&& fn) {
-  const Shape& s = p.s;
+inline int64_t num_tasks(const Shape& s) { return s.B * ((s.S + tile_for(s.K) - 1) / tile_for(s.K)); }
+
+enum class Op { kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
+
+// Tasks [t0, t1) of one op.
+template <Op op, typename scalar_t, typename acc_t>
+PYVQ_POSTERIOR_FN void run_tiles(const Prepared& p, int64_t t0, int64_t t1) {
+  const Shape s = p.s;
   const int tile = tile_for(s.K);
   const int64_t tiles = (s.S + tile - 1) / tile;
-  const acc_t* a = p.alpha_t.data_ptr<acc_t>();
-  const acc_t* ab = p.alpha_bar_prev.data_ptr<acc_t>();
-  at::parallel_for(0, s.B * tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / tiles, s0 = (t % tiles) * tile;
-      const int n = static_cast<int>(std::min<int64_t>(tile, s.S - s0));
-      fn(n, make_coeffs<acc_t>(a[b], ab[b], s.K), b * s.K * s.S + s0, b * s.S + s0);
+  const acc_t* a = p.alpha_t.const_data_ptr<acc_t>();
+  const acc_t* ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
+  const scalar_t* L = p.logits.const_data_ptr<scalar_t>();
+  const scalar_t* G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t* X = p.x_t.const_data_ptr<int64_t>();
+  const int64_t* Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
+  scalar_t* O = p.out.mutable_data_ptr<scalar_t>();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / tiles, s0 = (t % tiles) * tile;
+    const int n = static_cast<int>(std::min<int64_t>(tile, s.S - s0));
+    const Coeffs<acc_t> c = make_coeffs<acc_t>(a[b], ab[b], s.K);
+    const int64_t off = b * s.K * s.S + s0, pos = b * s.S + s0;  // into (B, K, S) and (B, S)
+    if constexpr (op == Op::kModelPosterior) {
+      model_posterior_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, s.K, s.S, n, c, O + off);
+    } else if constexpr (op == Op::kModelPosteriorBackward) {
+      model_posterior_backward_tile<scalar_t, acc_t, double, kTile>(G + off, L + off, X + pos, s.K, s.S, n, c,
+                                                                    O + off);
+    } else if constexpr (op == Op::kKl) {
+      kl_forward_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, Z + pos, s.K, s.S, n, c, O + pos);
+    } else {
+      kl_backward_tile<scalar_t, acc_t, double, kTile>(G + pos, L + off, X + pos, Z + pos, s.K, s.S, n, c,
+                                                       O + off);
     }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYVQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define PYVQ_CLONES
+#endif
+
+PYVQ_CLONES void model_posterior_f32(const Prepared& p, int64_t t0, int64_t t1) {
+  run_tiles<Op::kModelPosterior, float, float>(p, t0, t1);
+}
+PYVQ_CLONES void model_posterior_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
+  run_tiles<Op::kModelPosteriorBackward, float, float>(p, t0, t1);
+}
+PYVQ_CLONES void kl_f32(const Prepared& p, int64_t t0, int64_t t1) { run_tiles<Op::kKl, float, float>(p, t0, t1); }
+PYVQ_CLONES void kl_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
+  run_tiles<Op::kKlBackward, float, float>(p, t0, t1);
+}
+
+template <Op op>
+void launch(const Prepared& p) {
+  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
+    using scalar_t = decltype(sv);
+    using acc_t = decltype(av);
+    at::parallel_for(0, num_tasks(p.s), 1, [&](int64_t t0, int64_t t1) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (op == Op::kModelPosterior) model_posterior_f32(p, t0, t1);
+        if constexpr (op == Op::kModelPosteriorBackward) model_posterior_backward_f32(p, t0, t1);
+        if constexpr (op == Op::kKl) kl_f32(p, t0, t1);
+        if constexpr (op == Op::kKlBackward) kl_backward_f32(p, t0, t1);
+      } else {
+        run_tiles<op, scalar_t, acc_t>(p, t0, t1);
+      }
+    });
   });
 }
 
 at::Tensor posterior_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& alpha_t,
                          const at::Tensor& alpha_bar_prev, int64_t num_classes) {
   Prepared p = prepare_posterior(x_t, x0, alpha_t, alpha_bar_prev, num_classes);
-  const Shape s = p.s;
-  const int64_t* X = p.x_t.data_ptr<int64_t>();
   if (p.logits.defined()) {
-    dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
-      using scalar_t = decltype(sv);
-      using acc_t = decltype(av);
-      const scalar_t* L = p.logits.data_ptr<scalar_t>();
-      scalar_t* O = p.out.data_ptr<scalar_t>();
-      for_each_tile<acc_t>(p, [&](int n, const Coeffs<acc_t>& c, int64_t off, int64_t pos) {
-        model_posterior_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, s.K, s.S, n, c, O + off);
-      });
-    });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "multinomial_posterior", [&] {
-      const int64_t* Z = p.x0.data_ptr<int64_t>();
-      scalar_t* O = p.out.data_ptr<scalar_t>();
-      for_each_tile<scalar_t>(p, [&](int n, const Coeffs<scalar_t>& c, int64_t off, int64_t pos) {
-        true_posterior_tile<scalar_t, scalar_t, kTile>(X + pos, Z + pos, s.K, s.S, n, c, O + off);
-      });
-    });
+    launch<Op::kModelPosterior>(p);
+    return p.out;
   }
+  const Shape s = p.s;
+  AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "multinomial_posterior", [&] {
+    const scalar_t* a = p.alpha_t.const_data_ptr<scalar_t>();
+    const scalar_t* ab = p.alpha_bar_prev.const_data_ptr<scalar_t>();
+    const int64_t *X = p.x_t.const_data_ptr<int64_t>(), *Z = p.x0.const_data_ptr<int64_t>();
+    scalar_t* O = p.out.mutable_data_ptr<scalar_t>();
+    const int64_t tiles = (s.S + kTile - 1) / kTile;
+    at::parallel_for(0, s.B * tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / tiles, s0 = (t % tiles) * kTile;
+        const int n = static_cast<int>(std::min<int64_t>(kTile, s.S - s0));
+        true_posterior_tile<scalar_t, scalar_t, kTile>(X + b * s.S + s0, Z + b * s.S + s0, s.K, s.S, n,
+                                                       make_coeffs<scalar_t>(a[b], ab[b], s.K),
+                                                       O + b * s.K * s.S + s0);
+      }
+    });
+  });
   return p.out;
 }
 
 at::Tensor posterior_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
                                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
   Prepared p = prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev);
-  const Shape s = p.s;
-  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
-    using scalar_t = decltype(sv);
-    using acc_t = decltype(av);
-    const scalar_t *G = p.grad.data_ptr<scalar_t>(), *L = p.logits.data_ptr<scalar_t>();
-    const int64_t* X = p.x_t.data_ptr<int64_t>();
-    scalar_t* O = p.out.data_ptr<scalar_t>();
-    for_each_tile<acc_t>(p, [&](int n, const Coeffs<acc_t>& c, int64_t off, int64_t pos) {
-      model_posterior_backward_tile<scalar_t, acc_t, double, kTile>(G + off, L + off, X + pos, s.K, s.S, n, c, O + off);
-    });
-  });
+  launch<Op::kModelPosteriorBackward>(p);
   return p.out;
 }
 
 at::Tensor kl_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits, const at::Tensor& alpha_t,
                   const at::Tensor& alpha_bar_prev) {
   Prepared p = prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev);
-  const Shape s = p.s;
-  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
-    using scalar_t = decltype(sv);
-    using acc_t = decltype(av);
-    const scalar_t* L = p.logits.data_ptr<scalar_t>();
-    const int64_t *X = p.x_t.data_ptr<int64_t>(), *Z = p.x0.data_ptr<int64_t>();
-    scalar_t* O = p.out.data_ptr<scalar_t>();
-    for_each_tile<acc_t>(p, [&](int n, const Coeffs<acc_t>& c, int64_t off, int64_t pos) {
-      kl_forward_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, Z + pos, s.K, s.S, n, c, O + pos);
-    });
-  });
+  launch<Op::kKl>(p);
   return p.out;
 }
 
 at::Tensor kl_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
                            const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
   Prepared p = prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev);
-  const Shape s = p.s;
-  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
-    using scalar_t = decltype(sv);
-    using acc_t = decltype(av);
-    const scalar_t *G = p.grad.data_ptr<scalar_t>(), *L = p.logits.data_ptr<scalar_t>();
-    const int64_t *X = p.x_t.data_ptr<int64_t>(), *Z = p.x0.data_ptr<int64_t>();
-    scalar_t* O = p.out.data_ptr<scalar_t>();
-    for_each_tile<acc_t>(p, [&](int n, const Coeffs<acc_t>& c, int64_t off, int64_t pos) {
-      kl_backward_tile<scalar_t, acc_t, double, kTile>(G + pos, L + off, X + pos, Z + pos, s.K, s.S, n, c, O + off);
-    });
-  });
+  launch<Op::kKlBackward>(p);
   return p.out;
 }
 
