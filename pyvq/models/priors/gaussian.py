@@ -46,25 +46,12 @@ from torch import nn
 
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
-from pyvq.nn.unet import UNet
+from pyvq.models.priors._config import build_unet, check_unet_fields, is_int, level_sizes
 
 __all__ = ["GaussianDiffusion", "GaussianDiffusionConfig"]
 
 _NAME = "GaussianDiffusionConfig"
 METHODS = ("ddim", "ddpm")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _int_tuple(name: str, value) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
-    out = tuple(value)
-    if not all(_is_int(v) for v in out):
-        raise ValueError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
-    return tuple(int(v) for v in out)
 
 
 @dataclass(frozen=True)
@@ -108,38 +95,9 @@ class GaussianDiffusionConfig:
     clip_denoised: bool = True
 
     def __post_init__(self):
-        for name in ("channels", "code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads",
-                     "num_groups"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{_NAME}: field {name!r} must be an int >= 1, got {v!r}")
-        object.__setattr__(self, "channel_mult", _int_tuple("channel_mult", self.channel_mult))
-        object.__setattr__(self, "attention_resolutions",
-                           _int_tuple("attention_resolutions", self.attention_resolutions))
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"{_NAME}: field 'channel_mult' must be non-empty with entries >= 1, "
-                             f"got {self.channel_mult}")
-        f = 2 ** (len(self.channel_mult) - 1)
-        if self.code_size % f:
-            raise ValueError(f"{_NAME}: field 'code_size' ({self.code_size}) must be divisible by "
-                             f"2**(len(channel_mult) - 1) = {f}")
-        widths = [self.model_channels * m for m in self.channel_mult]
-        bad = [w for w in widths if w % self.num_groups]
-        if bad:
-            raise ValueError(f"{_NAME}: field 'num_groups' ({self.num_groups}) must divide every UNet width "
-                             f"model_channels * channel_mult = {widths}")
-        # Heads are needed at the attention levels and in the middle block (last width).
-        sizes = self.level_sizes
-        att = [w for w, s in zip(widths, sizes) if s in self.attention_resolutions] + [widths[-1]]
-        bad = [w for w in att if w % self.num_heads]
-        if bad:
-            raise ValueError(f"{_NAME}: field 'num_heads' ({self.num_heads}) must divide the widths of the "
-                             f"attention levels, got {sorted(set(bad))}")
-        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{_NAME}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
-        for name in ("scale_shift", "clip_denoised"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{_NAME}: field {name!r} must be a bool, got {getattr(self, name)!r}")
+        check_unet_fields(self, _NAME, ints=("channels",), strict_attention=False)
+        if not isinstance(self.clip_denoised, bool):
+            raise ValueError(f"{_NAME}: field 'clip_denoised' must be a bool, got {self.clip_denoised!r}")
         g = self.min_snr_gamma
         if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not g >= 0
                               or math.isinf(g)):
@@ -158,7 +116,7 @@ class GaussianDiffusionConfig:
     @property
     def level_sizes(self) -> tuple[int, ...]:
         """UNet level sides, ``code_size / 2**i``."""
-        return tuple(self.code_size // 2**i for i in range(len(self.channel_mult)))
+        return level_sizes(self)
 
     @property
     def unet_attention_resolutions(self) -> tuple[int, ...]:
@@ -197,12 +155,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
             raise TypeError(f"GaussianDiffusion: argument 'config' must be a GaussianDiffusionConfig, "
                             f"got {type(config).__name__}")
         self.config = c = config
-        self.net = UNet(
-            c.channels, c.channels, image_size=c.code_size, model_channels=c.model_channels,
-            channel_mult=c.channel_mult, num_res_blocks=c.num_res_blocks,
-            attention_resolutions=c.unet_attention_resolutions, dropout=c.dropout, num_heads=c.num_heads,
-            scale_shift=c.scale_shift, num_groups=c.num_groups,
-        )
+        self.net = build_unet(c, c.channels)
         self.schedule = c.make_schedule()
         # device -> float64 tables (alpha_bar, snr); not buffers, so that
         # ``.half()`` cannot round the schedule and state_dict holds only weights.
@@ -235,7 +188,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
 
     def _timesteps(self, t, batch: int, device: torch.device, where: str, lo: int = 0) -> torch.Tensor:
         T = self.config.timesteps
-        if _is_int(t):
+        if is_int(t):
             if not lo <= t <= T:
                 raise ValueError(f"GaussianDiffusion.{where}: argument 't' must lie in {lo}..{T}, got {t}")
             return torch.full((batch,), int(t), dtype=torch.int64, device=device)
@@ -383,7 +336,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         T = self.config.timesteps
         if steps is None:
             steps = T
-        if not _is_int(steps) or not 1 <= steps <= T:
+        if not is_int(steps) or not 1 <= steps <= T:
             raise ValueError(f"GaussianDiffusion.{where}: argument 'steps' must be None or an int in 1..{T}, "
                              f"got {steps!r}")
         seq = self.schedule.strided(int(steps)).tolist()
@@ -458,7 +411,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         Returns (n, C, H, W) key codes in [0, 1], in the model's dtype and
         on its device. The model runs in eval mode (restored afterwards).
         """
-        if not _is_int(n) or n < 0:
+        if not is_int(n) or n < 0:
             raise ValueError(f"GaussianDiffusion.sample: argument 'n' must be an int >= 0, got {n!r}")
         self._check_method(method, eta, "sample")
         plan = self._plan(steps, "sample")

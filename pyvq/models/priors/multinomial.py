@@ -71,7 +71,7 @@ from torch import nn
 
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule
-from pyvq.nn.unet import UNet
+from pyvq.models.priors._config import build_unet, check_unet_fields, is_int
 from pyvq.ops import multinomial_kl, multinomial_posterior
 
 __all__ = [
@@ -85,10 +85,6 @@ _NAME = "MultinomialDiffusionConfig"
 
 
 # ---------------------------------------------------------------- helpers
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def second_moment_probs(history: torch.Tensor, counts: torch.Tensor, uniform_prob: float) -> torch.Tensor:
     """Improved DDPM's loss-second-moment timestep distribution.
 
@@ -205,46 +201,13 @@ class MultinomialDiffusionConfig:
     uniform_prob: float = 1e-3
 
     def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                raise TypeError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
-            value = tuple(value)
-            if not all(_is_int(v) for v in value):
-                raise TypeError(f"{_NAME}: field {name!r} must be a sequence of ints, got {value!r}")
-            object.__setattr__(self, name, tuple(int(v) for v in value))
-        for name in ("code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads", "num_groups",
-                     "history"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{_NAME}: field {name!r} must be an int >= 1, got {v!r}")
-        if not _is_int(self.num_classes) or self.num_classes < 2:
+        check_unet_fields(self, _NAME, ints=("history",))
+        if not is_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(f"{_NAME}: field 'num_classes' must be an int >= 2, got {self.num_classes!r}")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"{_NAME}: field 'channel_mult' must be non-empty with entries >= 1, "
-                             f"got {self.channel_mult}")
-        for name in ("scale_shift", "importance_sampling"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{_NAME}: field {name!r} must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{_NAME}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.importance_sampling, bool):
+            raise TypeError(f"{_NAME}: field 'importance_sampling' must be a bool, got {self.importance_sampling!r}")
         if not isinstance(self.uniform_prob, numbers.Real) or not 0.0 <= self.uniform_prob < 1.0:
             raise ValueError(f"{_NAME}: field 'uniform_prob' must be in [0, 1), got {self.uniform_prob!r}")
-        f = 2 ** (len(self.channel_mult) - 1)
-        if self.code_size % f:
-            raise ValueError(f"{_NAME}: field 'code_size' ({self.code_size}) must be divisible by "
-                             f"2**(len(channel_mult) - 1) = {f}")
-        sizes = [self.code_size // 2**i for i in range(len(self.channel_mult))]
-        missing = sorted(set(self.attention_resolutions) - set(sizes))
-        if missing:
-            raise ValueError(f"{_NAME}: field 'attention_resolutions' has sizes {missing} that no UNet level has; "
-                             f"the level sizes are {sizes}")
-        widths = [self.model_channels * m for m in self.channel_mult]
-        for name in ("num_groups", "num_heads"):
-            bad = [w for w in widths if w % getattr(self, name)]
-            if bad:
-                raise ValueError(f"{_NAME}: field {name!r} ({getattr(self, name)}) must divide every level width "
-                                 f"model_channels * channel_mult = {widths}; it does not divide {bad}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"{_NAME}: field 'schedule' must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
         try:
@@ -291,12 +254,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         self.config = c = config
         self.num_classes = c.num_classes
         self.schedule: Schedule = _cpu_schedule(c.schedule, c.timesteps)
-        self.unet = UNet(
-            c.num_classes, c.num_classes, image_size=c.code_size, model_channels=c.model_channels,
-            channel_mult=c.channel_mult, num_res_blocks=c.num_res_blocks,
-            attention_resolutions=c.attention_resolutions, dropout=c.dropout, num_heads=c.num_heads,
-            scale_shift=c.scale_shift, num_groups=c.num_groups,
-        )
+        self.unet = build_unet(c, c.num_classes)
         self.register_buffer("loss_history", torch.zeros(c.timesteps + 1, c.history, dtype=torch.float32))
         self.register_buffer("loss_counts", torch.zeros(c.timesteps + 1, dtype=torch.int64))
 
@@ -333,7 +291,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
 
     def _timesteps(self, t, batch: int, name: str, where: str, low: int = 1) -> torch.Tensor:
         """An int or a (B,) integer tensor of timesteps in low..T -> (B,) int64 on the CPU."""
-        if _is_int(t):
+        if is_int(t):
             t = torch.full((batch,), int(t), dtype=torch.int64)
         elif isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
             if t.dim() == 0:
@@ -557,7 +515,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         if steps is None:
             times = list(range(self.T, 0, -1))
         else:
-            if not _is_int(steps) or not 1 <= steps <= self.T:
+            if not is_int(steps) or not 1 <= steps <= self.T:
                 raise ValueError(f"MultinomialDiffusion.{where}: argument 'steps' must be None or an int in "
                                  f"1..T={self.T}, got {steps!r}")
             times = self.schedule.strided(int(steps)).flip(0).tolist()
@@ -586,7 +544,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
 
         Returns (n, H, W) int64 codes in [0, K).
         """
-        if not _is_int(n) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"MultinomialDiffusion.sample: argument 'n' must be an int >= 1, got {n!r}")
         times = self._reverse_times(steps, "sample")
 
@@ -675,7 +633,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         codes = self._check_codes(codes, "codes", "nll")
         if batch_t is None:
             batch_t = 1
-        if not _is_int(batch_t) or batch_t < 1:
+        if not is_int(batch_t) or batch_t < 1:
             raise ValueError(f"MultinomialDiffusion.nll: argument 'batch_t' must be None or an int >= 1, "
                              f"got {batch_t!r}")
         B = codes.shape[0]

@@ -1,0 +1,76 @@
+"""What the priors' configs share: the UNet fields, their checks, the UNet."""
+
+from __future__ import annotations
+
+import numbers
+
+from pyvq.nn.unet import UNet
+
+
+def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def int_tuple(cls: str, name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}")
+    out = tuple(value)
+    if not all(is_int(v) for v in out):
+        raise ValueError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in out)
+
+
+def level_sizes(config) -> tuple[int, ...]:
+    """UNet level sides, ``code_size / 2**i``."""
+    return tuple(config.code_size // 2**i for i in range(len(config.channel_mult)))
+
+
+def check_unet_fields(config, cls: str, *, ints: tuple[str, ...] = (), strict_attention: bool = True) -> None:
+    """Normalise and check a prior config's UNet fields (``code_size``,
+    ``timesteps``, ``model_channels``, ``channel_mult``, ``num_res_blocks``,
+    ``attention_resolutions``, ``dropout``, ``num_heads``, ``num_groups``,
+    ``scale_shift``) plus the int fields ``ints``; ``strict_attention``: an
+    attention size no level has is an error (else it is ignored)."""
+    for name in ("channel_mult", "attention_resolutions"):
+        object.__setattr__(config, name, int_tuple(cls, name, getattr(config, name)))
+    for name in ("code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads", "num_groups") + ints:
+        v = getattr(config, name)
+        if not is_int(v) or v < 1:
+            raise ValueError(f"{cls}: field {name!r} must be an int >= 1, got {v!r}")
+    if not config.channel_mult or min(config.channel_mult) < 1:
+        raise ValueError(f"{cls}: field 'channel_mult' must be non-empty with entries >= 1, got {config.channel_mult}")
+    f = 2 ** (len(config.channel_mult) - 1)
+    if config.code_size % f:
+        raise ValueError(f"{cls}: field 'code_size' ({config.code_size}) must be divisible by "
+                         f"2**(len(channel_mult) - 1) = {f}")
+    sizes = level_sizes(config)
+    missing = sorted(set(config.attention_resolutions) - set(sizes))
+    if strict_attention and missing:
+        raise ValueError(f"{cls}: field 'attention_resolutions' has sizes {missing} that no UNet level has; "
+                         f"the level sizes are {list(sizes)}")
+    widths = [config.model_channels * m for m in config.channel_mult]
+    bad = [w for w in widths if w % config.num_groups]
+    if bad:
+        raise ValueError(f"{cls}: field 'num_groups' ({config.num_groups}) must divide every UNet width "
+                         f"model_channels * channel_mult = {widths}")
+    # Heads are needed at the attention levels and in the middle block (last width).
+    att = [w for w, s in zip(widths, sizes) if s in config.attention_resolutions] + [widths[-1]]
+    bad = [w for w in att if w % config.num_heads]
+    if bad:
+        raise ValueError(f"{cls}: field 'num_heads' ({config.num_heads}) must divide the widths of the "
+                         f"attention levels, got {sorted(set(bad))}")
+    if not isinstance(config.dropout, numbers.Real) or not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{cls}: field 'dropout' must be in [0, 1), got {config.dropout!r}")
+    if not isinstance(config.scale_shift, bool):
+        raise ValueError(f"{cls}: field 'scale_shift' must be a bool, got {config.scale_shift!r}")
+
+
+def build_unet(config, channels: int) -> UNet:
+    """The prior's UNet: ``channels`` in and out, at the config's code size,
+    attention at the configured sizes that a level has."""
+    sizes = level_sizes(config)
+    return UNet(channels, channels, image_size=config.code_size, model_channels=config.model_channels,
+                channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
+                attention_resolutions=tuple(r for r in config.attention_resolutions if r in sizes),
+                dropout=config.dropout, num_heads=config.num_heads, scale_shift=config.scale_shift,
+                num_groups=config.num_groups)
