@@ -453,5 +453,37 @@ PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg
                                      grad);
 }
 
+// ---------------------------------------------------------------- one tile of an op
+enum class Op { kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
+
+// The raw inputs and output of one call (launchers fill it from tensors).
+// L logits (B, K, S); G upstream gradient ((B, K, S) or (B, S)); X, Z x_t
+// and x0 (B, S); O the output; a, ab alpha_t and alpha_bar_prev (B,).
+template <typename scalar_t, typename A>
+struct Ptrs {
+  const A *a, *ab;
+  const scalar_t *L, *G;
+  const int64_t *X, *Z;
+  scalar_t* O;
+  int64_t B, K, S;
+};
+
+// Positions s0 .. s0 + n - 1 of batch row b.
+template <Op op, typename scalar_t, typename A, typename Sum, int TILE>
+PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& q, int64_t b, int64_t s0, int n) {
+  const int64_t K = q.K, S = q.S;
+  const Coeffs<A> c = make_coeffs<A>(q.a[b], q.ab[b], K);
+  const int64_t off = b * K * S + s0, pos = b * S + s0;  // into (B, K, S) and (B, S)
+  if constexpr (op == Op::kModelPosterior) {
+    model_posterior_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, K, S, n, c, q.O + off);
+  } else if constexpr (op == Op::kModelPosteriorBackward) {
+    model_posterior_backward_tile<scalar_t, A, Sum, TILE>(q.G + off, q.L + off, q.X + pos, K, S, n, c, q.O + off);
+  } else if constexpr (op == Op::kKl) {
+    kl_forward_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, q.Z + pos, K, S, n, c, q.O + pos);
+  } else {
+    kl_backward_tile<scalar_t, A, Sum, TILE>(q.G + pos, q.L + off, q.X + pos, q.Z + pos, K, S, n, c, q.O + off);
+  }
+}
+
 }  // namespace posterior
 }  // namespace pyvq

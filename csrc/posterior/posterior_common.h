@@ -182,5 +182,19 @@ inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const 
   return p;
 }
 
+template <typename scalar_t, typename acc_t>
+Ptrs<scalar_t, acc_t> pointers(const Prepared& p) {
+  Ptrs<scalar_t, acc_t> q;
+  q.a = p.alpha_t.const_data_ptr<acc_t>();
+  q.ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
+  q.L = p.logits.const_data_ptr<scalar_t>();
+  q.G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
+  q.X = p.x_t.const_data_ptr<int64_t>();
+  q.Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
+  q.O = p.out.mutable_data_ptr<scalar_t>();
+  q.B = p.s.B, q.K = p.s.K, q.S = p.s.S;
+  return q;
+}
+
 }  // namespace posterior
 }  // namespace pyvq

@@ -40,37 +40,15 @@ inline int tile_for(int64_t K) {
 
 inline int64_t num_tasks(const Shape& s) { return s.B * ((s.S + tile_for(s.K) - 1) / tile_for(s.K)); }
 
-enum class Op { kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
-
 // Tasks [t0, t1) of one op.
 template <Op op, typename scalar_t, typename acc_t>
 PYVQ_POSTERIOR_FN void run_tiles(const Prepared& p, int64_t t0, int64_t t1) {
-  const Shape s = p.s;
-  const int tile = tile_for(s.K);
-  const int64_t tiles = (s.S + tile - 1) / tile;
-  const acc_t* a = p.alpha_t.const_data_ptr<acc_t>();
-  const acc_t* ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
-  const scalar_t* L = p.logits.const_data_ptr<scalar_t>();
-  const scalar_t* G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
-  const int64_t* X = p.x_t.const_data_ptr<int64_t>();
-  const int64_t* Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
-  scalar_t* O = p.out.mutable_data_ptr<scalar_t>();
+  const Ptrs<scalar_t, acc_t> q = pointers<scalar_t, acc_t>(p);
+  const int tile = tile_for(q.K);
+  const int64_t tiles = (q.S + tile - 1) / tile;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / tiles, s0 = (t % tiles) * tile;
-    const int n = static_cast<int>(std::min<int64_t>(tile, s.S - s0));
-    const Coeffs<acc_t> c = make_coeffs<acc_t>(a[b], ab[b], s.K);
-    const int64_t off = b * s.K * s.S + s0, pos = b * s.S + s0;  // into (B, K, S) and (B, S)
-    if constexpr (op == Op::kModelPosterior) {
-      model_posterior_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, s.K, s.S, n, c, O + off);
-    } else if constexpr (op == Op::kModelPosteriorBackward) {
-      model_posterior_backward_tile<scalar_t, acc_t, double, kTile>(G + off, L + off, X + pos, s.K, s.S, n, c,
-                                                                    O + off);
-    } else if constexpr (op == Op::kKl) {
-      kl_forward_tile<scalar_t, acc_t, double, kTile>(L + off, X + pos, Z + pos, s.K, s.S, n, c, O + pos);
-    } else {
-      kl_backward_tile<scalar_t, acc_t, double, kTile>(G + pos, L + off, X + pos, Z + pos, s.K, s.S, n, c,
-                                                       O + off);
-    }
+    run_tile<op, scalar_t, acc_t, double, kTile>(q, b, s0, static_cast<int>(std::min<int64_t>(tile, q.S - s0)));
   }
 }
 
@@ -92,7 +70,7 @@ PYVQ_CLONES void kl_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
 }
 
 template <Op op>
-void launch(const Prepared& p) {
+at::Tensor launch(const Prepared& p) {
   dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
@@ -107,15 +85,13 @@ void launch(const Prepared& p) {
       }
     });
   });
+  return p.out;
 }
 
 at::Tensor posterior_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& alpha_t,
                          const at::Tensor& alpha_bar_prev, int64_t num_classes) {
   Prepared p = prepare_posterior(x_t, x0, alpha_t, alpha_bar_prev, num_classes);
-  if (p.logits.defined()) {
-    launch<Op::kModelPosterior>(p);
-    return p.out;
-  }
+  if (p.logits.defined()) return launch<Op::kModelPosterior>(p);
   const Shape s = p.s;
   AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "multinomial_posterior", [&] {
     const scalar_t* a = p.alpha_t.const_data_ptr<scalar_t>();
@@ -138,23 +114,17 @@ at::Tensor posterior_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::
 
 at::Tensor posterior_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
                                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
-  Prepared p = prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev);
-  launch<Op::kModelPosteriorBackward>(p);
-  return p.out;
+  return launch<Op::kModelPosteriorBackward>(prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
 }
 
 at::Tensor kl_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits, const at::Tensor& alpha_t,
                   const at::Tensor& alpha_bar_prev) {
-  Prepared p = prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev);
-  launch<Op::kKl>(p);
-  return p.out;
+  return launch<Op::kKl>(prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 
 at::Tensor kl_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
                            const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
-  Prepared p = prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev);
-  launch<Op::kKlBackward>(p);
-  return p.out;
+  return launch<Op::kKlBackward>(prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 
 }  // namespace
