@@ -45,14 +45,20 @@ struct LevelIndex {
   bool dense;       // (r + 1)^d <= T
   bool hash;        // not dense and mode == kHash
   int64_t T;
+  bool pow2;        // T is a power of two: "mod T" is "& (T - 1)"
   int64_t stride[kMaxDim];  // (r + 1)^k, reduced mod T unless dense
 };
+
+PYVQ_HOST_DEVICE uint64_t mod_table(uint64_t v, const LevelIndex& li) {
+  return li.pow2 ? v & static_cast<uint64_t>(li.T - 1) : v % static_cast<uint64_t>(li.T);
+}
 
 PYVQ_HOST_DEVICE LevelIndex make_level_index(int64_t r, int d, int64_t T,
                                              IndexMode mode) {
   LevelIndex li;
   li.res = r;
   li.T = T;
+  li.pow2 = (T & (T - 1)) == 0;
   // (r + 1)^d <= T without overflow: stop multiplying once past T.
   int64_t count = 1;
   bool dense = true;
@@ -102,7 +108,7 @@ PYVQ_HOST_DEVICE Axis<acc_t> locate_axis(acc_t x, int k, const LevelIndex& li) {
     } else if (li.dense) {
       a.term[b] = static_cast<uint64_t>(v * li.stride[k]);
     } else {
-      a.term[b] = static_cast<uint64_t>((v * li.stride[k]) % li.T);
+      a.term[b] = mod_table(static_cast<uint64_t>(v * li.stride[k]), li);
     }
   }
   return a;
@@ -116,12 +122,11 @@ PYVQ_HOST_DEVICE int64_t corner_row(const Axis<acc_t>* axes, int d, int corner,
     uint32_t h = 0;
     for (int k = 0; k < d; ++k)
       h ^= static_cast<uint32_t>(axes[k].term[(corner >> k) & 1]);
-    return static_cast<int64_t>(h % static_cast<uint64_t>(li.T));
+    return static_cast<int64_t>(mod_table(h, li));
   }
   uint64_t row = 0;
   for (int k = 0; k < d; ++k) row += axes[k].term[(corner >> k) & 1];
-  return li.dense ? static_cast<int64_t>(row)
-                  : static_cast<int64_t>(row % static_cast<uint64_t>(li.T));
+  return li.dense ? static_cast<int64_t>(row) : static_cast<int64_t>(mod_table(row, li));
 }
 
 // Interpolation weight of a corner: the product over axes in axis order

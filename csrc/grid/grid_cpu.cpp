@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -33,31 +34,70 @@ inline void locate_point(const acc_t* x, int d, const LevelIndex& li, Axis<acc_t
   for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
 }
 
+// Table rows are random accesses into a level's table (megabytes for
+// hashed levels), so every pass works in stages of a few points: first it
+// locates the points and computes all their corners' rows, prefetching each
+// row's cache line, then it does the per-point work on rows that are by
+// then (mostly) in cache. kStage bounds points x corners of a stage.
+constexpr int kStage = 256;
+
+template <typename acc_t>
+struct Stage {
+  Axis<acc_t> ax[kStage][kMaxDim];  // per staged point, d axes (kStage >= points)
+  int64_t row[kStage];              // per staged (point, corner)
+};
+
+// Calls fn(n, axes, rows) for the points n0 .. n1 - 1 of group g at one
+// level, staged (see above); `table` is the level's table (for prefetches,
+// with write intent when `write`).
+template <typename acc_t, typename scalar_t, typename Fn>
+inline void for_points(Stage<acc_t>& st, const acc_t* coords, int64_t n0, int64_t n1, int64_t g, const Shape& s,
+                       const LevelIndex& li, const scalar_t* table, int64_t F, bool write, Fn&& fn) {
+  const int corners = 1 << s.d;
+  const int64_t per = std::max(1, kStage / corners);
+  for (int64_t m0 = n0; m0 < n1; m0 += per) {
+    const int64_t m1 = std::min(n1, m0 + per);
+    for (int64_t n = m0; n < m1; ++n) {
+      Axis<acc_t>* ax = st.ax[n - m0];
+      locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
+      for (int c = 0; c < corners; ++c) {
+        const int64_t r = corner_row(ax, s.d, c, li);
+        st.row[(n - m0) * corners + c] = r;
+        if (write)
+          __builtin_prefetch(table + r * F, 1);
+        else
+          __builtin_prefetch(table + r * F, 0);
+      }
+    }
+    for (int64_t n = m0; n < m1; ++n) fn(n, st.ax[n - m0], st.row + (n - m0) * corners);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int F>
 void forward_impl(const acc_t* coords, const scalar_t* tables, scalar_t* out, const Shape& s,
                   const std::vector<LevelIndex>& levels) {
   const int64_t nblocks = (s.N + kBlock - 1) / kBlock;
   const int corners = 1 << s.d;
   at::parallel_for(0, s.G * nblocks, 1, [&](int64_t t0, int64_t t1) {
-    Axis<acc_t> ax[kMaxDim];
+    auto st = std::make_unique<Stage<acc_t>>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / nblocks, n0 = (t % nblocks) * kBlock;
       const int64_t n1 = std::min(s.N, n0 + kBlock);
       for (int64_t l = 0; l < s.L; ++l) {
         const LevelIndex& li = levels[l];
         const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
-        for (int64_t n = n0; n < n1; ++n) {
-          locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
-          acc_t acc[F];
-          for (int f = 0; f < F; ++f) acc[f] = acc_t(0);
-          for (int c = 0; c < corners; ++c) {
-            const acc_t w = corner_weight(ax, s.d, c);
-            const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
-            for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(e[f]);
-          }
-          scalar_t* o = out + (n * s.G + g) * s.L * F + l * F;
-          for (int f = 0; f < F; ++f) o[f] = static_cast<scalar_t>(acc[f]);
-        }
+        for_points(*st, coords, n0, n1, g, s, li, tab, F, false,
+                   [&](int64_t n, const Axis<acc_t>* ax, const int64_t* rows) {
+                     acc_t acc[F];
+                     for (int f = 0; f < F; ++f) acc[f] = acc_t(0);
+                     for (int c = 0; c < corners; ++c) {
+                       const acc_t w = corner_weight(ax, s.d, c);
+                       const scalar_t* e = tab + rows[c] * F;
+                       for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(e[f]);
+                     }
+                     scalar_t* o = out + (n * s.G + g) * s.L * F + l * F;
+                     for (int f = 0; f < F; ++f) o[f] = static_cast<scalar_t>(acc[f]);
+                   });
       }
     }
   });
@@ -69,7 +109,7 @@ void coords_grad_impl(const scalar_t* grad_out, const acc_t* coords, const scala
   const int64_t nblocks = (s.N + kBlock - 1) / kBlock;
   const int corners = 1 << s.d;
   at::parallel_for(0, s.G * nblocks, 1, [&](int64_t t0, int64_t t1) {
-    Axis<acc_t> ax[kMaxDim];
+    auto st = std::make_unique<Stage<acc_t>>();
     std::vector<acc_t> buf(kBlock * s.d);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / nblocks, n0 = (t % nblocks) * kBlock;
@@ -79,22 +119,22 @@ void coords_grad_impl(const scalar_t* grad_out, const acc_t* coords, const scala
         const LevelIndex& li = levels[l];
         const acc_t r = static_cast<acc_t>(li.res);
         const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
-        for (int64_t n = n0; n < n1; ++n) {
-          locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
-          const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
-          acc_t gof[F];
-          for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
-          acc_t gw[kMaxDim] = {};
-          for (int c = 0; c < corners; ++c) {
-            const scalar_t* e = tab + corner_row(ax, s.d, c, li) * F;
-            acc_t dot = acc_t(0);
-            for (int f = 0; f < F; ++f) dot += gof[f] * static_cast<acc_t>(e[f]);
-            for (int k = 0; k < s.d; ++k) gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
-          }
-          acc_t* b = buf.data() + (n - n0) * s.d;
-          for (int k = 0; k < s.d; ++k)
-            if (ax[k].inside) b[k] += r * gw[k];
-        }
+        for_points(*st, coords, n0, n1, g, s, li, tab, F, false,
+                   [&](int64_t n, const Axis<acc_t>* ax, const int64_t* rows) {
+                     const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
+                     acc_t gof[F];
+                     for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
+                     acc_t gw[kMaxDim] = {};
+                     for (int c = 0; c < corners; ++c) {
+                       const scalar_t* e = tab + rows[c] * F;
+                       acc_t dot = acc_t(0);
+                       for (int f = 0; f < F; ++f) dot += gof[f] * static_cast<acc_t>(e[f]);
+                       for (int k = 0; k < s.d; ++k) gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
+                     }
+                     acc_t* b = buf.data() + (n - n0) * s.d;
+                     for (int k = 0; k < s.d; ++k)
+                       if (ax[k].inside) b[k] += r * gw[k];
+                   });
       }
       for (int64_t n = n0; n < n1; ++n)
         std::copy_n(buf.data() + (n - n0) * s.d, s.d, grad_coords + (n * s.G + g) * s.d);
@@ -107,22 +147,22 @@ void tables_grad_impl(const scalar_t* grad_out, const acc_t* coords, acc_t* grad
                       const Shape& s, const std::vector<LevelIndex>& levels) {
   const int corners = 1 << s.d;
   at::parallel_for(0, s.G * s.L, 1, [&](int64_t t0, int64_t t1) {
-    Axis<acc_t> ax[kMaxDim];
+    auto st = std::make_unique<Stage<acc_t>>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / s.L, l = t % s.L;
       const LevelIndex& li = levels[l];
       acc_t* gt = grad_tables + t * s.T * F;
-      for (int64_t n = 0; n < s.N; ++n) {
-        locate_point(coords + (n * s.G + g) * s.d, s.d, li, ax);
-        const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
-        acc_t gof[F];
-        for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
-        for (int c = 0; c < corners; ++c) {
-          const acc_t w = corner_weight(ax, s.d, c);
-          acc_t* e = gt + corner_row(ax, s.d, c, li) * F;
-          for (int f = 0; f < F; ++f) e[f] += w * gof[f];
-        }
-      }
+      for_points(*st, coords, 0, s.N, g, s, li, gt, F, true,
+                 [&](int64_t n, const Axis<acc_t>* ax, const int64_t* rows) {
+                   const scalar_t* go = grad_out + (n * s.G + g) * s.L * F + l * F;
+                   acc_t gof[F];
+                   for (int f = 0; f < F; ++f) gof[f] = static_cast<acc_t>(go[f]);
+                   for (int c = 0; c < corners; ++c) {
+                     const acc_t w = corner_weight(ax, s.d, c);
+                     acc_t* e = gt + rows[c] * F;
+                     for (int f = 0; f < F; ++f) e[f] += w * gof[f];
+                   }
+                 });
     }
   });
 }
