@@ -114,6 +114,12 @@ PYVQ_HOST_DEVICE Axis<acc_t> locate_axis(acc_t x, int k, const LevelIndex& li) {
   return a;
 }
 
+// All d axes of one point (x: its d coordinates).
+template <typename acc_t>
+PYVQ_HOST_DEVICE void locate_point(const acc_t* x, int d, const LevelIndex& li, Axis<acc_t>* ax) {
+  for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
+}
+
 // Table row of corner `corner` from the axes' terms.
 template <typename acc_t>
 PYVQ_HOST_DEVICE int64_t corner_row(const Axis<acc_t>* axes, int d, int corner,

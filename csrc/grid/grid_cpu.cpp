@@ -29,11 +29,6 @@ namespace {
 
 constexpr int64_t kBlock = 256;  // points per task
 
-template <typename acc_t>
-inline void locate_point(const acc_t* x, int d, const LevelIndex& li, Axis<acc_t>* ax) {
-  for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
-}
-
 // Table rows are random accesses into a level's table (megabytes for
 // hashed levels), so every pass works in stages of a few points: first it
 // locates the points and computes all their corners' rows, prefetching each

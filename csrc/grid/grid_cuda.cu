@@ -41,22 +41,32 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
 }
 
+// Thread i of the (point, group, level) kernels: its level's index, its
+// group g and level l, and its point located on that level.
+struct Thread {
+  int64_t i, ng, g, l;
+};
+
 template <typename acc_t>
-__device__ __forceinline__ void locate_point_dev(const acc_t* x, int d, const LevelIndex& li,
-                                                 Axis<acc_t>* ax) {
-  for (int k = 0; k < d; ++k) ax[k] = locate_axis<acc_t>(x[k], k, li);
+__device__ __forceinline__ bool locate_thread(const acc_t* coords, const LevelIndex* levels, const Shape& s,
+                                              Thread& t, LevelIndex& li, Axis<acc_t>* ax) {
+  t.i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t.i >= s.N * s.G * s.L) return false;
+  t.l = t.i % s.L, t.ng = t.i / s.L, t.g = t.ng % s.G;
+  li = levels[t.l];
+  locate_point(coords + t.ng * s.d, s.d, li, ax);
+  return true;
 }
 
 template <typename scalar_t, typename acc_t, int F>
 __global__ void forward_kernel(const acc_t* __restrict__ coords, const scalar_t* __restrict__ tables,
                                scalar_t* __restrict__ out, const LevelIndex* __restrict__ levels,
                                Shape s) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
-  if (i >= s.N * s.G * s.L) return;
-  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
-  const LevelIndex li = levels[l];
+  Thread t;
+  LevelIndex li;
   Axis<acc_t> ax[kMaxDim];
-  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  if (!locate_thread(coords, levels, s, t, li, ax)) return;
+  const int64_t i = t.i, l = t.l, g = t.g;
   const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
   acc_t acc[F];
 #pragma unroll
@@ -83,7 +93,7 @@ __global__ void coords_grad_kernel(const scalar_t* __restrict__ grad_out, const 
   Axis<acc_t> ax[kMaxDim];
   for (int64_t l = 0; l < s.L; ++l) {
     const LevelIndex li = levels[l];
-    locate_point_dev(coords + ng * s.d, s.d, li, ax);
+    locate_point(coords + ng * s.d, s.d, li, ax);
     const scalar_t* tab = tables + (g * s.L + l) * s.T * F;
     const scalar_t* go = grad_out + (ng * s.L + l) * F;
     acc_t gw[kMaxDim];
@@ -105,12 +115,11 @@ template <typename scalar_t, typename acc_t, int F>
 __global__ void tables_grad_atomic_kernel(const scalar_t* __restrict__ grad_out,
                                           const acc_t* __restrict__ coords, acc_t* __restrict__ grad_tables,
                                           const LevelIndex* __restrict__ levels, Shape s) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
-  if (i >= s.N * s.G * s.L) return;
-  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
-  const LevelIndex li = levels[l];
+  Thread t;
+  LevelIndex li;
   Axis<acc_t> ax[kMaxDim];
-  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  if (!locate_thread(coords, levels, s, t, li, ax)) return;
+  const int64_t i = t.i, l = t.l, g = t.g;
   acc_t go[F];
 #pragma unroll
   for (int f = 0; f < F; ++f) go[f] = static_cast<acc_t>(grad_out[i * F + f]);
@@ -128,12 +137,11 @@ __global__ void tables_grad_atomic_kernel(const scalar_t* __restrict__ grad_out,
 template <typename acc_t>
 __global__ void contribution_keys_kernel(const acc_t* __restrict__ coords, int64_t* __restrict__ keys,
                                          const LevelIndex* __restrict__ levels, Shape s) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g, l)
-  if (i >= s.N * s.G * s.L) return;
-  const int64_t l = i % s.L, ng = i / s.L, g = ng % s.G;
-  const LevelIndex li = levels[l];
+  Thread t;
+  LevelIndex li;
   Axis<acc_t> ax[kMaxDim];
-  locate_point_dev(coords + ng * s.d, s.d, li, ax);
+  if (!locate_thread(coords, levels, s, t, li, ax)) return;
+  const int64_t i = t.i, l = t.l, g = t.g;
   const int corners = 1 << s.d;
   for (int c = 0; c < corners; ++c)
     keys[i * corners + c] = (g * s.L + l) * s.T + corner_row(ax, s.d, c, li);
@@ -162,7 +170,7 @@ __global__ void tables_grad_segment_kernel(const scalar_t* __restrict__ grad_out
     const int c = static_cast<int>(e % corners);
     const int64_t i = e / corners, l = i % s.L, ng = i / s.L;
     const LevelIndex li = levels[l];
-    locate_point_dev(coords + ng * s.d, s.d, li, ax);
+    locate_point(coords + ng * s.d, s.d, li, ax);
     const acc_t w = corner_weight(ax, s.d, c);
 #pragma unroll
     for (int f = 0; f < F; ++f) acc[f] += w * static_cast<acc_t>(grad_out[i * F + f]);

@@ -454,10 +454,10 @@ PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg
 }
 
 // ---------------------------------------------------------------- one tile of an op
-enum class Op { kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
+enum class Op { kTruePosterior, kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
 
 // The raw inputs and output of one call (launchers fill it from tensors).
-// L logits (B, K, S); G upstream gradient ((B, K, S) or (B, S)); X, Z x_t
+// L logits (B, K, S) (unused by kTruePosterior, whose scalar_t is A); G upstream gradient ((B, K, S) or (B, S)); X, Z x_t
 // and x0 (B, S); O the output; a, ab alpha_t and alpha_bar_prev (B,).
 template <typename scalar_t, typename A>
 struct Ptrs {
@@ -474,7 +474,9 @@ PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& q, int64_t b, int64_t s
   const int64_t K = q.K, S = q.S;
   const Coeffs<A> c = make_coeffs<A>(q.a[b], q.ab[b], K);
   const int64_t off = b * K * S + s0, pos = b * S + s0;  // into (B, K, S) and (B, S)
-  if constexpr (op == Op::kModelPosterior) {
+  if constexpr (op == Op::kTruePosterior) {
+    true_posterior_tile<scalar_t, A, TILE>(q.X + pos, q.Z + pos, K, S, n, c, q.O + off);
+  } else if constexpr (op == Op::kModelPosterior) {
     model_posterior_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, K, S, n, c, q.O + off);
   } else if constexpr (op == Op::kModelPosteriorBackward) {
     model_posterior_backward_tile<scalar_t, A, Sum, TILE>(q.G + off, q.L + off, q.X + pos, K, S, n, c, q.O + off);

@@ -87,7 +87,8 @@ inline std::vector<int64_t> class_shape(const at::Tensor& x_t, int64_t K) {
 
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Calls fn(scalar_t{}, acc_t{}) for a floating dtype.
+// Calls fn(scalar_t{}, acc_t{}) for a floating dtype (an op's output dtype:
+// the logits' for the model side, the accumulation dtype for the index form).
 template <typename Fn>
 inline void dispatch_floating(at::ScalarType type, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "multinomial_posterior", [&] {
@@ -187,7 +188,7 @@ Ptrs<scalar_t, acc_t> pointers(const Prepared& p) {
   Ptrs<scalar_t, acc_t> q;
   q.a = p.alpha_t.const_data_ptr<acc_t>();
   q.ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
-  q.L = p.logits.const_data_ptr<scalar_t>();
+  q.L = p.logits.defined() ? p.logits.const_data_ptr<scalar_t>() : nullptr;
   q.G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
   q.X = p.x_t.const_data_ptr<int64_t>();
   q.Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;

@@ -71,11 +71,11 @@ PYVQ_CLONES void kl_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
 
 template <Op op>
 at::Tensor launch(const Prepared& p) {
-  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
+  dispatch_floating(p.out.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
     at::parallel_for(0, num_tasks(p.s), 1, [&](int64_t t0, int64_t t1) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (std::is_same_v<scalar_t, float> && op != Op::kTruePosterior) {
         if constexpr (op == Op::kModelPosterior) model_posterior_f32(p, t0, t1);
         if constexpr (op == Op::kModelPosteriorBackward) model_posterior_backward_f32(p, t0, t1);
         if constexpr (op == Op::kKl) kl_f32(p, t0, t1);
@@ -91,25 +91,7 @@ at::Tensor launch(const Prepared& p) {
 at::Tensor posterior_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& alpha_t,
                          const at::Tensor& alpha_bar_prev, int64_t num_classes) {
   Prepared p = prepare_posterior(x_t, x0, alpha_t, alpha_bar_prev, num_classes);
-  if (p.logits.defined()) return launch<Op::kModelPosterior>(p);
-  const Shape s = p.s;
-  AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "multinomial_posterior", [&] {
-    const scalar_t* a = p.alpha_t.const_data_ptr<scalar_t>();
-    const scalar_t* ab = p.alpha_bar_prev.const_data_ptr<scalar_t>();
-    const int64_t *X = p.x_t.const_data_ptr<int64_t>(), *Z = p.x0.const_data_ptr<int64_t>();
-    scalar_t* O = p.out.mutable_data_ptr<scalar_t>();
-    const int64_t tiles = (s.S + kTile - 1) / kTile;
-    at::parallel_for(0, s.B * tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / tiles, s0 = (t % tiles) * kTile;
-        const int n = static_cast<int>(std::min<int64_t>(kTile, s.S - s0));
-        true_posterior_tile<scalar_t, scalar_t, kTile>(X + b * s.S + s0, Z + b * s.S + s0, s.K, s.S, n,
-                                                       make_coeffs<scalar_t>(a[b], ab[b], s.K),
-                                                       O + b * s.K * s.S + s0);
-      }
-    });
-  });
-  return p.out;
+  return p.logits.defined() ? launch<Op::kModelPosterior>(p) : launch<Op::kTruePosterior>(p);
 }
 
 at::Tensor posterior_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,

@@ -46,25 +46,11 @@ __global__ void posterior_kernel(Ptrs<scalar_t, acc_t> q) {
   run_tile<op, scalar_t, acc_t, acc_t, 1>(q, b, s, 1);
 }
 
-template <typename acc_t>
-__global__ void true_posterior_kernel(const int64_t* xt, const int64_t* x0, const acc_t* a, const acc_t* ab, Shape s,
-                                      acc_t* out) {
-  const int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (pos >= s.B * s.S) return;
-  const int64_t b = pos / s.S, off = b * s.K * s.S + pos % s.S;
-  if (!in_range(xt, pos, s.K) || !in_range(x0, pos, s.K)) {
-    for (int64_t k = 0; k < s.K; ++k) out[off + k * s.S] = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  true_posterior_tile<acc_t, acc_t, 1>(xt + pos, x0 + pos, s.K, s.S, 1, make_coeffs<acc_t>(a[b], ab[b], s.K),
-                                       out + off);
-}
-
 template <Op op>
 at::Tensor launch(const Prepared& p) {
   if (p.s.B * p.s.S == 0) return p.out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_floating(p.logits.scalar_type(), [&](auto sv, auto av) {
+  dispatch_floating(p.out.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
     posterior_kernel<op, scalar_t, acc_t>
@@ -78,16 +64,7 @@ at::Tensor posterior_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at:
                           const at::Tensor& alpha_bar_prev, int64_t num_classes) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   Prepared p = prepare_posterior(x_t, x0, alpha_t, alpha_bar_prev, num_classes);
-  if (p.logits.defined()) return launch<Op::kModelPosterior>(p);
-  if (p.s.B * p.s.S == 0) return p.out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.out.scalar_type(), "multinomial_posterior_cuda", [&] {
-    true_posterior_kernel<scalar_t><<<blocks_for(p.s.B * p.s.S), kThreads, 0, stream>>>(
-        p.x_t.const_data_ptr<int64_t>(), p.x0.const_data_ptr<int64_t>(), p.alpha_t.const_data_ptr<scalar_t>(),
-        p.alpha_bar_prev.const_data_ptr<scalar_t>(), p.s, p.out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return p.out;
+  return p.logits.defined() ? launch<Op::kModelPosterior>(p) : launch<Op::kTruePosterior>(p);
 }
 
 at::Tensor posterior_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
