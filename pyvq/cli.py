@@ -182,22 +182,15 @@ def _load(path: str, flag: str, command: str):
         raise SystemExit(f"pyvq {command}: {flag} {path}: {exc}") from None
 
 
-def _dataset(data: str, split: str, size: int):
-    if data == "builtin":
-        from pyvq.data import BuiltinImages
-
-        return BuiltinImages(split=split, size=size)
-    from pyvq.data import ImageFolder
-
-    return ImageFolder(data, size, crop="random" if split == "train" else "center", flip=split == "train")
-
-
 def _encode(args) -> int:
     from pyvq.data.codes import encode_codes
+    from pyvq.train.config import TrainConfig
+    from pyvq.train.trainer import build_dataset
 
     tokenizer = _load(args.tokenizer, "--tokenizer", "encode")
     size = args.image_size or tokenizer.config.resolution
-    meta = encode_codes(tokenizer, _dataset(args.data, args.split, size), args.out, repeats=args.repeats,
+    data = build_dataset(TrainConfig(data=args.data, image_size=size), args.split)
+    meta = encode_codes(tokenizer, data, args.out, repeats=args.repeats,
                         batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
     print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")
     return 0
@@ -206,7 +199,6 @@ def _encode(args) -> int:
 def _sample(args) -> int:
     import os
 
-    import pyvq.models.priors  # noqa: F401  (registers the prior classes)
     from pyvq.train.generate import sample_images, save_image_grid
 
     prior = _load(args.prior, "--prior", "sample")
@@ -223,7 +215,6 @@ def _inpaint(args) -> int:
 
     import torch
 
-    import pyvq.models.priors  # noqa: F401
     from pyvq.train.generate import inpaint_image, read_image, read_mask, save_image_grid
 
     prior = _load(args.prior, "--prior", "inpaint")

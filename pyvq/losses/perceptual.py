@@ -28,7 +28,7 @@ from torch import nn
 
 from pyvq._weights import MissingWeightsError, require_weights
 
-__all__ = ["LPIPS", "build_lpips", "backbone_weights", "MissingWeightsError", "perceptual_module"]
+__all__ = ["LPIPS", "build_lpips", "backbone_weights", "MissingWeightsError", "perceptual_module", "reconstruction_terms"]
 
 # torchvision's IMAGENET1K_V1 weights of each LPIPS trunk (torchvision 0.29:
 # VGG16_Weights, AlexNet_Weights, SqueezeNet1_1_Weights). The cache file name
@@ -188,3 +188,19 @@ def perceptual_module(weight: float, perceptual: nn.Module | None = None) -> nn.
     if weight <= 0:
         return None
     return perceptual if perceptual is not None else build_lpips()
+
+
+def reconstruction_terms(inputs, reconstructions, *, pixel_loss: str, pixel_weight: float,
+                         perceptual: nn.Module | None, perceptual_weight: float):
+    """``(nll, pixel, perceptual)`` scalars of a reconstruction loss:
+    ``nll = pixel_weight * pixel + perceptual_weight * perceptual``, the
+    pixel term the mean L1 (``pixel_loss="l1"``) or squared error, the
+    perceptual term the mean of ``perceptual(inputs, reconstructions)`` (0
+    when ``perceptual`` is None)."""
+    diff = inputs - reconstructions
+    pix = (diff.abs() if pixel_loss == "l1" else diff.square()).mean()
+    nll = pixel_weight * pix
+    if perceptual is None:
+        return nll, pix, torch.zeros((), dtype=pix.dtype, device=pix.device)
+    p = perceptual(inputs.contiguous(), reconstructions.contiguous()).mean()
+    return nll + perceptual_weight * p, pix, p

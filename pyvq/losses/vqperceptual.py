@@ -35,7 +35,7 @@ from pyvq.losses.gan import (
     non_saturating_g_loss,
     vanilla_d_loss,
 )
-from pyvq.losses.perceptual import perceptual_module
+from pyvq.losses.perceptual import perceptual_module, reconstruction_terms
 
 __all__ = ["VQLPIPSWithDiscriminator"]
 
@@ -138,15 +138,9 @@ class VQLPIPSWithDiscriminator(nn.Module):
     def reconstruction_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor):
         """``(nll, pixel, perceptual)`` scalars: ``nll = pixelloss_weight *
         pixel + perceptual_weight * perceptual``, each term a mean."""
-        diff = inputs - reconstructions
-        pix = (diff.abs() if self.pixel_loss == "l1" else diff.square()).mean()
-        nll = self.pixel_weight * pix
-        if self.perceptual is not None:
-            p = self.perceptual(inputs, reconstructions).mean()
-            nll = nll + self.perceptual_weight * p
-        else:
-            p = torch.zeros((), dtype=pix.dtype, device=pix.device)
-        return nll, pix, p
+        return reconstruction_terms(inputs, reconstructions, pixel_loss=self.pixel_loss,
+                                    pixel_weight=self.pixel_weight, perceptual=self.perceptual,
+                                    perceptual_weight=self.perceptual_weight)
 
     def _d_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:
         if last_layer is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyvq.losses.perceptual import perceptual_module
+from pyvq.losses.perceptual import perceptual_module, reconstruction_terms
 
 __all__ = ["ReconstructionWGANLoss", "gradient_penalty", "r1_penalty", "wgan_d_loss", "wgan_g_loss"]
 
@@ -192,14 +192,9 @@ class ReconstructionWGANLoss(nn.Module):
         return loss, {f"{split}/{k}": v.detach().clone() for k, v in log.items()}
 
     def _generator(self, inputs, recs, on, kl):
-        diff = inputs - recs
-        pix = (diff.square() if self.pixel_loss == "l2" else diff.abs()).mean()
-        nll = self.pixel_weight * pix
+        nll, pix, p = reconstruction_terms(inputs, recs, pixel_loss=self.pixel_loss, pixel_weight=self.pixel_weight,
+                                           perceptual=self.perceptual, perceptual_weight=self.perceptual_weight)
         zero = torch.zeros((), dtype=pix.dtype, device=pix.device)
-        p = zero
-        if self.perceptual is not None:
-            p = self.perceptual(inputs.contiguous(), recs.contiguous()).mean()
-            nll = nll + self.perceptual_weight * p
         loss = nll
         log = {}
         if kl is not None:

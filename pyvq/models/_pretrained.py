@@ -41,6 +41,7 @@ __all__ = [
     "list_presets",
     "load_pretrained",
     "load_run",
+    "model_class_for",
     "register_preset",
 ]
 
@@ -121,6 +122,14 @@ def get_preset(name: str):
 def list_presets() -> list[str]:
     """Sorted names of the registered presets."""
     return sorted(_PRESETS)
+
+
+def model_class_for(config) -> type:
+    """The registered model class whose ``config_class`` is ``config``'s type."""
+    for cls in _MODEL_CLASSES.values():
+        if cls.config_class is type(config):
+            return cls
+    raise KeyError(f"no model class takes a {type(config).__name__} (import the module that defines it first)")
 
 
 # ---------------------------------------------------------------- models

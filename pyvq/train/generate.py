@@ -26,9 +26,7 @@ def decode_codes(tokenizer, codes: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(prior, tokenizer) -> None:
     """The prior models the kind of codes the tokenizer makes."""
-    from pyvq.models.priors import PRIOR_KINDS
-
-    kind = PRIOR_KINDS.get(type(prior.config).__name__)
+    kind = getattr(prior, "code_kind", None)
     if kind is None:
         raise ValueError(f"the prior is a {type(prior).__name__}, not a pyvq prior")
     makes = "indices" if hasattr(tokenizer, "decode_indices") else "keys"
@@ -99,6 +97,13 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
     return {"completion": completion, "decoded": decoded, "keep": keep, "codes": out[0]}
 
 
+def _centre_square(img, size: int, resample):
+    """A PIL image's centre square, resized to size x size."""
+    w, h = img.size
+    s = min(w, h)
+    return img.resize((size, size), resample, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
+
+
 def read_image(path: str, size: int) -> torch.Tensor:
     """(3, size, size) in [-1, 1]: the image's centre square, resized."""
     from PIL import Image
@@ -106,11 +111,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
     from pyvq.data._common import pil_to_tensor, to_rgb
 
     with Image.open(path) as img:
-        img = to_rgb(img)
-        w, h = img.size
-        s = min(w, h)
-        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-        return pil_to_tensor(img.resize((size, size), Image.Resampling.BICUBIC, box=box))
+        return pil_to_tensor(_centre_square(to_rgb(img), size, Image.Resampling.BICUBIC))
 
 
 def read_mask(path: str, size: int) -> torch.Tensor:
@@ -119,11 +120,7 @@ def read_mask(path: str, size: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("L")
-        w, h = img.size
-        s = min(w, h)
-        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-        img = img.resize((size, size), Image.Resampling.NEAREST, box=box)
+        img = _centre_square(img.convert("L"), size, Image.Resampling.NEAREST)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size)
     return (data > 127).float()[None]
 

@@ -15,7 +15,6 @@ import torch
 
 from pyvq.train.config import TrainConfig
 from pyvq.train.distributed import init_distributed
-from pyvq.train.schedule import warmup_cosine
 from pyvq.train.trainer import Trainer, trainable_params
 
 # The field a prior config takes from the codes' metadata.
@@ -28,13 +27,13 @@ def build_prior(name: str, meta: dict, overrides: dict | None = None):
     ``meta`` (a ``codes.json``): code size, number of classes (indices) or
     channels (key codes); ``overrides`` set further config fields."""
     from pyvq.models import _pretrained
-    from pyvq.models.priors import PRIOR_KINDS
+    import pyvq.models  # noqa: F401  (registers the presets and model classes)
 
     config = _pretrained.get_preset(name)
-    kind = PRIOR_KINDS.get(type(config).__name__)
+    cls = _pretrained.model_class_for(config)
+    kind = getattr(cls, "code_kind", None)
     if kind is None:
-        raise ValueError(f"build_prior: preset {name!r} is a {type(config).__name__}, not a prior "
-                         f"(priors: {sorted(PRIOR_KINDS)})")
+        raise ValueError(f"build_prior: preset {name!r} is a {cls.__name__}, not a prior")
     if kind != meta["kind"]:
         raise ValueError(f"build_prior: preset {name!r} models {kind} but the codes hold {meta['kind']}")
     H, W = meta["shape"][-2:]
@@ -42,11 +41,7 @@ def build_prior(name: str, meta: dict, overrides: dict | None = None):
         raise ValueError(f"build_prior: priors model square code maps, the codes are {H} x {W}")
     fields = {f.name for f in dataclasses.fields(config)}
     sized = {k: get(meta) for k, get in _CODE_FIELDS.items() if k in fields and get(meta) is not None}
-    config = dataclasses.replace(config, **{**sized, **(overrides or {})})
-    for cls in _pretrained._MODEL_CLASSES.values():
-        if cls.config_class is type(config):
-            return cls(config)
-    raise KeyError(f"build_prior: no model class takes a {type(config).__name__}")
+    return cls(dataclasses.replace(config, **{**sized, **(overrides or {})}))
 
 
 class PriorTrainer(Trainer):
@@ -83,11 +78,8 @@ class PriorTrainer(Trainer):
             self.config = config = config.with_model_defaults(model.train_defaults())
         self.model = model.to(self.dist.device)
         self.loss = None
-        c = config
-        self.opt_g = torch.optim.AdamW(trainable_params(self.model), lr=c.lr, betas=c.betas, eps=c.adam_eps,
-                                       weight_decay=c.weight_decay)
-        self.sched_g = warmup_cosine(self.opt_g, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
-                                     min_ratio=c.min_lr_ratio)
+        self.opt_g = self._adamw(trainable_params(self.model), config.lr, config.adam_eps)
+        self.sched_g = self._lr_schedule(self.opt_g)
         self.ema = self._make_ema()
         self.dataset = dataset
         self._finish_setup(resume, {"model": self.model})

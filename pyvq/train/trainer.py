@@ -56,10 +56,7 @@ def build_model(name: str, overrides: dict | None = None, base: str | None = Non
         return AsymmetricVQGAN.from_base(base_model, **{**config.scaled_to(base_model.config), **(overrides or {})})
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    for cls in _pretrained._MODEL_CLASSES.values():
-        if cls.config_class is type(config):
-            return cls(config)
-    raise KeyError(f"build_model: no model class takes a {type(config).__name__} (preset {name!r})")
+    return _pretrained.model_class_for(config)(config)
 
 
 def build_dataset(config: TrainConfig, split: str = "train"):
@@ -137,14 +134,10 @@ class Trainer:
             ).to(self.dist.device)
         self.disc = self.loss.discriminator
         c = config
-        self.opt_g = torch.optim.AdamW(trainable_params(self.model), lr=c.lr, betas=c.betas, eps=c.adam_eps,
-                                       weight_decay=c.weight_decay)
-        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.disc_lr or c.lr, betas=c.betas,
-                                       eps=c.adam_eps if c.disc_adam_eps is None else c.disc_adam_eps,
-                                       weight_decay=c.weight_decay)
-        warm = min(c.warmup_steps, c.steps)
-        self.sched_g = warmup_cosine(self.opt_g, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
-        self.sched_d = warmup_cosine(self.opt_d, warmup_steps=warm, total_steps=c.steps, min_ratio=c.min_lr_ratio)
+        self.opt_g = self._adamw(trainable_params(self.model), c.lr, c.adam_eps)
+        self.opt_d = self._adamw(self.disc.parameters(), c.disc_lr or c.lr,
+                                 c.adam_eps if c.disc_adam_eps is None else c.disc_adam_eps)
+        self.sched_g, self.sched_d = self._lr_schedule(self.opt_g), self._lr_schedule(self.opt_d)
         self.ema = self._make_ema()
         self.dataset = dataset if dataset is not None else build_dataset(c, "train")
         self._finish_setup(resume, {"model": self.model, "disc": self.disc})
@@ -264,6 +257,16 @@ class Trainer:
             out["train/usage"] = float(aux["usage"])
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]
         return out
+
+    def _adamw(self, params, lr: float, eps: float) -> torch.optim.AdamW:
+        c = self.config
+        return torch.optim.AdamW(params, lr=lr, betas=c.betas, eps=eps, weight_decay=c.weight_decay)
+
+    def _lr_schedule(self, opt):
+        """Warm-up then cosine decay over the run."""
+        c = self.config
+        return warmup_cosine(opt, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
+                             min_ratio=c.min_lr_ratio)
 
     def _make_ema(self):
         if self.config.ema_decay <= 0:

@@ -148,6 +148,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
     """
 
     config_class = GaussianDiffusionConfig
+    code_kind = "keys"  # the codes it models (see pyvq.data.codes)
 
     def __init__(self, config: GaussianDiffusionConfig):
         super().__init__()

@@ -243,6 +243,7 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
     """
 
     config_class = MultinomialDiffusionConfig
+    code_kind = "indices"  # the codes it models (see pyvq.data.codes)
 
     def __init__(self, config: MultinomialDiffusionConfig):
         super().__init__()
