@@ -1,42 +1,13 @@
-"""Helpers shared by the datasets and mask generators: argument checks,
-per-sample random generators, PIL <-> tensor conversion."""
+"""Helpers shared by the datasets and mask generators: per-sample random
+generators, PIL <-> tensor conversion (argument checks: ``pyvq._checks``)."""
 
 from __future__ import annotations
 
-import numbers
 import zlib
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-def check_int(name: str, value, *, minimum: int | None = None) -> int:
-    """``value`` as an int; a TypeError or ValueError that names ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_float(name: str, value, *, low: float, high: float, low_open: bool = False) -> float:
-    """``value`` as a float in [low, high] (or (low, high] when ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:  # also rejects NaN
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
-    return value
-
-
-def check_seed(name: str, seed) -> int | None:
-    if seed is None:
-        return None
-    return check_int(name, seed, minimum=0)
 
 
 def _key_to_int(key) -> int:

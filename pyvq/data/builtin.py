@@ -66,7 +66,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pyvq.data._common import check_float, check_int, check_seed, derived_generator, pil_to_tensor, randint, uniform
+from pyvq._checks import check_float, check_int, check_seed
+from pyvq.data._common import derived_generator, pil_to_tensor, randint, uniform
 
 __all__ = ["BuiltinImages", "builtin_image_names", "builtin_image_path", "load_builtin_image"]
 

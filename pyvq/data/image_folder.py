@@ -46,7 +46,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from pyvq.data._common import check_int, check_seed, derived_generator, pil_to_tensor, randint, to_rgb
+from pyvq._checks import check_int, check_seed
+from pyvq.data._common import derived_generator, pil_to_tensor, randint, to_rgb
 
 __all__ = ["CorruptImageWarning", "ImageFolder", "IMAGE_EXTENSIONS"]
 

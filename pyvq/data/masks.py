@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pyvq.data._common import check_float, check_int, check_seed, derived_generator, randint, uniform
+from pyvq._checks import check_float, check_int, check_seed
+from pyvq.data._common import derived_generator, randint, uniform
 
 __all__ = ["MaskGenerator", "box_mask", "irregular_mask"]
 

@@ -22,19 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvq.ops.grid import FEATURE_SIZES, MAX_DIM, MAX_RESOLUTION, grid_encode, level_resolutions
-from pyvq.reference.grid import INDEX_MODES, _corner_rows
+from pyvq._checks import check_choice, check_int
+from pyvq.ops.grid import FEATURE_SIZES, INDEX_MODES, MAX_DIM, MAX_RESOLUTION, corner_rows, grid_encode, level_resolutions
 
 __all__ = ["FeatureGrid", "finest_level_rows"]
 
 _NAME = "FeatureGrid"
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{_NAME}: argument '{name}' must be an int {bound}, got {value!r}")
-    return value
 
 
 def finest_level_rows(points: torch.Tensor, resolution: int, table_size: int, index: str) -> torch.Tensor:
@@ -56,7 +49,7 @@ def finest_level_rows(points: torch.Tensor, resolution: int, table_size: int, in
     d = points.shape[-1]
     p = points.detach().to(torch.float64).clamp(0.0, 1.0) * resolution
     cell = p.floor().clamp(max=resolution - 1).to(torch.int64)
-    return torch.stack([_corner_rows(cell, c, resolution, table_size, index) for c in range(2**d)], dim=-1)
+    return torch.stack([corner_rows(cell, c, resolution, table_size, index) for c in range(2**d)], dim=-1)
 
 
 class FeatureGrid(nn.Module):
@@ -98,22 +91,21 @@ class FeatureGrid(nn.Module):
         index: str = "dense_mod",
     ):
         super().__init__()
-        _check_int("num_groups", num_groups, 1)
-        _check_int("key_dim", key_dim, 0, MAX_DIM - 2)
-        _check_int("levels", levels, 1)
-        _check_int("log2_table_size", log2_table_size, 0, 30)
-        _check_int("min_res", min_res, 1, MAX_RESOLUTION)
-        _check_int("max_res", max_res, 1, MAX_RESOLUTION)
-        _check_int("hidden_dim", hidden_dim, 0)
+        check_int("num_groups", num_groups, where=_NAME, minimum=1)
+        check_int("key_dim", key_dim, where=_NAME, minimum=0, maximum=MAX_DIM - 2)
+        check_int("levels", levels, where=_NAME, minimum=1)
+        check_int("log2_table_size", log2_table_size, where=_NAME, minimum=0, maximum=30)
+        check_int("min_res", min_res, where=_NAME, minimum=1, maximum=MAX_RESOLUTION)
+        check_int("max_res", max_res, where=_NAME, minimum=1, maximum=MAX_RESOLUTION)
+        check_int("hidden_dim", hidden_dim, where=_NAME, minimum=0)
         if features not in FEATURE_SIZES:
             raise ValueError(f"{_NAME}: argument 'features' must be one of {FEATURE_SIZES}, got {features!r}")
         if max_res < min_res:
             raise ValueError(f"{_NAME}: argument 'max_res' ({max_res}) must be >= 'min_res' ({min_res})")
-        if index not in INDEX_MODES:
-            raise ValueError(f"{_NAME}: argument 'index' must be one of {INDEX_MODES}, got {index!r}")
+        check_choice("index", index, INDEX_MODES, where=_NAME)
         if out_dim is None:
             out_dim = num_groups * levels * features
-        _check_int("out_dim", out_dim, 1)
+        check_int("out_dim", out_dim, where=_NAME, minimum=1)
         if out_dim % num_groups:
             raise ValueError(
                 f"{_NAME}: argument 'out_dim' ({out_dim}) must be divisible by 'num_groups' ({num_groups}): "

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_positive_ints
+
 __all__ = [
     "EqualConv2d",
     "EqualLinear",
@@ -50,12 +52,6 @@ def lrelu_gain(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.2) * _SQRT2
 
 
-def _positive(cls: str, **values) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{cls}: argument '{name}' must be an int >= 1, got {v!r}")
-
-
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate.
 
@@ -69,7 +65,7 @@ class EqualLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool = True, bias_init: float = 0.0,
                  lr_mul: float = 1.0, activation: bool = False):
         super().__init__()
-        _positive("EqualLinear", in_dim=in_dim, out_dim=out_dim)
+        check_positive_ints(dict(in_dim=in_dim, out_dim=out_dim), where="EqualLinear")
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init) / lr_mul)) if bias else None
         self.scale = lr_mul / math.sqrt(in_dim)
@@ -87,7 +83,7 @@ class EqualConv2d(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, bias: bool = True):
         super().__init__()
-        _positive("EqualConv2d", in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size)
+        check_positive_ints(dict(in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size), where="EqualConv2d")
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
         self.scale = 1.0 / math.sqrt(in_ch * kernel_size**2)
@@ -114,7 +110,7 @@ class StyleMLP(nn.Module):
     def __init__(self, in_dim: int, style_dim: int, num_layers: int = 2, *, lr_mul: float = 0.01,
                  normalize_input: bool = True):
         super().__init__()
-        _positive("StyleMLP", in_dim=in_dim, style_dim=style_dim, num_layers=num_layers)
+        check_positive_ints(dict(in_dim=in_dim, style_dim=style_dim, num_layers=num_layers), where="StyleMLP")
         self.normalize_input = bool(normalize_input)
         dims = [in_dim] + [style_dim] * num_layers
         self.layers = nn.Sequential(
@@ -149,7 +145,7 @@ class ModulatedConv2d(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int, *, demodulate: bool = True,
                  upsample: bool = False):
         super().__init__()
-        _positive("ModulatedConv2d", in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size, style_dim=style_dim)
+        check_positive_ints(dict(in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size, style_dim=style_dim), where="ModulatedConv2d")
         self.in_ch, self.out_ch, self.kernel_size = in_ch, out_ch, kernel_size
         self.demodulate = bool(demodulate)
         self.upsample = bool(upsample)
@@ -248,7 +244,7 @@ class SynthesisNetwork(nn.Module):
             raise ValueError(
                 f"SynthesisNetwork: argument 'channels' must be non-empty with entries >= 1, got {channels}"
             )
-        _positive("SynthesisNetwork", in_channels=in_channels, style_dim=style_dim, out_channels=out_channels)
+        check_positive_ints(dict(in_channels=in_channels, style_dim=style_dim, out_channels=out_channels), where="SynthesisNetwork")
         self.upsample_factor = 2 ** (len(channels) - 1)
         self.input = StyledConv(in_channels, channels[0], style_dim)
         self.input_rgb = ToRGB(channels[0], style_dim, out_channels)
@@ -278,7 +274,7 @@ class MinibatchStddev(nn.Module):
 
     def __init__(self, group_size: int = 4, num_channels: int = 1):
         super().__init__()
-        _positive("MinibatchStddev", group_size=group_size, num_channels=num_channels)
+        check_positive_ints(dict(group_size=group_size, num_channels=num_channels), where="MinibatchStddev")
         self.group_size, self.num_channels = group_size, num_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,8 +332,8 @@ class ResidualDiscriminator(nn.Module):
     def __init__(self, resolution: int, in_channels: int = 3, channels: int = 64, max_channels: int = 512,
                  mbstd_group: int = 4):
         super().__init__()
-        _positive("ResidualDiscriminator", resolution=resolution, in_channels=in_channels, channels=channels,
-                  max_channels=max_channels)
+        check_positive_ints(dict(resolution=resolution, in_channels=in_channels, channels=channels,
+                  max_channels=max_channels), where="ResidualDiscriminator")
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(
                 f"ResidualDiscriminator: argument 'resolution' must be a power of two >= 4, got {resolution}"

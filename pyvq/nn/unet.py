@@ -17,13 +17,13 @@ runs it from the lowest resolution up. All tensors are channels-first,
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_int, is_int
 from pyvq.nn.blocks import Downsample, Upsample
 
 __all__ = ["AttentionBlock", "TimeResBlock", "UNet", "timestep_features"]
@@ -149,12 +149,6 @@ class _Mid(nn.Module):
         return self.res_2(self.attn(self.res_1(h, emb)), emb)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"UNet: argument '{name}' must be an int >= 1, got {value!r}")
-    return int(value)
-
-
 class UNet(nn.Module):
     """DDPM / ADM denoising UNet with time and optional class conditioning.
 
@@ -217,21 +211,21 @@ class UNet(nn.Module):
         resample_with_conv: bool = True,
     ):
         super().__init__()
-        in_channels = _positive_int("in_channels", in_channels)
-        out_channels = _positive_int("out_channels", out_channels)
-        image_size = _positive_int("image_size", image_size)
-        model_channels = _positive_int("model_channels", model_channels)
-        num_res_blocks = _positive_int("num_res_blocks", num_res_blocks)
-        num_groups = _positive_int("num_groups", num_groups)
-        num_heads = _positive_int("num_heads", num_heads)
+        in_channels = check_int("in_channels", in_channels, where="UNet", minimum=1)
+        out_channels = check_int("out_channels", out_channels, where="UNet", minimum=1)
+        image_size = check_int("image_size", image_size, where="UNet", minimum=1)
+        model_channels = check_int("model_channels", model_channels, where="UNet", minimum=1)
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks, where="UNet", minimum=1)
+        num_groups = check_int("num_groups", num_groups, where="UNet", minimum=1)
+        num_heads = check_int("num_heads", num_heads, where="UNet", minimum=1)
         if head_channels is not None:
-            head_channels = _positive_int("head_channels", head_channels)
+            head_channels = check_int("head_channels", head_channels, where="UNet", minimum=1)
         if num_classes is not None:
-            num_classes = _positive_int("num_classes", num_classes)
+            num_classes = check_int("num_classes", num_classes, where="UNet", minimum=1)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"UNet: argument 'dropout' must be in [0, 1), got {dropout!r}")
         channel_mult = tuple(channel_mult)
-        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1
+        if not channel_mult or any(not is_int(m) or m < 1
                                    for m in channel_mult):
             raise ValueError(f"UNet: argument 'channel_mult' must be a non-empty sequence of ints >= 1, "
                              f"got {channel_mult!r}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from pyvq import reference
-from pyvq.ops._common import check_floating, use_kernel
+from pyvq._checks import accumulation_dtype, check_floating
+from pyvq.ops._common import use_kernel
 from pyvq.reference.codebook import COSINE_EPS
 
 _OP = "pyvq.nearest_code"
@@ -88,9 +89,7 @@ def _backward(ctx, grad_distances, grad_indices):
             dd/dx = -(v - <u, v> u) / |x|   (-v / eps where |x| <= eps)
     """
     x, codebook, indices = ctx.saved_tensors
-    dtype = torch.promote_types(x.dtype, codebook.dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    dtype = accumulation_dtype(x.dtype, codebook.dtype)
     D = codebook.shape[1]
     xf = x.reshape(x.shape[:-1].numel(), D).to(dtype)
     idx = indices.reshape(-1)

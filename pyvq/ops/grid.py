@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 
 from pyvq import reference
-from pyvq.ops._common import check_floating, use_kernel
-from pyvq.reference.grid import HASH_PRIMES, INDEX_MODES
+from pyvq._checks import accumulation_dtype, check_floating
+from pyvq.ops._common import use_kernel
+from pyvq.reference.grid import HASH_PRIMES, INDEX_MODES, corner_rows  # noqa: F401  (re-exported for pyvq.nn)
 
 _OP = "pyvq.grid_encode"
 FEATURE_SIZES = (1, 2, 4, 8)
@@ -84,7 +85,7 @@ def level_resolutions(levels: int, min_res: int, max_res: int) -> list[int]:
     return out
 
 
-def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, *, index: str = "dense_mod") -> torch.Tensor:
+def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, index: str = "dense_mod") -> torch.Tensor:
     """Features of points looked up in G groups of L-level feature grids.
 
     Args:
@@ -111,12 +112,8 @@ def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, *, inde
     res = _check(coords, tables, resolutions, index)
     if use_kernel("grid_encode", coords):
         # The kernels read coordinates in the accumulation dtype.
-        return torch.ops.pyvq.grid_encode(coords.to(_acc_dtype(tables.dtype)), tables, res, index)
+        return torch.ops.pyvq.grid_encode(coords.to(accumulation_dtype(tables.dtype)), tables, res, index)
     return reference.grid_encode(coords, tables, res, index)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("pyvq::grid_encode")

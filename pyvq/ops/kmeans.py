@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyvq.ops._common import check_floating
+from pyvq._checks import accumulation_dtype, check_choice, check_floating, check_int
 from pyvq.ops.codebook import nearest_code
 
 _OP = "pyvq.kmeans"
@@ -43,18 +43,11 @@ class KMeansResult(NamedTuple):
     n_iter: int
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check(x, k, iters, init, chain_length, tol, seed) -> None:
     check_floating(x, "x", _OP)
     if x.dim() != 2:
         raise ValueError(f"{_OP}: argument 'x' must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if not _is_int(k):
-        raise TypeError(f"{_OP}: argument 'k' must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"{_OP}: argument 'k' must be >= 1, got {k}")
+    check_int("k", k, where=_OP, minimum=1)
     if k > x.shape[0]:
         raise ValueError(
             f"{_OP}: argument 'k' ({k}) must not exceed the number of points "
@@ -62,16 +55,12 @@ def _check(x, k, iters, init, chain_length, tol, seed) -> None:
         )
     if x.shape[1] == 0:
         raise ValueError(f"{_OP}: argument 'x' must have at least one feature, got shape {tuple(x.shape)}")
-    if not _is_int(iters) or iters < 0:
-        raise ValueError(f"{_OP}: argument 'iters' must be an int >= 0, got {iters!r}")
-    if init not in INITS:
-        raise ValueError(f"{_OP}: argument 'init' must be one of {INITS}, got {init!r}")
-    if not _is_int(chain_length) or chain_length < 1:
-        raise ValueError(f"{_OP}: argument 'chain_length' must be an int >= 1, got {chain_length!r}")
+    check_int("iters", iters, where=_OP, minimum=0)
+    check_choice("init", init, INITS, where=_OP)
+    check_int("chain_length", chain_length, where=_OP, minimum=1)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise ValueError(f"{_OP}: argument 'tol' must be a number >= 0, got {tol!r}")
-    if not _is_int(seed):
-        raise TypeError(f"{_OP}: argument 'seed' must be an int, got {type(seed).__name__}")
+    check_int("seed", seed, where=_OP)
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{_OP}: argument 'x' contains {bad} non-finite (NaN or inf) values")
@@ -219,7 +208,7 @@ def kmeans(
     centroids may differ in the last bits between runs.
     """
     _check(x, k, iters, init, chain_length, tol, seed)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    compute = accumulation_dtype(x.dtype)
     xc = x.to(compute).contiguous()
     n, dim = xc.shape
     gen = torch.Generator(device=xc.device)

@@ -18,9 +18,146 @@ from __future__ import annotations
 
 import torch
 
+from pyvq import reference
+from pyvq._checks import accumulation_dtype, check_floating, check_int, check_tensor
 from pyvq.ops._common import use_kernel
-from pyvq.reference import posterior as _ref
 
+_POSTERIOR = "pyvq.multinomial_posterior"
+_KL = "pyvq.multinomial_kl"
+
+
+# --- argument checks -------------------------------------------------------
+
+def _check_index_tensor(t, name: str, op: str) -> None:
+    check_tensor(t, name, op)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{op}: argument '{name}' must be an int64 tensor of class indices, got dtype {t.dtype}")
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """Whether value checks can (and need to) read ``t``: not empty, not a
+    meta or fake tensor, not while torch.compile traces (the checks would
+    break the graph; the kernels check indices themselves)."""
+    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def _check_indices(t: torch.Tensor, name: str, K: int, op: str) -> None:
+    if _has_data(t):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"{op}: argument '{name}' must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
+
+
+def _check_alpha(t, name: str, B: int, op: str) -> None:
+    check_tensor(t, name, op)
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: argument '{name}' must be a floating-point tensor, got dtype {t.dtype}")
+    if t.shape != (B,):
+        raise ValueError(f"{op}: argument '{name}' must have shape (B,) = ({B},), got {tuple(t.shape)}")
+    if _has_data(t):
+        bad = torch.isnan(t) | (t <= 0) | (t > 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{op}: argument '{name}' must hold values in (0, 1], got {t[bad][0].item()!r} at index "
+                f"{int(bad.nonzero()[0, 0])}"
+            )
+
+
+def _check_common(x_t, logits_shape, logits_name: str, alpha_t, alpha_bar_prev, tensors, op: str) -> None:
+    """Shapes of x_t (B, *S) against (B, K, *S), the alphas, one device."""
+    B, S = x_t.shape[0], tuple(x_t.shape[1:])
+    if len(logits_shape) != x_t.dim() + 1 or logits_shape[0] != B or tuple(logits_shape[2:]) != S:
+        raise ValueError(
+            f"{op}: argument '{logits_name}' must have shape (B, K, *S) = ({B}, K{''.join(f', {s}' for s in S)}) "
+            f"to match 'x_t' {tuple(x_t.shape)}, got {tuple(logits_shape)}"
+        )
+    _check_alpha(alpha_t, "alpha_t", B, op)
+    _check_alpha(alpha_bar_prev, "alpha_bar_prev", B, op)
+    names = [n for n, _ in tensors]
+    devs = [t.device for _, t in tensors]
+    if any(d != devs[0] for d in devs):
+        raise ValueError(
+            f"{op}: arguments {', '.join(repr(n) for n in names)} must be on the same device, got "
+            f"{', '.join(str(d) for d in devs)}"
+        )
+
+
+def _check_x_t(x_t, op: str) -> None:
+    _check_index_tensor(x_t, "x_t", op)
+    if x_t.dim() < 1:
+        raise ValueError(f"{op}: argument 'x_t' must have shape (B, *S), got a 0-d tensor")
+
+
+def _check_posterior_args(x_t, x0, alpha_t, alpha_bar_prev, num_classes=None, *, op: str = _POSTERIOR) -> int:
+    """Validate the arguments of ``multinomial_posterior``; returns K.
+
+    Raises TypeError for wrong types (non-tensors, non-int64 indices,
+    non-floating logits or alphas, a non-int ``num_classes``) and ValueError
+    for wrong shapes or devices, a missing or mismatched ``num_classes``,
+    indices outside [0, K) and alphas outside (0, 1] or NaN; each message
+    names the argument. Value checks read the data (one host sync each)
+    and are skipped on meta / fake tensors and under torch.compile.
+    """
+    _check_x_t(x_t, op)
+    check_tensor(x0, "x0", op)
+    if num_classes is not None:
+        check_int("num_classes", num_classes, where=op)
+    if x0.is_floating_point():
+        if x0.dim() < 2:
+            raise ValueError(f"{op}: argument 'x0' (logits) must have shape (B, K, *S), got {tuple(x0.shape)}")
+        K = x0.shape[1]
+        if num_classes is not None and int(num_classes) != K:
+            raise ValueError(f"{op}: argument 'num_classes' is {int(num_classes)} but 'x0' has K = {K} logits (dim 1)")
+        _check_common(x_t, tuple(x0.shape), "x0", alpha_t, alpha_bar_prev,
+                      [("x_t", x_t), ("x0", x0), ("alpha_t", alpha_t), ("alpha_bar_prev", alpha_bar_prev)], op)
+    elif x0.dtype == torch.int64:
+        if num_classes is None:
+            raise ValueError(f"{op}: argument 'num_classes' (K) is required when 'x0' holds class indices")
+        K = int(num_classes)
+        if K < 1:
+            raise ValueError(f"{op}: argument 'num_classes' must be at least 1, got {K}")
+        if x0.shape != x_t.shape:
+            raise ValueError(
+                f"{op}: argument 'x0' (indices) must have the shape of 'x_t' {tuple(x_t.shape)}, got {tuple(x0.shape)}")
+        _check_common(x_t, (x_t.shape[0], K, *x_t.shape[1:]), "x0", alpha_t, alpha_bar_prev,
+                      [("x_t", x_t), ("x0", x0), ("alpha_t", alpha_t), ("alpha_bar_prev", alpha_bar_prev)], op)
+        _check_indices(x0, "x0", K, op)
+    else:
+        raise TypeError(
+            f"{op}: argument 'x0' must be int64 class indices (B, *S) or floating-point logits (B, K, *S), "
+            f"got dtype {x0.dtype}"
+        )
+    if K < 1:
+        raise ValueError(f"{op}: the number of classes K must be at least 1, got {K}")
+    _check_indices(x_t, "x_t", K, op)
+    return K
+
+
+def _check_kl_args(x_t, x0, x0_logits, alpha_t, alpha_bar_prev, *, op: str = _KL) -> int:
+    """Validate the arguments of ``multinomial_kl``; returns K. Same errors
+    as ``_check_posterior_args`` (``x0`` must be int64 indices of x_t's shape,
+    ``x0_logits`` floating (B, K, *S))."""
+    _check_x_t(x_t, op)
+    _check_index_tensor(x0, "x0", op)
+    check_floating(x0_logits, "x0_logits", op, holds="of logits")
+    if x0.shape != x_t.shape:
+        raise ValueError(f"{op}: argument 'x0' must have the shape of 'x_t' {tuple(x_t.shape)}, got {tuple(x0.shape)}")
+    if x0_logits.dim() < 2:
+        raise ValueError(f"{op}: argument 'x0_logits' must have shape (B, K, *S), got {tuple(x0_logits.shape)}")
+    _check_common(x_t, tuple(x0_logits.shape), "x0_logits", alpha_t, alpha_bar_prev,
+                  [("x_t", x_t), ("x0", x0), ("x0_logits", x0_logits), ("alpha_t", alpha_t),
+                   ("alpha_bar_prev", alpha_bar_prev)], op)
+    K = x0_logits.shape[1]
+    if K < 1:
+        raise ValueError(f"{op}: the number of classes K (x0_logits.shape[1]) must be at least 1, got {K}")
+    _check_indices(x_t, "x_t", K, op)
+    _check_indices(x0, "x0", K, op)
+    return K
+
+
+# --- the ops ---------------------------------------------------------------
 
 def multinomial_posterior(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor,
                           alpha_bar_prev: torch.Tensor, *, num_classes: int | None = None) -> torch.Tensor:
@@ -41,11 +178,11 @@ def multinomial_posterior(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Te
         in the logits' dtype, or alpha_t's for indices. Differentiable with
         respect to the logits.
     """
-    K = _ref.check_posterior_args(x_t, x0, alpha_t, alpha_bar_prev, num_classes)
+    K = _check_posterior_args(x_t, x0, alpha_t, alpha_bar_prev, num_classes)
     if use_kernel("multinomial_posterior", x_t):
         out = torch.ops.pyvq.multinomial_posterior(x_t, x0, alpha_t, alpha_bar_prev, K)
         return out if x0.is_floating_point() else out.to(alpha_t.dtype)
-    return _ref._multinomial_posterior(x_t, x0, alpha_t, alpha_bar_prev, K)
+    return reference.multinomial_posterior(x_t, x0, alpha_t, alpha_bar_prev, num_classes=K)
 
 
 def multinomial_kl(x_t: torch.Tensor, x0: torch.Tensor, x0_logits: torch.Tensor, alpha_t: torch.Tensor,
@@ -64,21 +201,17 @@ def multinomial_kl(x_t: torch.Tensor, x0: torch.Tensor, x0_logits: torch.Tensor,
         differentiable with respect to ``x0_logits``. With
         ``alpha_bar_prev == 1`` it is ``-log p_theta(z_0 | z_t)``.
     """
-    _ref.check_kl_args(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
+    _check_kl_args(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
     if use_kernel("multinomial_kl", x_t):
         return torch.ops.pyvq.multinomial_kl(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
-    return _ref._multinomial_kl(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
-
-
-def _index_out_dtype(alpha_t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if alpha_t.dtype == torch.float64 else torch.float32
+    return reference.multinomial_kl(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
 
 
 @torch.library.register_fake("pyvq::multinomial_posterior")
 def _posterior_fake(x_t, x0, alpha_t, alpha_bar_prev, num_classes):
     if x0.is_floating_point():
         return x0.new_empty(x0.shape)
-    return alpha_t.new_empty((x_t.shape[0], num_classes, *x_t.shape[1:]), dtype=_index_out_dtype(alpha_t))
+    return alpha_t.new_empty((x_t.shape[0], num_classes, *x_t.shape[1:]), dtype=accumulation_dtype(alpha_t.dtype))
 
 
 @torch.library.register_fake("pyvq::_multinomial_posterior_backward")

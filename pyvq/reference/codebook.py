@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from pyvq._checks import accumulation_dtype
+
 COSINE_EPS = 1e-12  # the norm clamp of metric="cosine", as F.normalize
 
 
 def _flatten(x: torch.Tensor, codebook: torch.Tensor):
-    dtype = torch.promote_types(x.dtype, codebook.dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    dtype = accumulation_dtype(x.dtype, codebook.dtype)
     return x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(dtype), codebook.to(dtype)
 
 

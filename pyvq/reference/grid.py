@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import torch
 
+from pyvq._checks import accumulation_dtype
+
 INDEX_MODES = ("dense_mod", "hash")
 # Instant-NGP's spatial-hash primes (pi_1 = 1); d <= len(HASH_PRIMES).
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 _MASK32 = 0xFFFFFFFF
 
 
-def _corner_rows(cell: torch.Tensor, corner: int, r: int, T: int, index: str) -> torch.Tensor:
+def corner_rows(cell: torch.Tensor, corner: int, r: int, T: int, index: str) -> torch.Tensor:
     """int64 rows of one corner (bit k of ``corner`` = +1 along axis k) of
     the cells ``cell`` (..., d) at resolution ``r``."""
     d = cell.shape[-1]
@@ -52,7 +54,7 @@ def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, index: 
     """``coords`` (N, G, d), ``tables`` (G, L, T, F) -> (N, G, L * F)."""
     N, G, d = coords.shape
     _, L, T, F = tables.shape
-    acc = torch.float64 if tables.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(tables.dtype)
     x = coords.to(acc)
     # Clamp with an explicit gradient mask: gradient for 0 < x < 1 only.
     x = torch.where((x > 0) & (x < 1), x, x.detach().clamp(0.0, 1.0))
@@ -68,7 +70,7 @@ def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, index: 
             weight = torch.ones(N, G, dtype=acc, device=coords.device)
             for k in range(d):
                 weight = weight * (w[..., k] if (corner >> k) & 1 else 1.0 - w[..., k])
-            rows = _corner_rows(cell, corner, r, T, index)
+            rows = corner_rows(cell, corner, r, T, index)
             level_out = level_out + weight[..., None] * tab[g_idx, level, rows]
         outs.append(level_out)
     out = torch.cat(outs, dim=-1) if outs else torch.zeros(N, G, 0, dtype=acc, device=coords.device)

@@ -660,14 +660,20 @@ BAD_POSTERIOR = [  # (make -> args, form ("index" | "logits"), num_classes, exce
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# The references are pure math on checked arguments; the public op checks its
+# arguments whichever backend then computes (PYVQ_BACKEND=reference or kernel).
+BACKENDS = [pytest.param("reference", id="reference"), pytest.param("kernel", id="pyvq_op")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make,form,num_classes,exc,msg", BAD_POSTERIOR,
                          ids=[f"bad{i}" for i in range(len(BAD_POSTERIOR))])
-def test_bad_input_posterior(impl, make, form, num_classes, exc, msg):
+def test_bad_input_posterior(backend, make, form, num_classes, exc, msg, monkeypatch):
+    monkeypatch.setenv("PYVQ_BACKEND", backend)
     a = make()
     x0 = a["x0"] if form == "index" else a["logits"]
     with pytest.raises(exc, match=msg):
-        _posterior(impl)(a["x_t"], x0, a["alpha_t"], a["alpha_bar_prev"], num_classes=num_classes)
+        pyvq.ops.multinomial_posterior(a["x_t"], x0, a["alpha_t"], a["alpha_bar_prev"], num_classes=num_classes)
 
 
 BAD_KL = [  # (make -> args, exception, message)
@@ -690,12 +696,13 @@ BAD_KL = [  # (make -> args, exception, message)
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make,exc,msg", BAD_KL, ids=[f"bad{i}" for i in range(len(BAD_KL))])
-def test_bad_input_kl(impl, make, exc, msg):
+def test_bad_input_kl(backend, make, exc, msg, monkeypatch):
+    monkeypatch.setenv("PYVQ_BACKEND", backend)
     a = make()
     with pytest.raises(exc, match=msg):
-        _kl(impl)(a["x_t"], a["x0"], a["logits"], a["alpha_t"], a["alpha_bar_prev"])
+        pyvq.ops.multinomial_kl(a["x_t"], a["x0"], a["logits"], a["alpha_t"], a["alpha_bar_prev"])
 
 
 # Errors the dispatcher ops must raise on their own (torch.ops users skip

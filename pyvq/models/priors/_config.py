@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import numbers
 
+from pyvq._checks import check_positive_fields, int_tuple
 from pyvq.nn.unet import UNet
-
-
-def is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def int_tuple(cls: str, name: str, value) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}")
-    out = tuple(value)
-    if not all(is_int(v) for v in out):
-        raise ValueError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}")
-    return tuple(int(v) for v in out)
 
 
 def level_sizes(config) -> tuple[int, ...]:
@@ -32,11 +20,10 @@ def check_unet_fields(config, cls: str, *, ints: tuple[str, ...] = (), strict_at
     ``scale_shift``) plus the int fields ``ints``; ``strict_attention``: an
     attention size no level has is an error (else it is ignored)."""
     for name in ("channel_mult", "attention_resolutions"):
-        object.__setattr__(config, name, int_tuple(cls, name, getattr(config, name)))
-    for name in ("code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads", "num_groups") + ints:
-        v = getattr(config, name)
-        if not is_int(v) or v < 1:
-            raise ValueError(f"{cls}: field {name!r} must be an int >= 1, got {v!r}")
+        object.__setattr__(config, name, int_tuple(name, getattr(config, name), where=cls))
+    check_positive_fields(
+        config, ("code_size", "timesteps", "model_channels", "num_res_blocks", "num_heads", "num_groups") + ints,
+        where=cls)
     if not config.channel_mult or min(config.channel_mult) < 1:
         raise ValueError(f"{cls}: field 'channel_mult' must be non-empty with entries >= 1, got {config.channel_mult}")
     f = 2 ** (len(config.channel_mult) - 1)

@@ -46,7 +46,8 @@ from torch import nn
 
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
-from pyvq.models.priors._config import build_unet, check_unet_fields, is_int, level_sizes
+from pyvq._checks import is_int
+from pyvq.models.priors._config import build_unet, check_unet_fields, level_sizes
 
 __all__ = ["GaussianDiffusion", "GaussianDiffusionConfig"]
 

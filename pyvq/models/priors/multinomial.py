@@ -69,9 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import accumulation_dtype, is_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule
-from pyvq.models.priors._config import build_unet, check_unet_fields, is_int
+from pyvq.models.priors._config import build_unet, check_unet_fields
 from pyvq.ops import multinomial_kl, multinomial_posterior
 
 __all__ = [
@@ -143,7 +144,7 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
 def _gumbel_argmax(log_probs: torch.Tensor, generator) -> torch.Tensor:
     """One draw per position from Cat(exp(log_probs)) over dim 1: (B, K, *S) -> (B, *S)."""
     u = _rand(log_probs.shape, generator, log_probs.device).clamp_(min=torch.finfo(torch.float32).tiny)
-    log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
+    log_probs = log_probs.to(accumulation_dtype(log_probs.dtype))
     return (log_probs - torch.log(-torch.log(u))).argmax(dim=1)
 
 

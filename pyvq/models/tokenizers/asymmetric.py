@@ -64,9 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_image, int_tuple
 from pyvq.models._pretrained import PretrainedModel, config_from_dict, get_preset, register_preset
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig, _check_image, _int_tuple
+from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 from pyvq.nn.blocks import Decoder
 from pyvq.nn.partial_conv import PartialConv2d
 
@@ -261,7 +262,7 @@ class AsymmetricVQGANConfig:
                 object.__setattr__(self, key, getattr(bc, key))
         for key in ("ch_mult", "attn_resolutions"):
             value = getattr(bc, key) if getattr(self, key) is None else getattr(self, key)
-            object.__setattr__(self, key, _int_tuple(key, name, value))
+            object.__setattr__(self, key, int_tuple(key, value, where=name))
         if self.cond_ch is None:
             object.__setattr__(self, "cond_ch", self.ch)
         for key in ("ch", "num_res_blocks", "cond_ch"):
@@ -419,7 +420,7 @@ class AsymmetricVQGAN(PretrainedModel, nn.Module):
         Returns (x_rec, aux): aux is the VQ aux dict (VQ base) or the posterior
         (KL base; the decoder gets its mode, or a sample with ``sample_posterior``).
         """
-        _check_image("AsymmetricVQGAN", x, self.config.base().in_channels, self.downsample_factor)
+        check_image(x, where="AsymmetricVQGAN", channels=self.config.base().in_channels, factor=self.downsample_factor)
         if self.config.base_kind == "vq":
             z, _, aux = self.encode(x)
         else:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
-from pyvq.models.tokenizers.vqgan import _check_image, _check_positive, _int_tuple
 from pyvq.nn import Decoder, Encoder
 from pyvq.nn.blocks import arch_kwargs
 
@@ -131,10 +131,9 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         name = "AutoencoderKLConfig"
-        object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", name, self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", _int_tuple("attn_resolutions", name, self.attn_resolutions))
-        _check_positive(
-            name, self, ("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch")
+        object.__setattr__(self, "ch_mult", int_tuple("ch_mult", self.ch_mult, where=name))
+        object.__setattr__(self, "attn_resolutions", int_tuple("attn_resolutions", self.attn_resolutions, where=name))
+        check_positive_fields(self, where=name, names=("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch")
         )
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"{name}: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
@@ -177,7 +176,7 @@ class AutoencoderKL(PretrainedModel, nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Posterior of images x (B, in_channels, H, W): a Gaussian over
         (B, embed_dim, H/f, W/f)."""
-        _check_image("AutoencoderKL.encode", x, self.config.in_channels, self.downsample_factor)
+        check_image(x, where="AutoencoderKL.encode", channels=self.config.in_channels, factor=self.downsample_factor)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

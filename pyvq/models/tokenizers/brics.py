@@ -52,14 +52,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.tokenizers.autoencoder_kl import DiagonalGaussianDistribution
-from pyvq.models.tokenizers.vqgan import _check_image, _check_positive, _int_tuple
 from pyvq.nn.blocks import Encoder
 from pyvq.nn.feature_grid import FeatureGrid
 from pyvq.nn.stylegan import StyleMLP, SynthesisNetwork
-from pyvq.ops.grid import FEATURE_SIZES, MAX_DIM
-from pyvq.reference.grid import INDEX_MODES
+from pyvq.ops.grid import FEATURE_SIZES, INDEX_MODES, MAX_DIM
 
 __all__ = ["BRICS", "BRICSConfig", "tile_codes"]
 
@@ -152,11 +151,11 @@ class BRICSConfig:
     gan_penalty_weight: float = 4.0
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", _NAME, self.ch_mult))
-        object.__setattr__(self, "decoder_channels", _int_tuple("decoder_channels", _NAME, self.decoder_channels))
+        object.__setattr__(self, "ch_mult", int_tuple("ch_mult", self.ch_mult, where=_NAME))
+        object.__setattr__(self, "decoder_channels", int_tuple("decoder_channels", self.decoder_channels, where=_NAME))
         if self.attn_resolutions is not None:
-            object.__setattr__(self, "attn_resolutions", _int_tuple("attn_resolutions", _NAME, self.attn_resolutions))
-        _check_positive(_NAME, self, (
+            object.__setattr__(self, "attn_resolutions", int_tuple("attn_resolutions", self.attn_resolutions, where=_NAME))
+        check_positive_fields(self, where=_NAME, names=(
             "resolution", "in_channels", "out_channels", "ch", "num_res_blocks", "code_size", "code_channels",
             "key_dim", "feature_size", "feature_channels", "levels", "min_res", "max_res", "style_dim",
             "style_layers", "disc_channels", "disc_max_channels",
@@ -285,7 +284,7 @@ class BRICS(PretrainedModel, nn.Module):
 
     # ------------------------------------------------------------ encoding
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution | None]:
-        _check_image("BRICS.encode", x, self.config.in_channels, self.downsample_factor)
+        check_image(x, where="BRICS.encode", channels=self.config.in_channels, factor=self.downsample_factor)
         h = self.encoder(x)
         if not self.config.kl:
             return torch.sigmoid(h), None

@@ -21,25 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs
 
 __all__ = ["VQGAN", "VQGANConfig"]
-
-
-def _int_tuple(name: str, cls: str, value) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{cls}: field {name!r} must be a sequence of ints, got {value!r}") from None
-
-
-def _check_positive(cls: str, config, names) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{cls}: field {name!r} must be an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -87,14 +74,11 @@ class VQGANConfig:
     dead_code_threshold: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", "VQGANConfig", self.ch_mult))
+        object.__setattr__(self, "ch_mult", int_tuple("ch_mult", self.ch_mult, where="VQGANConfig"))
         object.__setattr__(
-            self, "attn_resolutions", _int_tuple("attn_resolutions", "VQGANConfig", self.attn_resolutions)
+            self, "attn_resolutions", int_tuple("attn_resolutions", self.attn_resolutions, where="VQGANConfig")
         )
-        _check_positive(
-            "VQGANConfig",
-            self,
-            ("embed_dim", "n_embed", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"),
+        check_positive_fields(self, where="VQGANConfig", names=("embed_dim", "n_embed", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"),
         )
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"VQGANConfig: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
@@ -105,18 +89,6 @@ class VQGANConfig:
     def downsample_factor(self) -> int:
         """Side length ratio image / latent, ``2 ** (len(ch_mult) - 1)``."""
         return 2 ** (len(self.ch_mult) - 1)
-
-
-def _check_image(model: str, x, channels: int, factor: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{model}: argument 'x' must be a floating-point tensor")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{model}: argument 'x' must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
-    if x.shape[2] % factor or x.shape[3] % factor:
-        raise ValueError(
-            f"{model}: image height and width must be divisible by the downsampling factor {factor}, "
-            f"got {tuple(x.shape[2:])}"
-        )
 
 
 class VQGAN(PretrainedModel, nn.Module):
@@ -172,7 +144,7 @@ class VQGAN(PretrainedModel, nn.Module):
             indices: (B, H/f, W/f) int64;
             aux: dict with ``loss``, ``perplexity``, ``usage``, ``indices``.
         """
-        _check_image("VQGAN.encode", x, self.config.in_channels, self.downsample_factor)
+        check_image(x, where="VQGAN.encode", channels=self.config.in_channels, factor=self.downsample_factor)
         q = self.quantize(self.quant_conv(self.encoder(x)))
         aux = {"loss": q.loss, "perplexity": q.perplexity, "usage": q.usage, "indices": q.indices}
         return q.z_q, q.indices, aux
