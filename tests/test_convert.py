@@ -469,3 +469,20 @@ def test_from_diffusers_directory_errors(tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         with_config()
+
+
+def test_package_surface():
+    """pyvq.convert is a package whose public names are the two converters."""
+    import pyvq.convert as convert
+
+    assert sorted(convert.__all__) == ["from_diffusers", "from_taming"]
+    assert convert.from_taming is from_taming and convert.from_diffusers is from_diffusers
+
+
+def test_from_diffusers_warning_points_at_the_caller(tmp_path):
+    """The dropped-latent-statistics warning is attributed to the caller's line, not to pyvq.convert."""
+    source = _kl_pyvq_source()
+    _write_diffusers_dir(source, "AutoencoderKL", dict(KL_DIR_CONFIG, shift_factor=0.1159), tmp_path)
+    with pytest.warns(UserWarning, match="shift_factor=0.1159") as record:
+        from_diffusers(tmp_path)
+    assert [w.filename for w in record] == [__file__]
