@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyvq._checks import check_int
 from pyvq.losses.perceptual import perceptual_module, reconstruction_terms
 
 __all__ = ["ReconstructionWGANLoss", "gradient_penalty", "r1_penalty", "wgan_d_loss", "wgan_g_loss"]
@@ -125,8 +126,7 @@ class ReconstructionWGANLoss(nn.Module):
                        ("drift_weight", drift_weight), ("kl_weight", kl_weight)):
             if not v >= 0:
                 raise ValueError(f"{name}: argument '{arg}' must be >= 0, got {v}")
-        if isinstance(penalty_every, bool) or not isinstance(penalty_every, int) or penalty_every < 1:
-            raise ValueError(f"{name}: argument 'penalty_every' must be an int >= 1, got {penalty_every!r}")
+        check_int("penalty_every", penalty_every, where=name, minimum=1)
         self.discriminator = discriminator
         self.pixel_loss = pixel_loss
         self.pixel_weight = float(pixel_weight)

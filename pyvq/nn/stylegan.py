@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvq._checks import check_positive_ints
+from pyvq._checks import check_int, check_positive_ints
 
 __all__ = [
     "EqualConv2d",
@@ -338,8 +338,7 @@ class ResidualDiscriminator(nn.Module):
             raise ValueError(
                 f"ResidualDiscriminator: argument 'resolution' must be a power of two >= 4, got {resolution}"
             )
-        if isinstance(mbstd_group, bool) or not isinstance(mbstd_group, int) or mbstd_group < 0:
-            raise ValueError(f"ResidualDiscriminator: argument 'mbstd_group' must be an int >= 0, got {mbstd_group!r}")
+        check_int("mbstd_group", mbstd_group, where="ResidualDiscriminator", minimum=0)
         self.resolution, self.in_channels = resolution, in_channels
 
         def ch(res: int) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from pyvq import reference
-from pyvq._checks import accumulation_dtype, check_floating
+from pyvq._checks import accumulation_dtype, check_floating, is_int
 from pyvq.ops._common import use_kernel
 from pyvq.reference.grid import HASH_PRIMES, INDEX_MODES, corner_rows  # noqa: F401  (re-exported for pyvq.nn)
 
@@ -52,7 +52,7 @@ def _check(coords, tables, resolutions, index) -> list[int]:
         raise TypeError(f"{_OP}: argument 'resolutions' must be a sequence of L ints, got {type(resolutions).__name__}")
     res = []
     for r in resolutions:
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RESOLUTION:
+        if not is_int(r) or not 1 <= r <= MAX_RESOLUTION:
             raise ValueError(f"{_OP}: argument 'resolutions' must hold ints in [1, 2**20], got {list(resolutions)}")
         res.append(int(r))
     if L < 1:
