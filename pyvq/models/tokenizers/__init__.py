@@ -3,17 +3,11 @@
 grids), and the asymmetric (frozen-encoder, mask-conditioned decoder)
 tokenizer on VQGAN or AutoencoderKL."""
 
-from pyvq.models.tokenizers.asymmetric import (
-    AsymmetricVQGAN,
-    AsymmetricVQGANConfig,
-    MaskConditionDecoder,
-    decoder_gflops,
-    decoder_parameter_count,
-    mask_guided_blend,
-)
+from pyvq.models.tokenizers.asymmetric import AsymmetricVQGAN, AsymmetricVQGANConfig, decoder_gflops, decoder_parameter_count
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from pyvq.models.tokenizers.brics import BRICS, BRICSConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
+from pyvq.nn.mask_decoder import MaskConditionDecoder, mask_guided_blend  # moved to pyvq.nn, still importable here
 
 __all__ = [
     "BRICS",
