@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pyvq.models import VQGAN, AsymmetricVQGAN, AsymmetricVQGANConfig, AutoencoderKL, get_preset, load_pretrained
-from pyvq.models.tokenizers import decoder_gflops, decoder_parameter_count
+from pyvq.models.cost import decoder_gflops, decoder_parameter_count
 from pyvq.nn import Decoder, mask_guided_blend
 
 

@@ -3,7 +3,7 @@
 grids), and the asymmetric (frozen-encoder, mask-conditioned decoder)
 tokenizer on VQGAN or AutoencoderKL."""
 
-from pyvq.models.tokenizers.asymmetric import AsymmetricVQGAN, AsymmetricVQGANConfig, decoder_gflops, decoder_parameter_count
+from pyvq.models.tokenizers.asymmetric import AsymmetricVQGAN, AsymmetricVQGANConfig
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from pyvq.models.tokenizers.brics import BRICS, BRICSConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -24,3 +24,13 @@ __all__ = [
     "decoder_parameter_count",
     "mask_guided_blend",
 ]
+
+
+def __getattr__(name: str):
+    # The decoder cost helpers moved to pyvq.models.cost, which imports this
+    # package, so they are looked up on first use rather than imported above.
+    if name in ("decoder_gflops", "decoder_parameter_count"):
+        from pyvq.models import cost
+
+        return getattr(cost, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,8 @@ is the convention of the paper and of diffusers' ``AsymmetricAutoencoderKL``.
 
 The decoder is ``pyvq.nn.MaskConditionDecoder`` (``pyvq/nn/mask_decoder.py``:
 ``pyvq.nn.Decoder`` plus a ``ConditionEncoder`` and mask-guided blending; its
-docstring gives the blend points and modes).
+docstring gives the blend points and modes). Its parameter count and GFLOPs
+are in ``pyvq.models.cost``.
 
 Correspondence with diffusers' ``AsymmetricAutoencoderKL`` (for a converter):
 ``encoder.*`` <-> ``base.encoder.*`` (diffusers' block names),
@@ -41,7 +42,7 @@ from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLCo
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 from pyvq.nn.mask_decoder import BLEND_MODES, MaskConditionDecoder
 
-__all__ = ["AsymmetricVQGAN", "AsymmetricVQGANConfig", "decoder_gflops", "decoder_parameter_count"]
+__all__ = ["AsymmetricVQGAN", "AsymmetricVQGANConfig"]
 
 _BASES = {"vq": (VQGAN, VQGANConfig), "kl": (AutoencoderKL, AutoencoderKLConfig)}
 
@@ -274,44 +275,6 @@ class AsymmetricVQGAN(PretrainedModel, nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         """The new decoder's last conv weight (adaptive GAN weight)."""
         return self.decoder.conv_out.weight
-
-
-# ----------------------------------------------------------------- helpers
-def decoder_parameter_count(model_or_config) -> int:
-    """Parameters of the new decoder (condition encoder and fuse convs
-    included) of an ``AsymmetricVQGAN`` or ``AsymmetricVQGANConfig`` (built
-    on the meta device, no memory)."""
-    if isinstance(model_or_config, AsymmetricVQGANConfig):
-        with torch.device("meta"):
-            dec = MaskConditionDecoder(**model_or_config.decoder_kwargs())
-    elif isinstance(model_or_config, AsymmetricVQGAN):
-        dec = model_or_config.decoder
-    else:
-        raise TypeError(f"decoder_parameter_count: expected an AsymmetricVQGAN or its config, got {type(model_or_config).__name__}")
-    return sum(p.numel() for p in dec.parameters())
-
-
-def decoder_gflops(config: AsymmetricVQGANConfig, height: int, width: int, conditioned: bool = True) -> float:
-    """GFLOPs (2 per multiply-add) of one decoder pass (post_quant_conv
-    included) for an (height, width) image, batch 1, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (convs,
-    matmuls, attention; norms and activations are not counted).
-    ``conditioned``: include the condition encoder and blends."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    f = config.downsample_factor
-    if height % f or width % f:
-        raise ValueError(f"decoder_gflops: height and width must be divisible by {f}, got {(height, width)}")
-    base = config.base()
-    with torch.device("meta"):
-        dec = MaskConditionDecoder(**config.decoder_kwargs())
-        pqc = nn.Conv2d(base.embed_dim, base.z_channels, kernel_size=1)
-        z = torch.empty(1, base.embed_dim, height // f, width // f)
-        args = (torch.empty(1, base.in_channels, height, width), torch.empty(1, 1, height, width)) if conditioned else ()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        dec(pqc(z), *args)
-    return counter.get_total_flops() / 1e9
 
 
 # ----------------------------------------------------------------- presets
