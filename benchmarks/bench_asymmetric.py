@@ -24,7 +24,7 @@ from benchmarks.harness import Table, ratio  # noqa: E402
 def main() -> None:
     from pyvq.models import list_presets
     from pyvq.models._pretrained import get_preset
-    from pyvq.models.tokenizers import decoder_gflops, decoder_parameter_count
+    from pyvq.models.cost import decoder_gflops, decoder_parameter_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256, help="image height and width")

@@ -134,30 +134,16 @@ def main() -> None:
 
 
 def decoder_gflops() -> None:
-    """GFLOPs (2 per multiply-add) of the brics_64x64x4 decoder for one
-    256 x 256 image, counted on the meta device by FlopCounterMode (convs,
-    linears); the grid retrieval, a custom op the counter cannot see, is
-    counted by hand: per query point, group and level, 2**d corner weights
-    (d - 1 multiplications each) and F multiply-adds per corner."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """GFLOPs of the brics_64x64x4 decoder for one 256 x 256 image
+    (pyvq.models.cost: FlopCounterMode on the meta device, plus the grid
+    retrieval counted by hand)."""
     from pyvq.models import get_preset
-    from pyvq.models.tokenizers import BRICS
+    from pyvq.models.cost import brics_decoder_gflops, brics_retrieval_gflops
 
     config = get_preset("brics_64x64x4")
-    with torch.device("meta"):
-        model = BRICS(config).eval()
-        keys = torch.empty(1, config.code_channels, config.code_size, config.code_size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.decode(keys)
-    d = config.key_dim + 2
-    points = config.feature_size**2 * config.num_groups
-    retrieval = points * config.levels * 2**d * ((d - 1) + 2 * config.features)
-    total = counter.get_total_flops() + retrieval
-    print(f"\nbrics_64x64x4 decoder, one 256x256 image: {total / 1e9:.2f} GFLOPs "
-          f"(feature retrieval {retrieval / 1e9:.3f}; the paper's Table 3: 63.41 including retrieval, "
+    total, retrieval = brics_decoder_gflops(config), brics_retrieval_gflops(config)
+    print(f"\nbrics_64x64x4 decoder, one 256x256 image: {total:.2f} GFLOPs "
+          f"(feature retrieval {retrieval:.3f}; the paper's Table 3: 63.41 including retrieval, "
           f"retrieval alone about 0.27)")
 
 

@@ -9,6 +9,12 @@ from pyvq.models._pretrained import (
     load_run,
     register_preset,
 )
+from pyvq.models.cost import (
+    brics_decoder_gflops,
+    brics_retrieval_gflops,
+    decoder_gflops,
+    decoder_parameter_count,
+)
 from pyvq.models.priors import (
     GaussianDiffusion,
     GaussianDiffusionConfig,
@@ -42,6 +48,10 @@ __all__ = [
     "MultinomialDiffusionConfig",
     "PretrainedModel",
     "VQGANConfig",
+    "brics_decoder_gflops",
+    "brics_retrieval_gflops",
+    "decoder_gflops",
+    "decoder_parameter_count",
     "get_preset",
     "list_presets",
     "load_pretrained",

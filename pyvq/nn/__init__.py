@@ -2,6 +2,7 @@
 
 from pyvq.nn.blocks import AttnBlock, Decoder, Downsample, Encoder, Normalize, ResnetBlock, Upsample
 from pyvq.nn.feature_grid import FeatureGrid
+from pyvq.nn.mask_decoder import BLEND_MODES, ConditionEncoder, MaskConditionDecoder, mask_guided_blend
 from pyvq.nn.partial_conv import PartialConv2d
 from pyvq.nn.stylegan import (
     ModulatedConv2d,
@@ -14,11 +15,14 @@ from pyvq.nn.unet import UNet
 from pyvq.nn.vector_quantizer import QuantizerOutput, VectorQuantizer, code_usage_stats
 
 __all__ = [
+    "BLEND_MODES",
     "AttnBlock",
+    "ConditionEncoder",
     "Decoder",
     "Downsample",
     "Encoder",
     "FeatureGrid",
+    "MaskConditionDecoder",
     "ModulatedConv2d",
     "Normalize",
     "PartialConv2d",
@@ -32,4 +36,5 @@ __all__ = [
     "Upsample",
     "VectorQuantizer",
     "code_usage_stats",
+    "mask_guided_blend",
 ]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pyvq.models import VQGAN, AsymmetricVQGAN, AsymmetricVQGANConfig, AutoencoderKL, get_preset, load_pretrained
-from pyvq.models.tokenizers import decoder_gflops, decoder_parameter_count, mask_guided_blend
-from pyvq.nn import Decoder
+from pyvq.models.cost import decoder_gflops, decoder_parameter_count
+from pyvq.nn import Decoder, mask_guided_blend
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
