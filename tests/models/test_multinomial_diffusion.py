@@ -41,8 +41,8 @@ def small(seed: int = 0, randomize_out: bool = True, **overrides) -> Multinomial
     model = MultinomialDiffusion(small_config(**overrides))
     if randomize_out:
         with torch.no_grad():
-            model.unet.conv_out.weight.normal_(0, 0.05)
-            model.unet.conv_out.bias.normal_(0, 0.1)
+            model.net.conv_out.weight.normal_(0, 0.05)
+            model.net.conv_out.bias.normal_(0, 0.1)
     return model
 
 
@@ -104,7 +104,7 @@ def test_training_loss_shape_and_estimator():
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
     assert set(logs) == {"train/vlb", "train/kl"} and all(isinstance(v, float) for v in logs.values())
     loss.backward()
-    assert model.unet.conv_out.weight.grad is not None and torch.isfinite(model.unet.conv_out.weight.grad).all()
+    assert model.net.conv_out.weight.grad is not None and torch.isfinite(model.net.conv_out.weight.grad).all()
     # The documented draw order, replayed: t, then z_t; loss = mean L / p(t).
     g = gen(5)
     t, p = model.sample_timesteps(6, generator=g)
@@ -400,7 +400,7 @@ def test_presets_and_parameter_counts():
     assert tiny.timesteps == 100 and tiny.model_channels == 32 and tiny.num_res_blocks == 1
     # the tiny preset builds with another codebook size
     m = MultinomialDiffusion.from_preset("vqddm_tiny", num_classes=16)
-    assert m.unet.conv_in.in_channels == 16 and m.unet.conv_out.out_channels == 16
+    assert m.net.conv_in.in_channels == 16 and m.net.conv_out.out_channels == 16
 
 
 def test_train_defaults_fit_trainconfig():

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from pyvq._checks import ArgumentTypeError
 from pyvq.models.priors.schedules import (
     SCHEDULES,
     Schedule,
@@ -173,3 +174,30 @@ def test_min_snr_weight():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: make_schedule("cosine", 10.0), r"make_schedule: argument 'T' must be an int >= 1, got 10.0"),
+        (lambda: linear_betas("10"), r"linear_betas: argument 'T' must be an int >= 1"),
+        (lambda: make_schedule("cosine", 10).strided(2.0), r"Schedule.strided: argument 'steps' must be an int in"),
+        (lambda: make_schedule("cosine", 10).snr(torch.tensor([True])), r"Schedule.snr: argument 't'"),
+        (lambda: cosine_alpha_bar(0.5, s="0"), r"cosine_alpha_bar: argument 's' must be a number"),
+        (lambda: betas_from_alpha_bar(cosine_alpha_bar, 10, max_beta=None), r"argument 'max_beta'"),
+        (lambda: min_snr_weight(torch.ones(2), gamma="5"), r"min_snr_weight: argument 'gamma'"),
+    ],
+)
+def test_wrong_types_are_type_and_value_errors(call, match):
+    with pytest.raises(ArgumentTypeError, match=match) as info:
+        call()
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_range_errors_name_expected_and_got():
+    with pytest.raises(ValueError, match=r"Schedule.strided: argument 'steps' must be an int in \[1, 10\], got 11"):
+        make_schedule("cosine", 10).strided(11)
+    with pytest.raises(ValueError, match=r"Schedule.snr: argument 't' must be in \[0, 10\], got values in \[0, 11\]"):
+        make_schedule("cosine", 10).snr(torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match=r"argument 'max_beta' must be in \(0.0, 1.0\], got 1.5"):
+        betas_from_alpha_bar(cosine_alpha_bar, 10, max_beta=1.5)

@@ -1,11 +1,33 @@
-"""What the priors' configs share: the UNet fields, their checks, the UNet."""
+"""What the priors' configs share: the UNet fields, their checks, the UNet;
+and the two checks ``pyvq._checks`` lacks (a bool, a number in a half-open
+range), in its message style."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
-from pyvq._checks import check_positive_fields, int_tuple
+from pyvq._checks import ArgumentTypeError, check_positive_fields, int_tuple
 from pyvq.nn.unet import UNet
+
+
+def check_bool(name: str, value, *, where: str, what: str = "field") -> bool:
+    """``value``, which must be a bool."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{where}: {what} '{name}' must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_real(name: str, value, *, where: str, what: str = "field", low: float = 0.0,
+               high: float = math.inf) -> float:
+    """``value`` as a float in ``[low, high)`` (NaN, and inf with the default
+    ``high``, rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{where}: {what} '{name}' must be a number in [{low}, {high}), got {value!r} "
+                                f"({type(value).__name__})")
+    if not low <= value < high:
+        raise ValueError(f"{where}: {what} '{name}' must be a number in [{low}, {high}), got {value!r}")
+    return float(value)
 
 
 def level_sizes(config) -> tuple[int, ...]:
@@ -46,10 +68,8 @@ def check_unet_fields(config, cls: str, *, ints: tuple[str, ...] = (), strict_at
     if bad:
         raise ValueError(f"{cls}: field 'num_heads' ({config.num_heads}) must divide the widths of the "
                          f"attention levels, got {sorted(set(bad))}")
-    if not isinstance(config.dropout, numbers.Real) or not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"{cls}: field 'dropout' must be in [0, 1), got {config.dropout!r}")
-    if not isinstance(config.scale_shift, bool):
-        raise ValueError(f"{cls}: field 'scale_shift' must be a bool, got {config.scale_shift!r}")
+    check_real("dropout", config.dropout, where=cls, high=1.0)
+    check_bool("scale_shift", config.scale_shift, where=cls)
 
 
 def build_unet(config, channels: int) -> UNet:

@@ -38,16 +38,15 @@ Tensor layout: key codes and diffusion states are (B, C, H, W) =
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from pyvq._checks import ArgumentTypeError, check_choice, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.priors._config import build_unet, check_bool, check_real, check_unet_fields, level_sizes
+from pyvq.models.priors.base import DiffusionPrior
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
-from pyvq._checks import is_int
-from pyvq.models.priors._config import build_unet, check_unet_fields, level_sizes
 
 __all__ = ["GaussianDiffusion", "GaussianDiffusionConfig"]
 
@@ -97,17 +96,13 @@ class GaussianDiffusionConfig:
 
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("channels",), strict_attention=False)
-        if not isinstance(self.clip_denoised, bool):
-            raise ValueError(f"{_NAME}: field 'clip_denoised' must be a bool, got {self.clip_denoised!r}")
-        g = self.min_snr_gamma
-        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not g >= 0
-                              or math.isinf(g)):
-            raise ValueError(f"{_NAME}: field 'min_snr_gamma' must be None or a finite number >= 0, got {g!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{_NAME}: field 'schedule' must be one of {sorted(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
+        check_bool("clip_denoised", self.clip_denoised, where=_NAME)
+        if self.min_snr_gamma is not None:
+            check_real("min_snr_gamma", self.min_snr_gamma, where=_NAME)
+        check_choice("schedule", self.schedule, sorted(SCHEDULES), where=_NAME, what="field")
         if not isinstance(self.schedule_kwargs, dict):
-            raise ValueError(f"{_NAME}: field 'schedule_kwargs' must be a dict, got {self.schedule_kwargs!r}")
+            raise ArgumentTypeError(f"{_NAME}: field 'schedule_kwargs' must be a dict, got "
+                                    f"{self.schedule_kwargs!r} ({type(self.schedule_kwargs).__name__})")
         try:
             self.make_schedule()
         except ValueError as exc:
@@ -135,47 +130,38 @@ class GaussianDiffusionConfig:
             return make_schedule(self.schedule, self.timesteps, **self.schedule_kwargs)
 
 
-class GaussianDiffusion(PretrainedModel, nn.Module):
+class GaussianDiffusion(PretrainedModel, DiffusionPrior):
     """Epsilon-prediction Gaussian diffusion over key codes; see the module
     docstring.
 
     Args:
         config: a ``GaussianDiffusionConfig``.
 
+    A ``DiffusionPrior`` (see ``pyvq.models.priors.base`` for the contract).
     Submodule: ``net`` (``pyvq.nn.UNet``, ``channels`` in and out).
-    Attribute: ``schedule`` (``Schedule``, float64 on the CPU; the
+    Attributes: ``schedule`` (``Schedule``, float64 on the CPU; the
     coefficients are copied once per device and cast to the state's dtype
-    after indexing).
+    after indexing); ``num_timesteps`` (T).
     """
 
     config_class = GaussianDiffusionConfig
     code_kind = "keys"  # the codes it models (see pyvq.data.codes)
 
     def __init__(self, config: GaussianDiffusionConfig):
-        super().__init__()
-        if not isinstance(config, GaussianDiffusionConfig):
-            raise TypeError(f"GaussianDiffusion: argument 'config' must be a GaussianDiffusionConfig, "
-                            f"got {type(config).__name__}")
-        self.config = c = config
+        super().__init__(config)
+        c = config
         self.net = build_unet(c, c.channels)
         self.schedule = c.make_schedule()
         # device -> float64 tables (alpha_bar, snr); not buffers, so that
         # ``.half()`` cannot round the schedule and state_dict holds only weights.
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------ helpers
     @property
-    def num_timesteps(self) -> int:
-        return self.config.timesteps
+    def code_shape(self) -> tuple[int, int, int]:
+        """(channels, code_size, code_size)."""
+        return self.config.code_shape
 
-    def _device(self) -> torch.device:
-        p = next(self.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    def _dtype(self) -> torch.dtype:
-        p = next(self.parameters(), None)
-        return p.dtype if p is not None else torch.get_default_dtype()
-
+    # ------------------------------------------------------------ helpers
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
         if device not in self._tables:
@@ -187,37 +173,6 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar[t] as (B, 1, 1, 1) in float64 on ``like``'s device."""
         return self._table(like.device)[0][t].reshape(-1, 1, 1, 1)
-
-    def _timesteps(self, t, batch: int, device: torch.device, where: str, lo: int = 0) -> torch.Tensor:
-        T = self.config.timesteps
-        if is_int(t):
-            if not lo <= t <= T:
-                raise ValueError(f"GaussianDiffusion.{where}: argument 't' must lie in {lo}..{T}, got {t}")
-            return torch.full((batch,), int(t), dtype=torch.int64, device=device)
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must be an int or an integer tensor, "
-                             f"got {t!r}")
-        t = t.to(device=device, dtype=torch.int64)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must be a scalar or have shape "
-                             f"({batch},), got {tuple(t.shape)}")
-        # One sync; only for user-given timesteps (sampled ones are in range).
-        if t.numel() and not bool(((t >= lo) & (t <= T)).all()):
-            raise ValueError(f"GaussianDiffusion.{where}: argument 't' must lie in {lo}..{T}, got values in "
-                             f"{int(t.min())}..{int(t.max())}")
-        return t
-
-    def _check_codes(self, x: torch.Tensor, name: str, where: str) -> None:
-        shape = self.config.code_shape
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"GaussianDiffusion.{where}: argument {name!r} must be a floating-point tensor, "
-                             f"got {got}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"GaussianDiffusion.{where}: argument {name!r} must have shape (B, {shape[0]}, "
-                             f"{shape[1]}, {shape[2]}), got {tuple(x.shape)}")
 
     # ------------------------------------------------------------ spaces
     @staticmethod
@@ -243,18 +198,18 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
 
         Returns (B, C, H, W) in x0's dtype.
         """
-        t = self._timesteps(t, x0.shape[0], x0.device, "q_sample")
+        t = self._check_timesteps(t, x0.shape[0], "q_sample", low=0, device=x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         elif noise.shape != x0.shape:
-            raise ValueError(f"GaussianDiffusion.q_sample: argument 'noise' must have x0's shape "
+            raise ValueError(f"{self._where('q_sample')}: argument 'noise' must have x0's shape "
                              f"{tuple(x0.shape)}, got {tuple(noise.shape)}")
         ab = self._alpha_bar(t, x0)
         return (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).to(x0.dtype)
 
     def predict_eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """The network's noise estimate: (B, C, H, W), t int or (B,) -> (B, C, H, W)."""
-        t = self._timesteps(t, x_t.shape[0], x_t.device, "predict_eps")
+        t = self._check_timesteps(t, x_t.shape[0], "predict_eps", low=0, device=x_t.device)
         return self.net(x_t, t)
 
     def predict_x0(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
@@ -263,7 +218,7 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
 
         Shapes: x_t, eps (B, C, H, W); t int or (B,) -> (B, C, H, W).
         """
-        t = self._timesteps(t, x_t.shape[0], x_t.device, "predict_x0")
+        t = self._check_timesteps(t, x_t.shape[0], "predict_x0", low=0, device=x_t.device)
         ab = self._alpha_bar(t, x_t)
         x0 = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).to(x_t.dtype)
         return x0.clamp(-1, 1) if self.config.clip_denoised else x0
@@ -287,13 +242,11 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         """
         self._check_codes(keys, "keys", "training_loss")
         b = keys.shape[0]
-        if b == 0:
-            raise ValueError("GaussianDiffusion.training_loss: argument 'keys' is an empty batch")
         x0 = self.to_model(keys.clamp(0, 1))
         if t is None:
-            t = torch.randint(1, self.config.timesteps + 1, (b,), generator=generator, device=keys.device)
+            t = torch.randint(1, self.num_timesteps + 1, (b,), generator=generator, device=keys.device)
         else:
-            t = self._timesteps(t, b, keys.device, "training_loss", lo=1)
+            t = self._check_timesteps(t, b, "training_loss", device=keys.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
@@ -307,10 +260,6 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
             loss = mse.mean()
         logs = {"train/loss": float(loss.detach()), "train/mse": float(mse.detach().mean())}
         return loss, logs
-
-    def forward(self, keys: torch.Tensor, generator: torch.Generator | None = None):
-        """``training_loss(keys, generator)``."""
-        return self.training_loss(keys, generator)
 
     def train_defaults(self) -> dict:
         """``TrainConfig`` overrides for training this prior.
@@ -333,18 +282,6 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         }
 
     # ------------------------------------------------------------ sampling
-    def _plan(self, steps, where: str) -> list[tuple[int, int]]:
-        """(t, s) pairs of the reverse process, t decreasing, last s = 0."""
-        T = self.config.timesteps
-        if steps is None:
-            steps = T
-        if not is_int(steps) or not 1 <= steps <= T:
-            raise ValueError(f"GaussianDiffusion.{where}: argument 'steps' must be None or an int in 1..{T}, "
-                             f"got {steps!r}")
-        seq = self.schedule.strided(int(steps)).tolist()
-        prev = [0] + seq[:-1]
-        return list(zip(reversed(seq), reversed(prev)))
-
     def _step(self, x: torch.Tensor, t: int, s: int, method: str, eta: float,
               generator: torch.Generator | None) -> torch.Tensor:
         """One reverse step x_t -> x_s (s < t)."""
@@ -379,20 +316,9 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
             out = out + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return out
 
-    def _check_method(self, method, eta, where: str) -> None:
-        if method not in METHODS:
-            raise ValueError(f"GaussianDiffusion.{where}: argument 'method' must be one of {METHODS}, "
-                             f"got {method!r}")
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta >= 0 or math.isinf(eta):
-            raise ValueError(f"GaussianDiffusion.{where}: argument 'eta' must be a finite number >= 0, "
-                             f"got {eta!r}")
-
-    def _iterate(self, plan, progress: bool, desc: str):
-        if not progress:
-            return plan
-        from tqdm import tqdm
-
-        return tqdm(plan, desc=desc, leave=False)
+    def _check_method(self, method, eta, where: str) -> float:
+        check_choice("method", method, METHODS, where=where)
+        return check_real("eta", eta, where=where, what="argument")
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, method: str = "ddim", eta: float = 0.0,
@@ -413,21 +339,15 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         Returns (n, C, H, W) key codes in [0, 1], in the model's dtype and
         on its device. The model runs in eval mode (restored afterwards).
         """
-        if not is_int(n) or n < 0:
-            raise ValueError(f"GaussianDiffusion.sample: argument 'n' must be an int >= 0, got {n!r}")
-        self._check_method(method, eta, "sample")
-        plan = self._plan(steps, "sample")
-        c = self.config
-        x = torch.randn((int(n), *c.code_shape), generator=generator, device=self._device(), dtype=self._dtype())
+        where = self._where("sample")
+        n = check_int("n", n, where=where, minimum=0)
+        eta = self._check_method(method, eta, where)
+        plan = self._reverse_plan(steps, "sample")
+        x = torch.randn((n, *self.config.code_shape), generator=generator, device=self._device, dtype=self._dtype)
         if n == 0:
             return self.from_model(x)
-        was_training = self.training
-        self.eval()
-        try:
-            for t, s in self._iterate(plan, progress, f"{method} sampling"):
-                x = self._step(x, t, s, method, float(eta), generator)
-        finally:
-            self.train(was_training)
+        x = self._reverse_chain(x, plan, lambda x, t, s: self._step(x, t, s, method, eta, generator),
+                                progress=progress, desc=f"{method} sampling")
         return self.from_model(x)
 
     @torch.no_grad()
@@ -444,47 +364,29 @@ class GaussianDiffusion(PretrainedModel, nn.Module):
         Args:
             keys: (B, C, H, W) known key codes in [0, 1] (values under
                 ``~keep`` are ignored).
-            keep: bool tensor broadcastable to (B, C, H, W), True where
+            keep: bool, broadcastable to (B, C, H, W), True where
                 ``keys`` is kept.
             steps, method, eta, generator, progress: as ``sample``.
 
         Returns (B, C, H, W) key codes in [0, 1], equal to ``keys`` where
         ``keep`` is True, in ``keys``' dtype.
         """
-        self._check_codes(keys, "keys", "inpaint")
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            got = f"{keep.dtype} tensor" if isinstance(keep, torch.Tensor) else type(keep).__name__
-            raise ValueError(f"GaussianDiffusion.inpaint: argument 'keep' must be a bool tensor, got {got}")
-        try:
-            keep = torch.broadcast_to(keep.to(keys.device), keys.shape)
-        except RuntimeError:
-            raise ValueError(f"GaussianDiffusion.inpaint: argument 'keep' of shape {tuple(keep.shape)} does not "
-                             f"broadcast to keys' shape {tuple(keys.shape)}") from None
-        self._check_method(method, eta, "inpaint")
-        plan = self._plan(steps, "inpaint")
-        device, dtype = self._device(), self._dtype()
+        where = self._where("inpaint")
+        self._check_codes(keys, "keys", "inpaint", min_batch=0)
+        keep = self._check_keep(keep, keys, "inpaint", name="keys")
+        eta = self._check_method(method, eta, where)
+        plan = self._reverse_plan(steps, "inpaint")
+        device, dtype = self._device, self._dtype
         x0_known = self.to_model(keys.clamp(0, 1)).to(device, dtype)
-        m = keep.to(device)
-        b = keys.shape[0]
-        T = self.config.timesteps
 
         def known(s: int) -> torch.Tensor:
-            if s == 0:
-                return x0_known
-            return self.q_sample(x0_known, s, generator=generator)
+            return x0_known if s == 0 else self.q_sample(x0_known, s, generator=generator)
 
         x = torch.randn(keys.shape, generator=generator, device=device, dtype=dtype)
-        if b == 0:
+        if keys.shape[0] == 0:
             return keys.clone()
-        x = torch.where(m, known(T), x)
-        was_training = self.training
-        self.eval()
-        try:
-            for t, s in self._iterate(plan, progress, f"{method} inpainting"):
-                x = self._step(x, t, s, method, float(eta), generator)
-                x = torch.where(m, known(s), x)
-        finally:
-            self.train(was_training)
+        x = self._reverse_chain(x, plan, lambda x, t, s: self._step(x, t, s, method, eta, generator),
+                                progress=progress, desc=f"{method} inpainting", keep=keep.to(device), known=known)
         out = self.from_model(x).to(keys.device, keys.dtype)
         return torch.where(keep, keys, out)
 

@@ -62,23 +62,30 @@ with the kept positions re-drawn from q(z_s | z_0) after every step.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pyvq._checks import accumulation_dtype, is_int
+from pyvq._checks import accumulation_dtype, check_choice, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.priors._config import build_unet, check_bool, check_real, check_unet_fields
+from pyvq.models.priors.base import DiffusionPrior
+from pyvq.models.priors.sampling import (
+    generator_device,
+    gumbel_argmax,
+    push_loss_history,
+    rand,
+    randint,
+    second_moment_probs,
+)
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule
-from pyvq.models.priors._config import build_unet, check_unet_fields
 from pyvq.ops import multinomial_kl, multinomial_posterior
 
 __all__ = [
     "MultinomialDiffusion",
     "MultinomialDiffusionConfig",
-    "second_moment_probs",
+    "second_moment_probs",  # lives in pyvq.models.priors.sampling; kept importable from here
     "uniform_prior_kl",
 ]
 
@@ -86,35 +93,6 @@ _NAME = "MultinomialDiffusionConfig"
 
 
 # ---------------------------------------------------------------- helpers
-def second_moment_probs(history: torch.Tensor, counts: torch.Tensor, uniform_prob: float) -> torch.Tensor:
-    """Improved DDPM's loss-second-moment timestep distribution.
-
-    Args:
-        history: (T + 1, N) float, row t the last N values of L_t (row 0,
-            the clean data, is ignored).
-        counts: (T + 1,) int, how many values row t holds (at most N).
-        uniform_prob: weight of the uniform distribution mixed in, [0, 1).
-
-    Returns:
-        (T + 1,) float64 on the CPU, ``p[0] = 0`` and ``p[1:]`` summing to 1:
-        uniform ``1 / T`` until every t in 1..T has N values, then
-        ``(1 - uniform_prob) w_t / sum(w) + uniform_prob / T`` with
-        ``w_t = sqrt(mean(history[t] ** 2))`` (uniform again should every
-        w be 0 or any be non-finite).
-    """
-    T = history.shape[0] - 1
-    probs = torch.zeros(T + 1, dtype=torch.float64)
-    probs[1:] = 1.0 / T
-    if T < 1 or not bool((counts[1:].cpu() >= history.shape[1]).all()):
-        return probs
-    w = history[1:].detach().to("cpu", torch.float64).pow(2).mean(1).sqrt()
-    total = w.sum()
-    if not (torch.isfinite(total) and total > 0):
-        return probs
-    probs[1:] = w / total * (1.0 - uniform_prob) + uniform_prob / T
-    return probs
-
-
 def uniform_prior_kl(alpha_bar: float, num_classes: int) -> float:
     """``KL(q(z_T | z_0) || uniform)`` per code, nats (the bound's prior
     term; the same for every z_0)::
@@ -129,38 +107,11 @@ def uniform_prior_kl(alpha_bar: float, num_classes: int) -> float:
     return hit + other
 
 
-def _gen_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    return generator.device if generator is not None else device
-
-
-def _rand(shape, generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def _randint(high: int, shape, generator, device) -> torch.Tensor:
-    return torch.randint(high, shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def _gumbel_argmax(log_probs: torch.Tensor, generator) -> torch.Tensor:
-    """One draw per position from Cat(exp(log_probs)) over dim 1: (B, K, *S) -> (B, *S)."""
-    u = _rand(log_probs.shape, generator, log_probs.device).clamp_(min=torch.finfo(torch.float32).tiny)
-    log_probs = log_probs.to(accumulation_dtype(log_probs.dtype))
-    return (log_probs - torch.log(-torch.log(u))).argmax(dim=1)
-
-
 def _cpu_schedule(name: str, T: int) -> Schedule:
     # On the CPU even inside ``with torch.device("meta"):`` (building a big
     # preset without memory): the schedule is data, read on the host.
     with torch.device("cpu"):
         return make_schedule(name, T)
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc)
 
 
 # ---------------------------------------------------------------- config
@@ -203,14 +154,10 @@ class MultinomialDiffusionConfig:
 
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("history",))
-        if not is_int(self.num_classes) or self.num_classes < 2:
-            raise ValueError(f"{_NAME}: field 'num_classes' must be an int >= 2, got {self.num_classes!r}")
-        if not isinstance(self.importance_sampling, bool):
-            raise TypeError(f"{_NAME}: field 'importance_sampling' must be a bool, got {self.importance_sampling!r}")
-        if not isinstance(self.uniform_prob, numbers.Real) or not 0.0 <= self.uniform_prob < 1.0:
-            raise ValueError(f"{_NAME}: field 'uniform_prob' must be in [0, 1), got {self.uniform_prob!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{_NAME}: field 'schedule' must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        check_int("num_classes", self.num_classes, where=_NAME, minimum=2, what="field")
+        check_bool("importance_sampling", self.importance_sampling, where=_NAME)
+        check_real("uniform_prob", self.uniform_prob, where=_NAME, high=1.0)
+        check_choice("schedule", self.schedule, sorted(SCHEDULES), where=_NAME, what="field")
         try:
             _cpu_schedule(self.schedule, self.timesteps)
         except ValueError as exc:
@@ -219,15 +166,18 @@ class MultinomialDiffusionConfig:
 
 
 # ---------------------------------------------------------------- model
-class MultinomialDiffusion(PretrainedModel, nn.Module):
+class MultinomialDiffusion(PretrainedModel, DiffusionPrior):
     """VQ-DDM prior over code maps; see the module docstring.
 
     Args:
         config: a ``MultinomialDiffusionConfig``.
 
-    Submodule ``unet`` (``pyvq.nn.unet.UNet``); attribute ``schedule``
+    A ``DiffusionPrior`` (see ``pyvq.models.priors.base`` for the contract).
+    Submodule ``net`` (``pyvq.nn.unet.UNet``; called ``unet`` before, and
+    weights saved under that name still load); attribute ``schedule``
     (``Schedule``, float64 CPU tensors, rebuilt from the config, not saved);
-    buffers ``loss_history`` (T + 1, history) and ``loss_counts`` (T + 1,).
+    ``num_timesteps`` (T); buffers ``loss_history`` (T + 1, history) and
+    ``loss_counts`` (T + 1,).
 
     Parameter counts (the UNet is all of them): ``vqddm_celebahq_1024``
     126,383,392 (the paper reports 117M for its K = 1024 model; 224 base
@@ -236,85 +186,30 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
     93.4M), ``vqddm_celebahq_512`` 124,318,496, ``vqddm_tiny`` (K = 64)
     791,360.
 
-    ``forward(codes, generator=None)`` is ``training_loss`` (so that a
-    DistributedDataParallel wrapper sees the call).
-
-    ``sample``, ``inpaint`` and ``nll`` run in eval mode (dropout off) and
-    restore the previous mode.
+    ``forward(codes, generator=None)`` is ``training_loss``; ``sample``,
+    ``inpaint`` and ``nll`` run in eval mode (as every ``Prior``).
     """
 
     config_class = MultinomialDiffusionConfig
     code_kind = "indices"  # the codes it models (see pyvq.data.codes)
+    _state_dict_renames = {"unet.": "net."}
 
     def __init__(self, config: MultinomialDiffusionConfig):
-        super().__init__()
-        if not isinstance(config, MultinomialDiffusionConfig):
-            raise TypeError(
-                f"MultinomialDiffusion: argument 'config' must be a MultinomialDiffusionConfig, "
-                f"got {type(config).__name__}"
-            )
-        self.config = c = config
+        super().__init__(config)
+        c = config
         self.num_classes = c.num_classes
         self.schedule: Schedule = _cpu_schedule(c.schedule, c.timesteps)
-        self.unet = build_unet(c, c.num_classes)
+        self.net = build_unet(c, c.num_classes)
         self.register_buffer("loss_history", torch.zeros(c.timesteps + 1, c.history, dtype=torch.float32))
         self.register_buffer("loss_counts", torch.zeros(c.timesteps + 1, dtype=torch.int64))
-
-    @property
-    def T(self) -> int:
-        return self.config.timesteps
 
     @property
     def code_shape(self) -> tuple[int, int]:
         return (self.config.code_size, self.config.code_size)
 
-    @property
-    def _device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    # ------------------------------------------------------------ checks
-    def _check_codes(self, codes, name: str, where: str) -> torch.Tensor:
-        """(B, H, W) integer codes in [0, K) -> int64 on the model's device."""
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f"MultinomialDiffusion.{where}: argument {name!r} must be a torch.Tensor, "
-                            f"got {type(codes).__name__}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"MultinomialDiffusion.{where}: argument {name!r} must hold integer code indices, "
-                            f"got dtype {codes.dtype}")
-        H, W = self.code_shape
-        if codes.dim() != 3 or tuple(codes.shape[1:]) != (H, W) or codes.shape[0] < 1:
-            raise ValueError(f"MultinomialDiffusion.{where}: argument {name!r} must have shape (B, {H}, {W}) "
-                             f"with B >= 1 (code_size={H}), got {tuple(codes.shape)}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"MultinomialDiffusion.{where}: argument {name!r} must hold codes in "
-                             f"[0, {self.num_classes}), got values in [{lo}, {hi}]")
-        return codes.to(self._device, torch.int64)
-
-    def _timesteps(self, t, batch: int, name: str, where: str, low: int = 1) -> torch.Tensor:
-        """An int or a (B,) integer tensor of timesteps in low..T -> (B,) int64 on the CPU."""
-        if is_int(t):
-            t = torch.full((batch,), int(t), dtype=torch.int64)
-        elif isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-            if t.dim() == 0:
-                t = t.expand(batch)
-            if t.shape != (batch,):
-                raise ValueError(f"MultinomialDiffusion.{where}: argument {name!r} must be an int or have shape "
-                                 f"({batch},), got {tuple(t.shape)}")
-            t = t.to("cpu", torch.int64)
-        else:
-            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
-            raise TypeError(f"MultinomialDiffusion.{where}: argument {name!r} must be an int or an integer tensor, "
-                            f"got {got}")
-        if batch and (int(t.min()) < low or int(t.max()) > self.T):
-            raise ValueError(f"MultinomialDiffusion.{where}: argument {name!r} must lie in {low}..{self.T}, "
-                             f"got values in {int(t.min())}..{int(t.max())}")
-        return t
-
     def _alpha(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """float64 CPU schedule values -> the op's alpha dtype on the model's device."""
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        return values.to(self._device, acc)
+        return values.to(self._device, accumulation_dtype(dtype))
 
     # ------------------------------------------------------------ forward process
     def q_sample(self, codes: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -330,20 +225,20 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         Returns (B, H, W) int64.
         """
         codes = self._check_codes(codes, "codes", "q_sample")
-        t = self._timesteps(t, codes.shape[0], "t", "q_sample", low=0)
+        t = self._check_timesteps(t, codes.shape[0], "q_sample", low=0)
         return self._q_sample(codes, t, generator)
 
     def _q_sample(self, codes, t, generator):
         if not bool(t.any()):
             return codes.clone()
         a = self.schedule.alpha_bar[t].to(codes.device).view(-1, 1, 1)
-        keep = _rand(codes.shape, generator, codes.device).to(torch.float64) < a
-        uniform = _randint(self.num_classes, codes.shape, generator, codes.device)
+        keep = rand(codes.shape, generator, codes.device).to(torch.float64) < a
+        uniform = randint(self.num_classes, codes.shape, generator, codes.device)
         return torch.where(keep, codes, uniform)
 
     # ------------------------------------------------------------ model
     def p_logits(self, z_t: torch.Tensor, t) -> torch.Tensor:
-        """Logits of the z_0 prediction, ``unet(onehot(z_t), t) + onehot(z_t)``.
+        """Logits of the z_0 prediction, ``net(onehot(z_t), t) + onehot(z_t)``.
 
         Args:
             z_t: (B, H, W) int64 codes in [0, K).
@@ -352,12 +247,12 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         Returns (B, K, H, W) in the UNet's dtype.
         """
         z_t = self._check_codes(z_t, "z_t", "p_logits")
-        t = self._timesteps(t, z_t.shape[0], "t", "p_logits")
+        t = self._check_timesteps(t, z_t.shape[0], "p_logits")
         return self._p_logits(z_t, t)
 
     def _p_logits(self, z_t, t):
-        onehot = F.one_hot(z_t, self.num_classes).permute(0, 3, 1, 2).to(self.unet.conv_in.weight.dtype)
-        return self.unet(onehot, t.to(z_t.device, torch.float32)) + onehot
+        onehot = F.one_hot(z_t, self.num_classes).permute(0, 3, 1, 2).to(self._dtype)
+        return self.net(onehot, t.to(z_t.device, torch.float32)) + onehot
 
     def p_posterior_logprobs(self, z_t: torch.Tensor, t, s) -> torch.Tensor:
         """Log-probabilities of the model's jump t -> s, p(z_s | z_t).
@@ -375,11 +270,12 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         """
         z_t = self._check_codes(z_t, "z_t", "p_posterior_logprobs")
         B = z_t.shape[0]
-        t = self._timesteps(t, B, "t", "p_posterior_logprobs")
-        s = self._timesteps(s, B, "s", "p_posterior_logprobs", low=0)
+        t = self._check_timesteps(t, B, "p_posterior_logprobs")
+        s = self._check_timesteps(s, B, "p_posterior_logprobs", name="s", low=0)
         if bool((s >= t).any()):
-            raise ValueError("MultinomialDiffusion.p_posterior_logprobs: argument 's' must be smaller than 't' "
-                             "(a jump back in time)")
+            i = int((s >= t).nonzero()[0])
+            raise ValueError(f"{self._where('p_posterior_logprobs')}: argument 's' must be smaller than 't' "
+                             f"(a jump back in time), got s={int(s[i])}, t={int(t[i])} at batch index {i}")
         return self._posterior(z_t, t, s, self._p_logits(z_t, t))
 
     def _posterior(self, z_t, t, s, logits):
@@ -402,9 +298,9 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         codes = self._check_codes(codes, "codes", "vlb_term")
         z_t = self._check_codes(z_t, "z_t", "vlb_term")
         if z_t.shape != codes.shape:
-            raise ValueError(f"MultinomialDiffusion.vlb_term: arguments 'codes' {tuple(codes.shape)} and 'z_t' "
-                             f"{tuple(z_t.shape)} must have the same shape")
-        t = self._timesteps(t, codes.shape[0], "t", "vlb_term")
+            raise ValueError(f"{self._where('vlb_term')}: arguments 'codes' and 'z_t' must have the same shape, "
+                             f"got {tuple(codes.shape)} and {tuple(z_t.shape)}")
+        t = self._check_timesteps(t, codes.shape[0], "vlb_term")
         if logits is None:
             logits = self._p_logits(z_t, t)
         return self._vlb_term(codes, z_t, t, logits)
@@ -421,7 +317,8 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         ``p[0] = 0``; uniform unless ``importance_sampling`` (then
         ``second_moment_probs`` of the loss history)."""
         if not self.config.importance_sampling:
-            probs = torch.full((self.T + 1,), 1.0 / self.T, dtype=torch.float64)
+            T = self.num_timesteps
+            probs = torch.full((T + 1,), 1.0 / T, dtype=torch.float64)
             probs[0] = 0
             return probs
         return second_moment_probs(self.loss_history, self.loss_counts, self.config.uniform_prob)
@@ -435,31 +332,19 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         probabilities, both on the CPU.
         """
         probs = self.timestep_probs()
-        dev = generator.device if generator is not None else torch.device("cpu")
+        dev = generator_device(generator, torch.device("cpu"))
         t = torch.multinomial(probs.to(dev), batch, replacement=True, generator=generator).cpu()
         return t, probs[t]
 
-    @torch.no_grad()
     def update_loss_history(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Append per-sample L_t values to the sampler's history (a ring of
-        ``history`` values per timestep, oldest dropped first), in order.
+        ``history`` values per timestep, oldest dropped first), in order
+        (``push_loss_history``).
 
         Args:
             t: (B,) integer timesteps in 1..T; losses: (B,) their L_t.
         """
-        hist = self.loss_history.detach().cpu().clone()
-        counts = self.loss_counts.detach().cpu().clone()
-        n = hist.shape[1]
-        for ti, li in zip(t.tolist(), losses.detach().float().cpu().tolist()):
-            c = int(counts[ti])
-            if c == n:
-                hist[ti, :-1] = hist[ti, 1:].clone()
-                hist[ti, -1] = li
-            else:
-                hist[ti, c] = li
-                counts[ti] = c + 1
-        self.loss_history.copy_(hist)
-        self.loss_counts.copy_(counts)
+        push_loss_history(self.loss_history, self.loss_counts, t, losses)
 
     def training_loss(self, codes: torch.Tensor, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -489,10 +374,6 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
             self.update_loss_history(t, L)
         return loss, {"train/vlb": float(loss.detach()), "train/kl": float(L.detach().mean())}
 
-    def forward(self, codes: torch.Tensor, generator: torch.Generator | None = None):
-        """``training_loss(codes, generator)``."""
-        return self.training_loss(codes, generator)
-
     def train_defaults(self) -> dict:
         """``TrainConfig`` values for DDPM-style training, applied by the
         trainer to fields the user left at TrainConfig's defaults: Adam(W)
@@ -512,25 +393,6 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         }
 
     # ------------------------------------------------------------ sampling
-    def _reverse_times(self, steps, where: str) -> list[int]:
-        """Descending timesteps of the chain, T first, then 0 appended."""
-        if steps is None:
-            times = list(range(self.T, 0, -1))
-        else:
-            if not is_int(steps) or not 1 <= steps <= self.T:
-                raise ValueError(f"MultinomialDiffusion.{where}: argument 'steps' must be None or an int in "
-                                 f"1..T={self.T}, got {steps!r}")
-            times = self.schedule.strided(int(steps)).flip(0).tolist()
-        return times + [0]
-
-    def _run_eval(self, fn):
-        was_training = self.training
-        self.eval()
-        try:
-            return fn()
-        finally:
-            self.train(was_training)
-
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, generator: torch.Generator | None = None,
                progress: bool = False) -> torch.Tensor:
@@ -546,23 +408,17 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
 
         Returns (n, H, W) int64 codes in [0, K).
         """
-        if not is_int(n) or n < 1:
-            raise ValueError(f"MultinomialDiffusion.sample: argument 'n' must be an int >= 1, got {n!r}")
-        times = self._reverse_times(steps, "sample")
-
-        def run():
-            z = _randint(self.num_classes, (int(n), *self.code_shape), generator, self._device)
-            for t, s in _progress(list(zip(times[:-1], times[1:])), progress, "sampling"):
-                z = self._step(z, t, s, generator)
-            return z
-
-        return self._run_eval(run)
+        n = check_int("n", n, where=self._where("sample"), minimum=1)
+        plan = self._reverse_plan(steps, "sample")
+        z = randint(self.num_classes, (n, *self.code_shape), generator, self._device)
+        return self._reverse_chain(z, plan, lambda z, t, s: self._step(z, t, s, generator), progress=progress,
+                                   desc="sampling")
 
     def _step(self, z, t: int, s: int, generator) -> torch.Tensor:
         B = z.shape[0]
         tt = torch.full((B,), t, dtype=torch.int64)
         ss = torch.full((B,), s, dtype=torch.int64)
-        return _gumbel_argmax(self._posterior(z, tt, ss, self._p_logits(z, tt)), generator)
+        return gumbel_argmax(self._posterior(z, tt, ss, self._p_logits(z, tt)), generator)
 
     @torch.no_grad()
     def inpaint(self, codes: torch.Tensor, keep: torch.Tensor, *, steps: int | None = None,
@@ -575,33 +431,23 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         Args:
             codes: (B, H, W) integer codes in [0, K) (values at positions
                 not kept are ignored but must be in range).
-            keep: (B, H, W) or (H, W) bool, True where ``codes`` is kept.
+            keep: bool, broadcastable to (B, H, W) (e.g. (H, W)), True where
+                ``codes`` is kept.
             steps, generator, progress: as in ``sample``.
 
         Returns (B, H, W) int64, equal to ``codes`` where ``keep``.
         """
         codes = self._check_codes(codes, "codes", "inpaint")
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            raise TypeError(f"MultinomialDiffusion.inpaint: argument 'keep' must be a bool tensor, "
-                            f"got {keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
-        if keep.shape not in (codes.shape, codes.shape[1:]):
-            raise ValueError(f"MultinomialDiffusion.inpaint: argument 'keep' must have shape {tuple(codes.shape)} "
-                             f"or {tuple(codes.shape[1:])} (that of 'codes'), got {tuple(keep.shape)}")
-        keep = keep.to(codes.device).expand_as(codes)
-        times = self._reverse_times(steps, "inpaint")
+        keep = self._check_keep(keep, codes, "inpaint")
+        plan = self._reverse_plan(steps, "inpaint")
         B = codes.shape[0]
 
-        def impose(z, s: int):
-            known = codes if s == 0 else self._q_sample(codes, torch.full((B,), s, dtype=torch.int64), generator)
-            return torch.where(keep, known, z)
+        def known(s: int) -> torch.Tensor:
+            return codes if s == 0 else self._q_sample(codes, torch.full((B,), s, dtype=torch.int64), generator)
 
-        def run():
-            z = impose(_randint(self.num_classes, codes.shape, generator, codes.device), times[0])
-            for t, s in _progress(list(zip(times[:-1], times[1:])), progress, "inpainting"):
-                z = impose(self._step(z, t, s, generator), s)
-            return z
-
-        return self._run_eval(run)
+        z = randint(self.num_classes, codes.shape, generator, codes.device)
+        return self._reverse_chain(z, plan, lambda z, t, s: self._step(z, t, s, generator), progress=progress,
+                                   desc="inpainting", keep=keep, known=known)
 
     # ------------------------------------------------------------ likelihood
     @torch.no_grad()
@@ -632,27 +478,20 @@ class MultinomialDiffusion(PretrainedModel, nn.Module):
         Returns (B,) float32.
         """
         codes = self._check_codes(codes, "codes", "nll")
-        if batch_t is None:
-            batch_t = 1
-        if not is_int(batch_t) or batch_t < 1:
-            raise ValueError(f"MultinomialDiffusion.nll: argument 'batch_t' must be None or an int >= 1, "
-                             f"got {batch_t!r}")
-        B = codes.shape[0]
-
-        def run():
+        batch_t = 1 if batch_t is None else check_int("batch_t", batch_t, where=self._where("nll"), minimum=1)
+        B, T = codes.shape[0], self.num_timesteps
+        with self._eval_mode():
             total = torch.zeros(B, dtype=torch.float64, device=codes.device)
-            for start in range(1, self.T + 1, batch_t):
-                ts = range(start, min(start + batch_t, self.T + 1))
+            for start in range(1, T + 1, batch_t):
+                ts = range(start, min(start + batch_t, T + 1))
                 t = torch.cat([torch.full((B,), ti, dtype=torch.int64) for ti in ts])
                 z_t = torch.cat([self._q_sample(codes, torch.full((B,), ti, dtype=torch.int64), generator)
                                  for ti in ts])
                 x0 = codes.repeat(len(ts), 1, 1)
                 L = self._vlb_term(x0, z_t, t, self._p_logits(z_t, t))
                 total += L.double().view(len(ts), B).sum(0)
-            prior = uniform_prior_kl(float(self.schedule.alpha_bar[self.T]), self.num_classes)
-            return (total + prior).float()
-
-        return self._run_eval(run)
+        prior = uniform_prior_kl(float(self.schedule.alpha_bar[T]), self.num_classes)
+        return (total + prior).float()
 
 
 # The paper's CelebA-HQ 256 priors: 16x16 codes of a K = 512 or K = 1024

@@ -28,11 +28,12 @@ clean data: ``betas[0] = 0``, ``alpha_bar[0] = 1``).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from pyvq._checks import ArgumentTypeError, check_float, check_int
 
 __all__ = [
     "SCHEDULES",
@@ -44,12 +45,6 @@ __all__ = [
     "make_schedule",
     "min_snr_weight",
 ]
-
-
-def _check_T(T, where: str) -> int:
-    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
-        raise ValueError(f"{where}: argument 'T' must be an int >= 1, got {T!r}")
-    return int(T)
 
 
 def _as_float_tensor(t) -> torch.Tensor:
@@ -71,8 +66,7 @@ def cosine_alpha_bar(t, s: float = 0.008) -> torch.Tensor:
     Returns a tensor of ``t``'s shape (float64 unless ``t`` is a floating
     tensor, whose dtype is kept); 1 at ``t = 0``, about 0 at ``t = 1``.
     """
-    if not s >= 0:
-        raise ValueError(f"cosine_alpha_bar: argument 's' must be >= 0, got {s!r}")
+    check_float("s", s, low=0.0, high=math.inf, where="cosine_alpha_bar")
     t = _as_float_tensor(t)
 
     def f(u):
@@ -107,8 +101,7 @@ def cosine_variant_alpha_bar(
             f"cosine_variant_alpha_bar: arguments 'start' and 'end' must satisfy 0 <= start < end <= 1, "
             f"got start={start!r}, end={end!r}"
         )
-    if not tau > 0:
-        raise ValueError(f"cosine_variant_alpha_bar: argument 'tau' must be > 0, got {tau!r}")
+    check_float("tau", tau, low=0.0, high=math.inf, low_open=True, where="cosine_variant_alpha_bar")
     if not 0 < clip_min < 1:
         raise ValueError(f"cosine_variant_alpha_bar: argument 'clip_min' must be in (0, 1), got {clip_min!r}")
     t = _as_float_tensor(t)
@@ -125,7 +118,7 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> to
     roughly the same total noise as DDPM's ``T = 1000``; the scaled
     ``beta_end`` must stay below 1, which needs ``T > 1000 * beta_end``.
     """
-    T = _check_T(T, "linear_betas")
+    T = check_int("T", T, where="linear_betas", minimum=1)
     if not 0 < beta_start <= beta_end:
         raise ValueError(
             f"linear_betas: arguments 'beta_start' and 'beta_end' must satisfy 0 < beta_start <= beta_end, "
@@ -157,9 +150,8 @@ def betas_from_alpha_bar(
 
     Returns float64 of shape (T,).
     """
-    T = _check_T(T, "betas_from_alpha_bar")
-    if not 0 < max_beta <= 1:
-        raise ValueError(f"betas_from_alpha_bar: argument 'max_beta' must be in (0, 1], got {max_beta!r}")
+    T = check_int("T", T, where="betas_from_alpha_bar", minimum=1)
+    check_float("max_beta", max_beta, low=0.0, high=1.0, low_open=True, where="betas_from_alpha_bar")
     times = torch.arange(T + 1, dtype=torch.float64) / T
     alpha_bar = torch.as_tensor(alpha_bar_fn(times), dtype=torch.float64)
     if alpha_bar.shape != times.shape:
@@ -211,11 +203,11 @@ class Schedule:
         integer timesteps ``t`` (an int or an integer tensor of any shape,
         values in 0..T); ``inf`` at t = 0. Float64, shape of ``t``."""
         t = torch.as_tensor(t)
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"Schedule.snr: argument 't' must hold integer timesteps, got dtype {t.dtype}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ArgumentTypeError(f"Schedule.snr: argument 't' must hold integer timesteps, got dtype {t.dtype}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.T):
-            raise ValueError(f"Schedule.snr: argument 't' must lie in 0..{self.T}, got values in "
-                             f"{int(t.min())}..{int(t.max())}")
+            raise ValueError(f"Schedule.snr: argument 't' must be in [0, {self.T}], got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
         a = self.alpha_bar[t.cpu()]
         return a / (1 - a)
 
@@ -226,13 +218,12 @@ class Schedule:
         whose last entry is T and whose first is 1 (for ``steps >= 2``;
         ``steps = 1`` gives ``[T]``, one jump from pure noise).
         """
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= self.T:
-            raise ValueError(f"Schedule.strided: argument 'steps' must be an int in 1..T={self.T}, got {steps!r}")
+        steps = check_int("steps", steps, where="Schedule.strided", minimum=1, maximum=self.T)
         if steps == 1:
             return torch.tensor([self.T], dtype=torch.int64)
         # Spacing (T - 1) / (steps - 1) >= 1, so rounding half up keeps the
         # points distinct and the ends exact.
-        points = torch.linspace(1, self.T, int(steps), dtype=torch.float64)
+        points = torch.linspace(1, self.T, steps, dtype=torch.float64)
         return torch.floor(points + 0.5).to(torch.int64)
 
     def __repr__(self) -> str:
@@ -282,7 +273,7 @@ def make_schedule(name: str, T: int, **kwargs) -> Schedule:
     """
     if name not in SCHEDULES:
         raise ValueError(f"make_schedule: unknown schedule name {name!r}; known names: {sorted(SCHEDULES)}")
-    T = _check_T(T, "make_schedule")
+    T = check_int("T", T, where="make_schedule", minimum=1)
     unknown = sorted(set(kwargs) - set(_KWARGS[name]))
     if unknown:
         raise ValueError(
@@ -303,8 +294,7 @@ def min_snr_weight(snr, gamma: float = 5.0) -> torch.Tensor:
 
     Returns a float tensor of ``snr``'s shape.
     """
-    if not gamma > 0:
-        raise ValueError(f"min_snr_weight: argument 'gamma' must be > 0, got {gamma!r}")
+    check_float("gamma", gamma, low=0.0, high=math.inf, low_open=True, where="min_snr_weight")
     snr = _as_float_tensor(snr)
     # gamma / max(snr, gamma) equals min(snr, gamma) / snr without 0 / 0.
     return gamma / snr.clamp(min=gamma)
