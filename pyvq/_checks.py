@@ -16,6 +16,7 @@ included, may use it.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -23,6 +24,7 @@ import torch
 __all__ = [
     "ArgumentTypeError",
     "accumulation_dtype",
+    "check_bool",
     "check_choice",
     "check_float",
     "check_floating",
@@ -92,18 +94,25 @@ def check_positive_fields(config, names, *, where: str) -> None:
     check_positive_ints({name: getattr(config, name) for name in names}, where=where, what="field")
 
 
-def check_float(name: str, value, *, low: float, high: float, low_open: bool = False, where: str | None = None,
-                what: str = "argument") -> float:
-    """``value`` as a float in ``[low, high]`` (``(low, high]`` when ``low_open``); NaN is rejected."""
-    bracket = "(" if low_open else "["
+def check_float(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+                high_open: bool = False, where: str | None = None, what: str = "argument") -> float:
+    """``value`` as a float in ``[low, high]``; ``low_open`` / ``high_open``
+    exclude an end (``high=math.inf, high_open=True``: finite). NaN is rejected."""
+    span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(
-            f"{_prefix(where, what, name)} must be a number in {bracket}{low}, {high}], got {value!r} "
-            f"({type(value).__name__})"
+            f"{_prefix(where, what, name)} must be a number in {span}, got {value!r} ({type(value).__name__})"
         )
     value = float(value)
-    if not ((value > low if low_open else value >= low) and value <= high):
-        raise ValueError(f"{_prefix(where, what, name)} must be in {bracket}{low}, {high}], got {value}")
+    if not ((value > low if low_open else value >= low) and (value < high if high_open else value <= high)):
+        raise ValueError(f"{_prefix(where, what, name)} must be a number in {span}, got {value}")
+    return value
+
+
+def check_bool(name: str, value, *, where: str | None = None, what: str = "argument") -> bool:
+    """``value``, which must be a bool."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{_prefix(where, what, name)} must be a bool, got {value!r} ({type(value).__name__})")
     return value
 
 

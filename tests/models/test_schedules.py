@@ -199,5 +199,5 @@ def test_range_errors_name_expected_and_got():
         make_schedule("cosine", 10).strided(11)
     with pytest.raises(ValueError, match=r"Schedule.snr: argument 't' must be in \[0, 10\], got values in \[0, 11\]"):
         make_schedule("cosine", 10).snr(torch.tensor([0, 11]))
-    with pytest.raises(ValueError, match=r"argument 'max_beta' must be in \(0.0, 1.0\], got 1.5"):
+    with pytest.raises(ValueError, match=r"argument 'max_beta' must be a number in \(0.0, 1.0\], got 1.5"):
         betas_from_alpha_bar(cosine_alpha_bar, 10, max_beta=1.5)

@@ -1,33 +1,9 @@
-"""What the priors' configs share: the UNet fields, their checks, the UNet;
-and the two checks ``pyvq._checks`` lacks (a bool, a number in a half-open
-range), in its message style."""
+"""What the priors' configs share: the UNet fields, their checks, the UNet."""
 
 from __future__ import annotations
 
-import math
-import numbers
-
-from pyvq._checks import ArgumentTypeError, check_positive_fields, int_tuple
+from pyvq._checks import check_bool, check_float, check_positive_fields, int_tuple
 from pyvq.nn.unet import UNet
-
-
-def check_bool(name: str, value, *, where: str, what: str = "field") -> bool:
-    """``value``, which must be a bool."""
-    if not isinstance(value, bool):
-        raise ArgumentTypeError(f"{where}: {what} '{name}' must be a bool, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_real(name: str, value, *, where: str, what: str = "field", low: float = 0.0,
-               high: float = math.inf) -> float:
-    """``value`` as a float in ``[low, high)`` (NaN, and inf with the default
-    ``high``, rejected)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"{where}: {what} '{name}' must be a number in [{low}, {high}), got {value!r} "
-                                f"({type(value).__name__})")
-    if not low <= value < high:
-        raise ValueError(f"{where}: {what} '{name}' must be a number in [{low}, {high}), got {value!r}")
-    return float(value)
 
 
 def level_sizes(config) -> tuple[int, ...]:
@@ -68,8 +44,8 @@ def check_unet_fields(config, cls: str, *, ints: tuple[str, ...] = (), strict_at
     if bad:
         raise ValueError(f"{cls}: field 'num_heads' ({config.num_heads}) must divide the widths of the "
                          f"attention levels, got {sorted(set(bad))}")
-    check_real("dropout", config.dropout, where=cls, high=1.0)
-    check_bool("scale_shift", config.scale_shift, where=cls)
+    check_float("dropout", config.dropout, where=cls, what="field", low=0.0, high=1.0, high_open=True)
+    check_bool("scale_shift", config.scale_shift, where=cls, what="field")
 
 
 def build_unet(config, channels: int) -> UNet:

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyvq._checks import ArgumentTypeError, check_choice, check_int
+from pyvq._checks import ArgumentTypeError, accumulation_dtype, check_bool, check_choice, check_float, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
-from pyvq.models.priors._config import build_unet, check_bool, check_real, check_unet_fields, level_sizes
+from pyvq.models.priors._config import build_unet, check_unet_fields, level_sizes
 from pyvq.models.priors.base import DiffusionPrior
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
 
@@ -96,9 +96,9 @@ class GaussianDiffusionConfig:
 
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("channels",), strict_attention=False)
-        check_bool("clip_denoised", self.clip_denoised, where=_NAME)
+        check_bool("clip_denoised", self.clip_denoised, where=_NAME, what="field")
         if self.min_snr_gamma is not None:
-            check_real("min_snr_gamma", self.min_snr_gamma, where=_NAME)
+            check_float("min_snr_gamma", self.min_snr_gamma, where=_NAME, what="field", low=0.0, high=math.inf, high_open=True)
         check_choice("schedule", self.schedule, sorted(SCHEDULES), where=_NAME, what="field")
         if not isinstance(self.schedule_kwargs, dict):
             raise ArgumentTypeError(f"{_NAME}: field 'schedule_kwargs' must be a dict, got "
@@ -291,7 +291,7 @@ class GaussianDiffusion(PretrainedModel, DiffusionPrior):
         ab_s = float(self.schedule.alpha_bar[s])
         eps = self.net(x, tt)
         # The update in at least float32 (half-precision states are rounded once, at the end).
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = accumulation_dtype(x.dtype)
         xf = x.to(dtype)
         x0 = (xf - math.sqrt(1 - ab_t) * eps.to(dtype)) / math.sqrt(ab_t)
         if self.config.clip_denoised:
@@ -318,7 +318,7 @@ class GaussianDiffusion(PretrainedModel, DiffusionPrior):
 
     def _check_method(self, method, eta, where: str) -> float:
         check_choice("method", method, METHODS, where=where)
-        return check_real("eta", eta, where=where, what="argument")
+        return check_float("eta", eta, where=where, low=0.0, high=math.inf, high_open=True)
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, method: str = "ddim", eta: float = 0.0,

@@ -67,9 +67,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pyvq._checks import accumulation_dtype, check_choice, check_int
+from pyvq._checks import accumulation_dtype, check_bool, check_choice, check_float, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
-from pyvq.models.priors._config import build_unet, check_bool, check_real, check_unet_fields
+from pyvq.models.priors._config import build_unet, check_unet_fields
 from pyvq.models.priors.base import DiffusionPrior
 from pyvq.models.priors.sampling import (
     generator_device,
@@ -155,8 +155,8 @@ class MultinomialDiffusionConfig:
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("history",))
         check_int("num_classes", self.num_classes, where=_NAME, minimum=2, what="field")
-        check_bool("importance_sampling", self.importance_sampling, where=_NAME)
-        check_real("uniform_prob", self.uniform_prob, where=_NAME, high=1.0)
+        check_bool("importance_sampling", self.importance_sampling, where=_NAME, what="field")
+        check_float("uniform_prob", self.uniform_prob, where=_NAME, what="field", low=0.0, high=1.0, high_open=True)
         check_choice("schedule", self.schedule, sorted(SCHEDULES), where=_NAME, what="field")
         try:
             _cpu_schedule(self.schedule, self.timesteps)
