@@ -19,9 +19,6 @@ in MiB and in units of one (B, K, 16, 16) float32 tensor (the logits).
     python benchmarks/bench_posterior.py                # K = 512, 1024, 8192
     python benchmarks/bench_posterior.py --quick        # B = 4, one timed run of each
     python benchmarks/bench_posterior.py --ks 512 --no-compile
-
-Until the extension has the kernels, the pyvq column runs the reference
-(ratios near 1).
 """
 
 from __future__ import annotations
