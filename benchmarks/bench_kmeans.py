@@ -13,7 +13,10 @@ clustering (seeding + ``--iters`` Lloyd iterations, tol = 0) by
 with the ratios ref/pyvq, comp/pyvq and pyvq/faiss, the peak extra memory
 of pyvq and of the reference, the inertia of faiss's clustering over
 pyvq's (above 1: pyvq's is better), and whether pyvq and the reference
-returned the same centroids bit for bit.
+returned the same centroids bit for bit. A column whose run takes longer
+than 30 s is timed once. Under CPU contention (another process on the
+cores) the multi-threaded columns stall at OpenMP barriers; ``--threads 1``
+gives steadier ratios there.
 
     python benchmarks/bench_kmeans.py              # every shape
     python benchmarks/bench_kmeans.py --quick      # the smallest shape only
@@ -93,7 +96,8 @@ def main() -> None:
         def run_ref():
             last["ref"] = reference.kmeans(x, k, **opts)
 
-        t_pyvq, mem_pyvq = time_and_memory(run_pyvq, repeats=args.repeats)
+        # each one's memory run is its warm-up (a clustering allocates afresh every time)
+        t_pyvq, mem_pyvq = time_and_memory(run_pyvq, repeats=args.repeats, warm=False)
         t_ref, mem_ref = time_and_memory(run_ref, repeats=args.repeats, budget_s=budget, warm=False)
         same = bool(torch.equal(last["pyvq"], last["ref"]))
 
