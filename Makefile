@@ -42,9 +42,9 @@ demo-inpaint: install
 	test -d runs/demo/train/model || $(VENV)/bin/pyvq demo --out runs/demo
 	$(VENV)/bin/pyvq demo-inpaint --base runs/demo/train --out runs/demo-inpaint
 
+# Every benchmarks/bench_*.py, at full size.
 bench: install
-	$(PY) benchmarks/bench_codebook.py
-	$(PY) benchmarks/bench_train_step.py
+	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:
 	rm -rf build *.egg-info pyvq/_C*.so

@@ -18,9 +18,6 @@ Shapes:
 
     python benchmarks/bench_grid.py                # both shapes
     python benchmarks/bench_grid.py --quick        # 16x fewer points and table rows, one timed run
-
-Until the extension has the grid_encode kernel, both columns run the
-reference (ratios near 1).
 """
 
 from __future__ import annotations

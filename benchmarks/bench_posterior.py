@@ -19,9 +19,6 @@ in MiB and in units of one (B, K, 16, 16) float32 tensor (the logits).
     python benchmarks/bench_posterior.py                # K = 512, 1024, 8192
     python benchmarks/bench_posterior.py --quick        # B = 4, one timed run of each
     python benchmarks/bench_posterior.py --ks 512 --no-compile
-
-Until the extension has the kernels, the pyvq column runs the reference
-(ratios near 1).
 """
 
 from __future__ import annotations
@@ -35,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (  # noqa: E402
     Table,
     median_time,
-    peak_extra_memory,
     ratio,
     reexec_with_mmap_threshold,
+    time_and_memory,
 )
 
 KS = (512, 1024, 8192)
@@ -61,16 +58,6 @@ def _passes(posterior, kl, x_t, x0, logits, alpha_t, alpha_bar_prev, grad_kl):
 
 # Least bytes each pass must move, in units of one (B, K, H, W) tensor.
 _TRAFFIC_UNITS = {"kl fwd+bwd": 3, "posterior fwd": 2}
-
-
-def _measure(fn, repeats, budget_s, warm):
-    """(median seconds, peak extra MiB) of ``fn``; ``warm`` runs it once first
-    (compilation, first-touch of the allocator's pages)."""
-    if warm:
-        fn()
-    mem = peak_extra_memory(fn)
-    t = median_time(fn, repeats=repeats, warmup=0, budget_s=budget_s)
-    return t, mem
 
 
 def main() -> None:
@@ -127,7 +114,7 @@ def main() -> None:
             for name, fns in passes.items():
                 # The reference's measured run of peak memory is its warm-up
                 # (it is slow); pyvq and compiled warm up first.
-                t, mem = _measure(fns[pass_name], repeats, budget, warm=name != "ref")
+                t, mem = time_and_memory(fns[pass_name], repeats=repeats, budget_s=budget, warm=name != "ref")
                 row[f"{name}_ms"] = 1e3 * t
                 row[f"{name}_MiB"] = mem
                 row[f"{name}_x"] = None if mem is None else mem / unit_mib

@@ -83,6 +83,35 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
+def import_faiss():
+    """The faiss module, or None (saying so) where faiss-cpu is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        print("faiss-cpu not installed (pip install -r requirements-bench.txt): no faiss column")
+        return None
+    return faiss
+
+
+def time_and_memory(fn: Callable[[], object], *, repeats: int, budget_s: float | None = None,
+                    warm: bool = True) -> tuple[float, float | None]:
+    """(median seconds, peak extra MiB) of ``fn``. ``warm`` runs it once
+    first (compilation, first touch of the allocator's pages); a slow
+    baseline is better measured with ``warm=False``: its memory run is then
+    the warm-up, counts against ``budget_s``, and is the one timed run when
+    it alone used the budget."""
+    if warm:
+        fn()
+    t0 = time.perf_counter()
+    mem = peak_extra_memory(fn)
+    t_mem = time.perf_counter() - t0
+    if budget_s is not None and not warm:
+        if t_mem >= budget_s:
+            return t_mem, mem
+        budget_s -= t_mem
+    return median_time(fn, repeats=repeats, warmup=0, budget_s=budget_s), mem
+
+
 @dataclass
 class Table:
     """Rows of results printed as an aligned table and saved as JSON."""

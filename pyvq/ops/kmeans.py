@@ -8,39 +8,20 @@ k distinct random points; then Lloyd iterations whose assignment step is
 
 ReFiT (pyvq.refit) uses it to re-build a VQGAN codebook from encoder outputs.
 There is no kernel of its own: the cost is the nearest-code search, which
-already has one.
+already has one. Reference: pyvq/reference/kmeans.py (the same algorithm
+over a full distance matrix; it also defines ``KMeansResult``).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
 from pyvq._checks import accumulation_dtype, check_choice, check_floating, check_int
 from pyvq.ops.codebook import nearest_code
+from pyvq.reference.kmeans import KMeansResult
 
 _OP = "pyvq.kmeans"
 INITS = ("afkmc2", "kmeans++", "random")
-
-
-class KMeansResult(NamedTuple):
-    """What ``kmeans(..., return_assignments=True)`` returns.
-
-    Attributes:
-        centroids: (k, D), x's dtype.
-        assignments: (N,) int64, index of the nearest centroid of every point
-            (computed against the returned centroids).
-        inertia: 0-d tensor in the compute dtype (float32 for half inputs,
-            else x's dtype): sum over points of the squared distance to
-            their centroid.
-        n_iter: number of Lloyd iterations run (<= iters).
-    """
-
-    centroids: torch.Tensor
-    assignments: torch.Tensor
-    inertia: torch.Tensor
-    n_iter: int
 
 
 def _check(x, k, iters, init, chain_length, tol, seed) -> None:

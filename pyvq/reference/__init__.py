@@ -6,6 +6,7 @@ op takes under ``PYVQ_BACKEND=reference`` or where no kernel exists.
 
 from pyvq.reference.codebook import nearest_code
 from pyvq.reference.grid import grid_encode
+from pyvq.reference.kmeans import kmeans
 from pyvq.reference.posterior import multinomial_kl, multinomial_posterior
 
-__all__ = ["grid_encode", "multinomial_kl", "multinomial_posterior", "nearest_code"]
+__all__ = ["grid_encode", "kmeans", "multinomial_kl", "multinomial_posterior", "nearest_code"]

@@ -7,10 +7,9 @@ Three layers of checks:
   pyvq/reference/grid.py (these do not need the kernel);
 - the public op against the reference, forward and backward, for the dense,
   dense_mod and hash indexing, float32/float64, borders, clamping, strided
-  views and empty inputs (until the extension has the kernel the op runs the
-  reference, so these compare it with itself);
+  views and empty inputs;
 - the kernel's own contract (opcheck, the backward op, deterministic CPU
-  backward, its input checks), skipped while the extension lacks it.
+  backward, its input checks), skipped in a build without it.
 """
 
 from __future__ import annotations

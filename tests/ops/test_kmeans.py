@@ -1,11 +1,19 @@
-"""pyvq.ops.kmeans: seeding quality, Lloyd fixed points, re-seeding, errors."""
+"""pyvq.ops.kmeans: seeding quality, Lloyd fixed points, re-seeding, errors;
+the op against its reference twin pyvq.reference.kmeans, and both against
+faiss's Lloyd iterations."""
+
+import importlib
+import inspect
 
 import pytest
 import torch
 
 import pyvq
+from pyvq import reference
 from pyvq.ops import kmeans, nearest_code
 from pyvq.ops.kmeans import KMeansResult
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INITS = ["afkmc2", "kmeans++", "random"]
 
@@ -274,3 +282,194 @@ def test_bad_x():
     x[5, 0] = float("inf")
     with pytest.raises(ValueError, match="'x' contains 2 non-finite"):
         kmeans(x, 2)
+
+
+# ---------------------------------------------------------------------------
+# The op against pyvq.reference.kmeans. Both make the same generator draws
+# and update with the same sums, so wherever their nearest-centroid searches
+# agree (the kernel's blocked argmin against the reference's full distance
+# matrix) every result is equal bit for bit.
+
+
+def _same_result(a, b):
+    assert torch.equal(a.assignments, b.assignments)
+    assert torch.equal(a.centroids, b.centroids)
+    assert a.centroids.dtype == b.centroids.dtype
+    assert a.n_iter == b.n_iter
+    assert a.inertia.dtype == b.inertia.dtype
+    torch.testing.assert_close(a.inertia, b.inertia, rtol=1e-5, atol=0)
+
+
+def test_reference_exported_with_the_op_signature():
+    assert "kmeans" in reference.__all__
+    assert inspect.signature(reference.kmeans) == inspect.signature(kmeans)
+    assert reference.kmeans is not kmeans
+    assert pyvq.ops.kmeans.__module__ == "pyvq.ops.kmeans"
+    assert pyvq.reference.kmeans.__module__ == "pyvq.reference.kmeans"
+    # one result type, defined by the reference and used by the op
+    assert KMeansResult is importlib.import_module("pyvq.reference.kmeans").KMeansResult
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, d, k", [(600, 4, 8), (2000, 8, 32), (64, 3, 64), (1000, 2, 5)])
+@pytest.mark.parametrize("init", INITS)
+def test_op_equals_reference(dtype, n, d, k, init):
+    x = torch.randn(n, d, generator=_gen(n + k), dtype=dtype)
+    for seed in (0, 1):
+        a = kmeans(x, k, init=init, seed=seed, return_assignments=True)
+        b = reference.kmeans(x, k, init=init, seed=seed, return_assignments=True)
+        _same_result(a, b)
+        assert torch.equal(reference.kmeans(x, k, init=init, seed=seed), a.centroids)
+    # a different seed gives a different clustering (the draws matter)
+    if k < n:
+        assert not torch.equal(reference.kmeans(x, k, init=init, seed=2), a.centroids)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("iters", [0, 1, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_op_equals_reference_with_exact_ties(init, iters, dtype):
+    # Points of {0, 1, 2, 3}^3, many repeated: seeds are data points, so
+    # the first assignment has exact ties (equidistant seeds, duplicate
+    # seeds), which both must give to the lowest index; duplicates also
+    # leave clusters empty and exercise the re-seeding.
+    x = torch.randint(0, 4, (400, 3), generator=_gen(5)).to(dtype)
+    for seed in range(3):
+        a = kmeans(x, 16, init=init, iters=iters, seed=seed, return_assignments=True)
+        b = reference.kmeans(x, 16, init=init, iters=iters, seed=seed, return_assignments=True)
+        _same_result(a, b)
+        if iters == 0:
+            # ties to the lowest index, from exact (integer) distances
+            d = (x[:, None, :] - a.centroids[None]).pow(2).sum(-1)
+            first_min = (d == d.min(1, keepdim=True).values).int().argmax(1)
+            assert torch.equal(a.assignments, first_min)
+
+
+def test_reference_ties_go_to_the_lowest_index():
+    # 1-D: 1.0 is equidistant from centroids 0.0 and 2.0, 3.0 from 2.0 and
+    # 4.0; centroid 2.0 is listed twice.
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
+    r = reference.kmeans(x, 4, init="random", iters=0, seed=0, return_assignments=True)
+    c = r.centroids[:, 0].tolist()
+    for i, xi in enumerate(x[:, 0].tolist()):
+        d = [(xi - cj) ** 2 for cj in c]
+        assert int(r.assignments[i]) == d.index(min(d))
+    assert torch.equal(r.assignments, kmeans(x, 4, init="random", iters=0, seed=0,
+                                             return_assignments=True).assignments)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_op_on_reference_backend_equals_reference(init, reference_backend):
+    # with nearest_code's reference both searches are the same formula: the
+    # results must agree on any input, here overlapping blobs in float32
+    g = _gen(13)
+    x = (3 * torch.randn(12, 8, generator=g))[torch.randint(12, (1500,), generator=g)]
+    x = x + torch.randn(1500, 8, generator=g)
+    for seed in range(3):
+        _same_result(kmeans(x, 24, init=init, seed=seed, return_assignments=True),
+                     reference.kmeans(x, 24, init=init, seed=seed, return_assignments=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_half_input(dtype):
+    x = torch.randn(1200, 6, generator=_gen(4)).to(dtype)
+    a = kmeans(x, 10, seed=3, return_assignments=True)
+    b = reference.kmeans(x, 10, seed=3, return_assignments=True)
+    assert b.centroids.dtype == dtype and b.inertia.dtype == torch.float32
+    _same_result(a, b)
+
+
+def test_reference_edge_cases_equal_the_op():
+    x = torch.randn(30, 4, generator=_gen(2))
+    for init in INITS:
+        for k in (1, 30):  # a single cluster; every point its own cluster
+            _same_result(kmeans(x, k, init=init, seed=1, return_assignments=True),
+                         reference.kmeans(x, k, init=init, seed=1, return_assignments=True))
+        # all points equal: every seeding falls back to uniform choices
+        same = torch.ones(12, 3)
+        _same_result(kmeans(same, 4, init=init, return_assignments=True),
+                     reference.kmeans(same, 4, init=init, return_assignments=True))
+        # non-contiguous input
+        xt = torch.randn(5, 300, generator=_gen(3)).t()
+        _same_result(kmeans(xt, 7, init=init, return_assignments=True),
+                     reference.kmeans(xt, 7, init=init, return_assignments=True))
+
+
+def test_reference_stops_at_tol_like_the_op():
+    x = torch.randn(3000, 5, generator=_gen(21))
+    for tol in (1e-1, 1e-3, 0.0):
+        a = kmeans(x, 20, tol=tol, iters=50, seed=0, return_assignments=True)
+        b = reference.kmeans(x, 20, tol=tol, iters=50, seed=0, return_assignments=True)
+        _same_result(a, b)
+    assert kmeans(x, 20, tol=1e-1, iters=50, return_assignments=True).n_iter < a.n_iter
+
+
+def test_reference_lloyd_fixed_point():
+    # Oracle-free: at convergence every centroid is the mean of its points
+    # and every point's centroid is its nearest one (brute force, float64).
+    x = torch.randn(800, 3, generator=_gen(8), dtype=torch.float64)
+    r = reference.kmeans(x, 9, iters=200, tol=0.0, init="kmeans++", seed=2, return_assignments=True)
+    assert r.n_iter < 200
+    d = (x[:, None, :] - r.centroids[None]).pow(2).sum(-1)
+    assert torch.equal(r.assignments, d.argmin(1))
+    torch.testing.assert_close(r.inertia, d.min(1).values.sum())
+    for j in range(9):
+        torch.testing.assert_close(r.centroids[j], x[r.assignments == j].mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_does_not_touch_global_rng():
+    x = torch.randn(200, 3, generator=_gen(0))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    reference.kmeans(x, 5, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------
+# faiss (the public peer) as an external oracle.
+
+
+def _faiss_lloyd(x, k, iters, init_centroids):
+    faiss = pytest.importorskip("faiss")
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=0, max_points_per_centroid=x.shape[0])
+    km.train(x.numpy(), init_centroids=init_centroids.numpy())
+    _, idx = km.index.search(x.numpy(), 1)
+    return torch.from_numpy(km.centroids), torch.from_numpy(idx[:, 0]).long()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lloyd_matches_faiss_from_the_same_seeding(seed):
+    # faiss's Lloyd iterations, started from pyvq's own seeding, must reach
+    # the same partition and centroids as pyvq's op and reference.
+    g = _gen(30 + seed)
+    centers = 3 * torch.randn(40, 16, generator=g)
+    x = centers[torch.randint(40, (4000,), generator=g)] + torch.randn(4000, 16, generator=g)
+    seeds = reference.kmeans(x, 40, iters=0, seed=seed)
+    assert torch.equal(seeds, kmeans(x, 40, iters=0, seed=seed))
+    fc, fi = _faiss_lloyd(x, 40, 60, seeds)
+    for impl in (kmeans, reference.kmeans):
+        r = impl(x, 40, iters=60, tol=0.0, seed=seed, return_assignments=True)
+        assert r.n_iter < 60  # converged
+        assert torch.equal(r.assignments, fi)
+        torch.testing.assert_close(r.centroids, fc, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["afkmc2", "kmeans++"])
+def test_separated_blobs_inertia_at_least_as_good_as_faiss(init):
+    # 10 blobs 20 apart: pyvq reaches the blob means' inertia (the optimum
+    # here); faiss's best of 5 random seedings cannot do better.
+    faiss = pytest.importorskip("faiss")
+    g = _gen(100)
+    centers = 20 * torch.randn(10, 6, generator=g)
+    while torch.cdist(centers, centers).add(torch.eye(10) * 1e9).min() < 10:
+        centers = 20 * torch.randn(10, 6, generator=g)
+    x, labels = _blobs(centers, 100, 0.5, 1)
+    optimum = _inertia(x, torch.stack([x[labels == j].mean(0) for j in range(10)]))
+    km = faiss.Kmeans(6, 10, niter=20, seed=1, nredo=5, max_points_per_centroid=1000)
+    km.train(x.numpy())
+    peer = _inertia(x, torch.from_numpy(km.centroids))
+    for impl in (kmeans, reference.kmeans):
+        ours = _inertia(x, impl(x, 10, init=init, seed=1))
+        assert ours == pytest.approx(optimum, rel=1e-6)
+        assert ours <= peer * (1 + 1e-6)
