@@ -59,16 +59,6 @@ def build_model(name: str, overrides: dict | None = None, base: str | None = Non
     return _pretrained.model_class_for(config)(config)
 
 
-def build_dataset(config: TrainConfig, split: str = "train"):
-    """The run's dataset: the built-in photographs or an image folder."""
-    from pyvq.data import BuiltinImages, ImageFolder
-
-    if config.data == "builtin":
-        return BuiltinImages(split=split, size=config.image_size, seed=config.seed)
-    return ImageFolder(config.data, config.image_size, crop="random" if split == "train" else "center",
-                       flip=split == "train", seed=config.seed)
-
-
 def trainable_params(module: torch.nn.Module) -> list:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -139,7 +129,11 @@ class Trainer:
                                  c.adam_eps if c.disc_adam_eps is None else c.disc_adam_eps)
         self.sched_g, self.sched_d = self._lr_schedule(self.opt_g), self._lr_schedule(self.opt_d)
         self.ema = self._make_ema()
-        self.dataset = dataset if dataset is not None else build_dataset(c, "train")
+        if dataset is None:
+            from pyvq.data import build_dataset
+
+            dataset = build_dataset(c.data, c.image_size, "train", seed=c.seed)
+        self.dataset = dataset
         self._finish_setup(resume, {"model": self.model, "disc": self.disc})
 
     def _finish_setup(self, resume: bool, ddp_modules: dict) -> None:
