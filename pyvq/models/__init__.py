@@ -1,5 +1,6 @@
 """Models built from ``pyvq.nn`` (tokenizers and the priors over their codes): ``Model(config)``, ``save_pretrained`` /
-``from_pretrained``, and named presets (``list_presets()``)."""
+``from_pretrained``, and named presets (``list_presets()``). Tokenizers return the typed outputs of
+``pyvq.models.outputs`` (``TokenizerOutput``, ``VQEncoding``, ``VQAux``, ``BRICSAux``)."""
 
 from pyvq.models._pretrained import (
     PretrainedModel,
@@ -9,6 +10,7 @@ from pyvq.models._pretrained import (
     load_run,
     register_preset,
 )
+from pyvq.models.outputs import BRICSAux, TokenizerOutput, VQAux, VQEncoding
 from pyvq.models.priors import (
     GaussianDiffusion,
     GaussianDiffusionConfig,
@@ -29,6 +31,7 @@ from pyvq.models.tokenizers import (
 
 __all__ = [
     "BRICS",
+    "BRICSAux",
     "BRICSConfig",
     "VQGAN",
     "AsymmetricVQGAN",
@@ -41,6 +44,9 @@ __all__ = [
     "MultinomialDiffusion",
     "MultinomialDiffusionConfig",
     "PretrainedModel",
+    "TokenizerOutput",
+    "VQAux",
+    "VQEncoding",
     "VQGANConfig",
     "get_preset",
     "list_presets",
