@@ -101,14 +101,9 @@ def _eval(args) -> int:
         raise SystemExit(f"pyvq eval: {args.run} has no trained model (expected {model_dir})")
     model = load_pretrained(model_dir)
     size = args.image_size or model.config.resolution
-    if args.data == "builtin":
-        from pyvq.data import BuiltinImages
+    from pyvq.data import build_dataset
 
-        dataset = BuiltinImages(split=args.split, size=size)
-    else:
-        from pyvq.data import ImageFolder
-
-        dataset = ImageFolder(args.data, size, crop="center")
+    dataset = build_dataset(args.data, size, args.split, augment=False)
     lpips = None
     if args.lpips:
         from pyvq.losses import build_lpips
@@ -183,13 +178,12 @@ def _load(path: str, flag: str, command: str):
 
 
 def _encode(args) -> int:
+    from pyvq.data import build_dataset
     from pyvq.data.codes import encode_codes
-    from pyvq.train.config import TrainConfig
-    from pyvq.train.trainer import build_dataset
 
     tokenizer = _load(args.tokenizer, "--tokenizer", "encode")
     size = args.image_size or tokenizer.config.resolution
-    data = build_dataset(TrainConfig(data=args.data, image_size=size), args.split)
+    data = build_dataset(args.data, size, args.split)
     meta = encode_codes(tokenizer, data, args.out, repeats=args.repeats,
                         batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
     print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")

@@ -23,7 +23,7 @@ META_NAME = "codes.json"
 _KINDS = ("indices", "keys")
 
 
-def _tokenizer_codes(model, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+def tokenizer_codes(model, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     """(kind, codes) of a batch: VQ indices (B, H, W) or key codes (B, C, H, W)."""
     enc = model.encode(x)
     if isinstance(enc, tuple):  # VQ: (z_q, indices, aux)
@@ -68,7 +68,7 @@ def encode_codes(model, dataset, out_dir: str, *, repeats: int = 1, batch_size: 
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
             size = x.shape[-1]
-            kind, codes = _tokenizer_codes(model, x)
+            kind, codes = tokenizer_codes(model, x)
             buffer.append(codes.cpu())
             count += len(codes)
             if sum(len(b) for b in buffer) >= shard_size:

@@ -1,5 +1,6 @@
 """Models built from ``pyvq.nn`` (tokenizers and the priors over their codes): ``Model(config)``, ``save_pretrained`` /
-``from_pretrained``, and named presets (``list_presets()``)."""
+``from_pretrained``, and named presets (``list_presets()``). Tokenizers return the typed outputs of
+``pyvq.models.outputs`` (``TokenizerOutput``, ``VQEncoding``, ``VQAux``, ``BRICSAux``)."""
 
 from pyvq.models._pretrained import (
     PretrainedModel,
@@ -7,6 +8,7 @@ from pyvq.models._pretrained import (
     list_presets,
     load_pretrained,
     load_run,
+    model_class_for,
     register_preset,
 )
 from pyvq.models.cost import (
@@ -15,6 +17,7 @@ from pyvq.models.cost import (
     decoder_gflops,
     decoder_parameter_count,
 )
+from pyvq.models.outputs import BRICSAux, TokenizerOutput, VQAux, VQEncoding
 from pyvq.models.priors import (
     GaussianDiffusion,
     GaussianDiffusionConfig,
@@ -35,6 +38,7 @@ from pyvq.models.tokenizers import (
 
 __all__ = [
     "BRICS",
+    "BRICSAux",
     "BRICSConfig",
     "VQGAN",
     "AsymmetricVQGAN",
@@ -47,6 +51,9 @@ __all__ = [
     "MultinomialDiffusion",
     "MultinomialDiffusionConfig",
     "PretrainedModel",
+    "TokenizerOutput",
+    "VQAux",
+    "VQEncoding",
     "VQGANConfig",
     "brics_decoder_gflops",
     "brics_retrieval_gflops",
@@ -56,5 +63,6 @@ __all__ = [
     "list_presets",
     "load_pretrained",
     "load_run",
+    "model_class_for",
     "register_preset",
 ]

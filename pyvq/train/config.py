@@ -21,10 +21,11 @@ class TrainConfig:
     ``ckpt_every`` (steps) and ``ckpt_minutes`` (wall time) both trigger a
     checkpoint, whichever comes first.
 
-    Model defaults: the defaults above are VQGAN's. A model class may name
-    its own with a ``train_defaults()`` method (BRICS: lr 2e-3, betas
-    (0, 0.99), Adam eps 1e-15 / 1e-8, L2 x 20, LPIPS x 5, ...); the trainer
-    then replaces every such field that still holds TrainConfig's default
+    Model defaults: the defaults above are VQGAN's. A model type's training
+    recipe (``pyvq.train.recipes``) may name its own with
+    ``train_defaults(model)`` (BRICS: lr 2e-3, betas (0, 0.99), Adam eps
+    1e-15 / 1e-8, L2 x 20, LPIPS x 5, ...); the trainer then replaces every
+    such field that still holds TrainConfig's default
     (``with_model_defaults``) and writes the resolved values to the run's
     config.json. A value that differs from TrainConfig's default is the
     user's and is kept; ``model_defaults=False`` keeps every field as given

@@ -74,7 +74,7 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         dict with ``completion`` (3, H, W), ``decoded`` (3, H, W) (the
         decoded codes, before pasting), ``keep`` (h, w) bool and ``codes``.
     """
-    from pyvq.data.codes import _tokenizer_codes
+    from pyvq.data.codes import tokenizer_codes
 
     _check_pair(prior, tokenizer)
     if image.dim() != 3 or image.shape[0] != 3:
@@ -86,7 +86,7 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         raise ValueError(f"inpaint_image: argument 'mask' must be (1, H, W) or (H, W) matching the image "
                          f"{tuple(image.shape[1:])}, got {tuple(mask.shape)}")
     prior.eval(), tokenizer.eval()
-    _, codes = _tokenizer_codes(tokenizer, image[None])
+    _, codes = tokenizer_codes(tokenizer, image[None])
     h, w = codes.shape[-2:]
     f = image.shape[-1] // w
     keep = F.max_pool2d(mask[None], kernel_size=f, stride=f)[0, 0] == 0  # (h, w)

@@ -343,14 +343,9 @@ def run_inpaint_eval(tokenizer_dir: str, decoder_dir: str, out_dir: str, *, data
     if not hasattr(vanilla, "decoder"):
         raise SystemExit(f"pyvq eval-inpaint: --tokenizer {tokenizer_dir} has no decoder (a VQGAN / AutoencoderKL run?)")
     size = image_size or asymmetric.config.base().resolution
-    if data == "builtin":
-        from pyvq.data import BuiltinImages
+    from pyvq.data import build_dataset
 
-        dataset = BuiltinImages(split=split, size=size)
-    else:
-        from pyvq.data import ImageFolder
-
-        dataset = ImageFolder(data, size, crop="center")
+    dataset = build_dataset(data, size, split, augment=False)
     n = min(num, len(dataset))
     if n < 1:
         raise SystemExit(f"pyvq eval-inpaint: no images in {data!r}")

@@ -246,3 +246,20 @@ def test_preset_scaling_follows_the_base():
     large2 = get_preset("asym_vq_f16_large2")
     assert large2.scaled_to(wide_base) == dict(ch=128, num_res_blocks=5, blend="add", dropout=0.0)
     assert get_preset("asym_vq_f16_base").scaled_to(wide_base)["ch"] == 64
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_typed_outputs(kind):
+    from pyvq.models import DiagonalGaussianDistribution, TokenizerOutput, VQAux, VQEncoding
+
+    model = tiny(kind)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = box_masks(2, 32, torch.Generator().manual_seed(0))
+    for out in (model(x), model(x, mask)):
+        assert isinstance(out, TokenizerOutput) and out.x_rec.shape == x.shape
+        if kind == "vq":
+            assert isinstance(out.aux, VQAux) and out.aux["loss"] is out.aux.loss
+        else:
+            assert isinstance(out.aux, DiagonalGaussianDistribution)
+    if kind == "vq":
+        assert isinstance(model.encode(x), VQEncoding)

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from pyvq.models import BRICS, BRICSConfig, get_preset, list_presets, load_pretrained
+from pyvq.models import BRICS, BRICSAux, BRICSConfig, TokenizerOutput, get_preset, list_presets, load_pretrained
 from pyvq.models.tokenizers.brics import tile_codes
+from pyvq.train.recipes import recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +102,7 @@ def test_kl_variant():
     x_rec, aux = model(x)
     assert x_rec.shape == x.shape and aux["kl"].shape == (2,) and (aux["kl"] > 0).all()
     assert not torch.equal(model.encode(x), model.encode(x))  # sampled
-    assert set(model.loss_inputs(aux)) == {"kl"}
+    assert set(recipe_for(model).loss_inputs(x, TokenizerOutput(x_rec, aux))) == {"kl"}
     model.eval()
     keys = model.encode(x)
     torch.testing.assert_close(model.encode(x), keys, rtol=0, atol=0)
@@ -110,8 +111,8 @@ def test_kl_variant():
     # KL of N(mu, sigma^2) to N(0, 1), summed over the code
     kl = 0.5 * (mu.square() + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma).flatten(1).sum(1)
     torch.testing.assert_close(model(x)[1]["kl"], kl, rtol=1e-4, atol=1e-4)
-    assert model.train_defaults()["kl_weight"] == 1e-6
-    assert tiny().loss_inputs({"keys": keys}) == {}
+    assert recipe_for(model).train_defaults(model)["kl_weight"] == 1e-6
+    assert recipe_for(BRICS).loss_inputs(x, TokenizerOutput(x_rec, BRICSAux(keys=keys))) == {}
 
 
 def test_gradients_reach_tables_keys_and_decoder(images):
@@ -225,3 +226,17 @@ def test_config_defaults():
     c = BRICSConfig()
     assert (c.code_size, c.code_channels, c.num_groups, c.tile_factor, c.downsample_factor) == (16, 8, 8, 4, 16)
     assert c.key_noise_std == 1 / 128 and c.tiling == "interleave" and c.index == "dense_mod"
+
+
+def test_typed_outputs():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = tiny()(x)
+    assert isinstance(out, TokenizerOutput) and isinstance(out.aux, BRICSAux)
+    assert out.aux.kl is None and "kl" not in out.aux and list(out.aux) == ["keys"]
+    assert out.aux["keys"] is out.aux.keys and out.aux.keys.shape == (2, 4, 8, 8)
+    with pytest.raises(KeyError, match="'kl'"):
+        out.aux["kl"]
+    kl_out = tiny(kl=True)(x)
+    assert "kl" in kl_out.aux and kl_out.aux["kl"] is kl_out.aux.kl and kl_out.aux.kl.shape == (2,)
+    # training setup lives in the recipe (pyvq.train.recipes), not on the model
+    assert not any(hasattr(BRICS, name) for name in ("build_loss", "train_defaults", "loss_inputs"))

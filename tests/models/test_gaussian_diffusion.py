@@ -251,8 +251,9 @@ def test_a_few_steps_lower_the_loss():
 
 def test_train_defaults_are_train_config_fields(model):
     from pyvq.train.config import TrainConfig
+    from pyvq.train.recipes import recipe_for
 
-    d = model.train_defaults()
+    d = recipe_for(model).train_defaults(model)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(d) <= names and set(d) <= {"lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay"}
     assert 1e-4 <= d["lr"] <= 2e-4 and d["betas"] == (0.9, 0.999) and d["grad_clip"] == 1.0

@@ -404,7 +404,10 @@ def test_presets_and_parameter_counts():
 
 
 def test_train_defaults_fit_trainconfig():
-    defaults = small().train_defaults()
+    from pyvq.train.recipes import recipe_for
+
+    model = small()
+    defaults = recipe_for(model).train_defaults(model)
     assert set(defaults) <= {"lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay"}
     resolved = TrainConfig().with_model_defaults(defaults)
     assert resolved.lr == 2e-4 and tuple(resolved.betas) == (0.9, 0.999) and resolved.ema_decay == 0.0

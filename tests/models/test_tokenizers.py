@@ -313,3 +313,29 @@ def test_gaussian_clamp_sampling_and_deterministic():
     assert torch.equal(d.kl(), torch.zeros(1)) and torch.equal(d.nll(d.mean), torch.zeros(1))
     with pytest.raises(ValueError, match="2C"):
         DiagonalGaussianDistribution(torch.zeros(1, 3, 2, 2))
+
+
+# ------------------------------------------------------------------ typed outputs
+def test_typed_outputs_read_by_attribute_and_key():
+    from pyvq.models import TokenizerOutput, VQAux, VQEncoding
+
+    model = tiny_vqgan()
+    x = torch.randn(2, 3, 32, 32)
+    enc = model.encode(x)
+    assert isinstance(enc, VQEncoding) and isinstance(enc.aux, VQAux)
+    assert enc.z_q is enc[0] and enc.indices is enc[1] and enc.aux is enc[2]
+    assert torch.equal(enc.aux.indices, enc.indices)
+    out = model(x)
+    assert isinstance(out, TokenizerOutput) and out.x_rec is out[0] and out.aux is out[1]
+    aux = out.aux
+    assert list(aux) == ["loss", "perplexity", "usage", "indices"] and len(aux) == 4
+    for name in aux:
+        assert name in aux and aux[name] is getattr(aux, name) and aux.get(name) is getattr(aux, name)
+    assert aux["loss"].requires_grad and aux.loss.dim() == 0
+    assert "kl" not in aux and aux.get("kl", 7) == 7 and 0 not in aux
+    with pytest.raises(KeyError, match="'kl'"):
+        aux["kl"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        aux.loss = torch.zeros(())
+    kl_out = tiny_kl()(torch.rand(2, 3, 32, 32))
+    assert isinstance(kl_out, TokenizerOutput) and isinstance(kl_out.aux, DiagonalGaussianDistribution)

@@ -261,26 +261,6 @@ class GaussianDiffusion(PretrainedModel, DiffusionPrior):
         logs = {"train/loss": float(loss.detach()), "train/mse": float(mse.detach().mean())}
         return loss, logs
 
-    def train_defaults(self) -> dict:
-        """``TrainConfig`` overrides for training this prior.
-
-        Adam betas (0.9, 0.999), no weight decay, a short warm-up and
-        gradient clipping at 1 (the DDPM / ADM recipe). The learning rate is
-        ADM's 1e-4 for paper-sized UNets (model_channels >= 128) and 2e-4
-        for the small ones, which are trained for few steps. EMA is off by
-        default (0.0): with ADM's 0.9999 the average of a run of a few
-        thousand steps is still close to the random initialisation; set
-        ``ema_decay`` (e.g. 0.9999) for long runs.
-        """
-        return {
-            "lr": 1e-4 if self.config.model_channels >= 128 else 2e-4,
-            "betas": (0.9, 0.999),
-            "weight_decay": 0.0,
-            "warmup_steps": 100,
-            "grad_clip": 1.0,
-            "ema_decay": 0.0,
-        }
-
     # ------------------------------------------------------------ sampling
     def _step(self, x: torch.Tensor, t: int, s: int, method: str, eta: float,
               generator: torch.Generator | None) -> torch.Tensor:

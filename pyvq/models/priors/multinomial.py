@@ -374,24 +374,6 @@ class MultinomialDiffusion(PretrainedModel, DiffusionPrior):
             self.update_loss_history(t, L)
         return loss, {"train/vlb": float(loss.detach()), "train/kl": float(L.detach().mean())}
 
-    def train_defaults(self) -> dict:
-        """``TrainConfig`` values for DDPM-style training, applied by the
-        trainer to fields the user left at TrainConfig's defaults: Adam(W)
-        lr 2e-4, betas (0.9, 0.999), no weight decay, no warm-up, gradient
-        norm clipped at 1.0 (DDPM's; note the loss is on the sum-over-T
-        scale, T times improved DDPM's mean-over-t loss, which Adam's
-        update ignores but the clip threshold does not). ``ema_decay`` is 0 (off) because
-        short runs cannot warm an EMA up; full-length runs should set 0.9999
-        as DDPM does."""
-        return {
-            "lr": 2e-4,
-            "betas": (0.9, 0.999),
-            "weight_decay": 0.0,
-            "warmup_steps": 0,
-            "grad_clip": 1.0,
-            "ema_decay": 0.0,
-        }
-
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, generator: torch.Generator | None = None,

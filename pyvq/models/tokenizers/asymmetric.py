@@ -38,6 +38,7 @@ from torch import nn
 
 from pyvq._checks import check_image, int_tuple
 from pyvq.models._pretrained import PretrainedModel, config_from_dict, get_preset, register_preset
+from pyvq.models.outputs import TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 from pyvq.nn.mask_decoder import BLEND_MODES, MaskConditionDecoder
@@ -250,12 +251,15 @@ class AsymmetricVQGAN(PretrainedModel, nn.Module):
             mask = mask.expand(z.shape[0], -1, -1, -1)
         return self.decoder(self.base.post_quant_conv(z), masked_image, mask)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, sample_posterior: bool = False):
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, sample_posterior: bool = False
+    ) -> TokenizerOutput:
         """Reconstruct ``x`` (B, C, H, W), conditioned on ``(1 - mask) * x`` when a
         ``mask`` (B or 1, 1, H, W), 1 = hole, is given.
 
-        Returns (x_rec, aux): aux is the VQ aux dict (VQ base) or the posterior
-        (KL base; the decoder gets its mode, or a sample with ``sample_posterior``).
+        Returns a ``TokenizerOutput`` (x_rec, aux): aux is the base's
+        ``VQAux`` (VQ base) or the posterior (KL base; the decoder gets its
+        mode, or a sample with ``sample_posterior``).
         """
         check_image(x, where="AsymmetricVQGAN", channels=self.config.base().in_channels, factor=self.downsample_factor)
         if self.config.base_kind == "vq":
@@ -264,13 +268,13 @@ class AsymmetricVQGAN(PretrainedModel, nn.Module):
             aux = self.encode(x)
             z = aux.sample() if sample_posterior else aux.mode()
         if mask is None:
-            return self.decode(z), aux
+            return TokenizerOutput(self.decode(z), aux)
         if mask.dim() == 3:
             mask = mask[:, None]
         mask = mask.to(x.dtype)
         if mask.shape[0] == 1 and x.shape[0] != 1:
             mask = mask.expand(x.shape[0], -1, -1, -1)
-        return self.decode(z, (1.0 - mask) * x, mask), aux
+        return TokenizerOutput(self.decode(z, (1.0 - mask) * x, mask), aux)
 
     def get_last_layer(self) -> torch.Tensor:
         """The new decoder's last conv weight (adaptive GAN weight)."""

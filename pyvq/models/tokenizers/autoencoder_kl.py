@@ -23,6 +23,7 @@ from torch import nn
 
 from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.outputs import TokenizerOutput
 from pyvq.nn import Decoder, Encoder
 from pyvq.nn.blocks import arch_kwargs
 
@@ -185,12 +186,13 @@ class AutoencoderKL(PretrainedModel, nn.Module):
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
-        """Reconstruct x from a posterior sample (or its mode); returns
-        (x_rec, posterior). The KL term is ``posterior.kl()``, (B,)."""
+    ) -> TokenizerOutput:
+        """Reconstruct x from a posterior sample (or its mode); returns a
+        ``TokenizerOutput`` (x_rec, aux = the posterior, a
+        ``DiagonalGaussianDistribution``). The KL term is ``aux.kl()``, (B,)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
+        return TokenizerOutput(self.decode(z), posterior)
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last conv weight (for the adaptive GAN weight)."""

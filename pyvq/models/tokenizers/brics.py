@@ -36,13 +36,12 @@ KL variant (``kl=True``, appendix A.4): the encoder outputs mu and log-sigma
 ``sigmoid(mu)``; ``aux["kl"]`` is the per-sample KL to N(0, I) (summed over
 the code), which the loss weights by ``kl_weight`` (1e-6).
 
-Training (``build_loss`` / ``train_defaults`` / ``loss_inputs``, used by
-``pyvq.train``): L2 x 20, LPIPS x 5, Wasserstein GAN x 1 with an R1
-gradient penalty x 4 on a StyleGAN2 residual discriminator
-(``pyvq.losses.ReconstructionWGANLoss``); Adam, lr 2e-3 (constant), betas
-(0, 0.99), eps 1e-15 for the autoencoder and grids and 1e-8 for the
-discriminator, no gradient clipping. The GAN terms start at the trainer's
-``disc_start``.
+Training is BRICS' recipe in ``pyvq.train.recipes`` (not part of the
+model): L2 x 20, LPIPS x 5, Wasserstein GAN x 1 with an R1 gradient penalty
+x 4 on a StyleGAN2 residual discriminator (sized by the ``disc_*`` and
+``gan_penalty*`` config fields); Adam, lr 2e-3 (constant), betas (0, 0.99),
+eps 1e-15 for the autoencoder and grids and 1e-8 for the discriminator, no
+gradient clipping. The GAN terms start at the trainer's ``disc_start``.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from torch import nn
 
 from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.outputs import BRICSAux, TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import DiagonalGaussianDistribution
 from pyvq.nn.blocks import Encoder
 from pyvq.nn.feature_grid import FeatureGrid
@@ -111,7 +111,8 @@ class BRICSConfig:
             ``feature_size * 2**(len(decoder_channels) - 1)``.
         style_dim, style_layers: the style MLP on the pooled features.
         disc_channels, disc_max_channels, disc_mbstd_group: the residual
-            discriminator ``build_loss`` makes (0 group: no minibatch stddev).
+            discriminator BRICS' training recipe makes (0 group: no
+            minibatch stddev).
         gan_penalty, gan_penalty_weight: the critic's gradient penalty
             (``"r1"``, ``"gp"`` or ``"none"``) and its weight.
     """
@@ -254,8 +255,10 @@ class BRICS(PretrainedModel, nn.Module):
     (``pyvq.nn.FeatureGrid``), ``mapping`` (``StyleMLP``), ``synthesis``
     (``SynthesisNetwork``).
 
-    ``aux`` (from ``forward``) is a dict: ``"keys"`` (B, Cz, Hz, Wz), and with
-    ``kl=True`` ``"kl"`` (B,), the per-sample KL term.
+    ``aux`` (from ``forward``) is a ``pyvq.models.outputs.BRICSAux``:
+    ``keys`` (B, Cz, Hz, Wz), and with ``kl=True`` ``kl`` (B,), the
+    per-sample KL term (None otherwise); also read as ``aux["keys"]``,
+    ``aux["kl"]``, ``"kl" in aux``.
     """
 
     config_class = BRICSConfig
@@ -335,13 +338,12 @@ class BRICS(PretrainedModel, nn.Module):
         style = self.mapping(f.mean(dim=(2, 3)))
         return self.synthesis(f, style)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Reconstruct ``x``: returns (x_rec, aux)."""
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        """Reconstruct ``x``: returns a ``TokenizerOutput`` (x_rec, aux: a
+        ``BRICSAux``)."""
         keys, posterior = self._encode(x)
-        aux = {"keys": keys}
-        if posterior is not None:
-            aux["kl"] = posterior.kl()
-        return self.decode(keys), aux
+        aux = BRICSAux(keys=keys, kl=None if posterior is None else posterior.kl())
+        return TokenizerOutput(self.decode(keys), aux)
 
     def get_last_layer(self) -> torch.Tensor:
         """The last ToRGB conv weight (for an adaptive GAN weight)."""
@@ -365,51 +367,6 @@ class BRICS(PretrainedModel, nn.Module):
             return self.grid.usage(pairs())
         finally:
             self.train(was_training)
-
-    # ------------------------------------------------------------ training
-    def train_defaults(self) -> dict:
-        """``TrainConfig`` values BRICS trains with (appendix A.3), applied by
-        the trainer to fields the user left at TrainConfig's defaults.
-
-        ``disc_start`` is not among them: the GAN terms start at the
-        trainer's default step (500), after a reconstruction-only warm-up
-        (a WGAN critic switched on at step 0 destabilised the tiny preset)."""
-        return {
-            "lr": 2e-3,
-            "betas": (0.0, 0.99),
-            "adam_eps": 1e-15,
-            "disc_adam_eps": 1e-8,
-            "warmup_steps": 0,
-            "min_lr_ratio": 1.0,
-            "grad_clip": 0.0,
-            "disc_weight": 1.0,
-            "pixel_loss": "l2",
-            "pixel_weight": 20.0,
-            "perceptual_weight": 5.0,
-            "kl_weight": self.config.kl_weight,
-        }
-
-    def build_loss(self, train_config, perceptual: nn.Module | None = None) -> nn.Module:
-        """The training loss for ``train_config`` (a ``TrainConfig``):
-        ``ReconstructionWGANLoss`` with a ``ResidualDiscriminator`` at
-        ``train_config.image_size``."""
-        from pyvq.losses.wgan import ReconstructionWGANLoss
-        from pyvq.nn.stylegan import ResidualDiscriminator
-
-        c, t = self.config, train_config
-        disc = ResidualDiscriminator(
-            t.image_size, in_channels=c.out_channels, channels=c.disc_channels,
-            max_channels=c.disc_max_channels, mbstd_group=c.disc_mbstd_group,
-        )
-        return ReconstructionWGANLoss(
-            disc, pixel_loss=t.pixel_loss, pixel_weight=t.pixel_weight, perceptual_weight=t.perceptual_weight,
-            perceptual=perceptual, gan_weight=t.disc_weight, penalty=c.gan_penalty,
-            penalty_weight=c.gan_penalty_weight, disc_start=t.disc_start, kl_weight=t.kl_weight,
-        )
-
-    def loss_inputs(self, aux: dict) -> dict:
-        """Keyword arguments of the loss's generator step taken from ``aux``."""
-        return {"kl": aux["kl"]} if "kl" in aux else {}
 
 
 # The paper's configurations, named by code size Hz x Wz x Cz (256x256

@@ -23,6 +23,7 @@ from torch import nn
 
 from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs
 
@@ -97,12 +98,13 @@ class VQGAN(PretrainedModel, nn.Module):
     Args:
         config: a ``VQGANConfig``.
 
-    ``aux`` (returned by ``encode`` and ``forward``) is a dict:
-        ``"loss"``: 0-d, the quantiser's VQ loss (codebook + beta *
+    ``aux`` (returned by ``encode`` and ``forward``) is a
+    ``pyvq.models.outputs.VQAux``, read as ``aux.loss`` or ``aux["loss"]``:
+        ``loss``: 0-d, the quantiser's VQ loss (codebook + beta *
             commitment; commitment only with ema) to add to the
             reconstruction / perceptual / GAN losses;
-        ``"perplexity"``, ``"usage"``: 0-d code statistics of the batch;
-        ``"indices"``: (B, H/f, W/f) int64 code indices.
+        ``perplexity``, ``usage``: 0-d code statistics of the batch;
+        ``indices``: (B, H/f, W/f) int64 code indices.
     """
 
     config_class = VQGANConfig
@@ -133,21 +135,22 @@ class VQGAN(PretrainedModel, nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def encode(self, x: torch.Tensor) -> VQEncoding:
         """Quantised latents of images.
 
         Args:
             x: (B, in_channels, H, W), H and W divisible by ``downsample_factor``.
 
         Returns:
+            a ``VQEncoding`` (z_q, indices, aux):
             z_q: (B, embed_dim, H/f, W/f), straight-through gradient to the encoder;
             indices: (B, H/f, W/f) int64;
-            aux: dict with ``loss``, ``perplexity``, ``usage``, ``indices``.
+            aux: a ``VQAux`` (``loss``, ``perplexity``, ``usage``, ``indices``).
         """
         check_image(x, where="VQGAN.encode", channels=self.config.in_channels, factor=self.downsample_factor)
         q = self.quantize(self.quant_conv(self.encoder(x)))
-        aux = {"loss": q.loss, "perplexity": q.perplexity, "usage": q.usage, "indices": q.indices}
-        return q.z_q, q.indices, aux
+        aux = VQAux(loss=q.loss, perplexity=q.perplexity, usage=q.usage, indices=q.indices)
+        return VQEncoding(q.z_q, q.indices, aux)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim, h, w) quantised latents -> (B, out_ch, h*f, w*f) images."""
@@ -162,10 +165,11 @@ class VQGAN(PretrainedModel, nn.Module):
             )
         return self.decode(self.quantize.codes_from_indices(indices))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Reconstruct ``x``: returns (x_rec like x but out_ch channels, aux)."""
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        """Reconstruct ``x``: returns a ``TokenizerOutput`` (x_rec like x but
+        out_ch channels, aux: the ``VQAux``)."""
         z_q, _, aux = self.encode(x)
-        return self.decode(z_q), aux
+        return TokenizerOutput(self.decode(z_q), aux)
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last conv weight, for the VQGAN adaptive GAN weight

@@ -1,0 +1,277 @@
+"""What every trainer shares: the run set-up, the data order, checkpoints
+and the training loop.
+
+``BaseTrainer.__init__`` sets a run up in one order for every trainer:
+process group (``init_distributed``), seed (identical initial weights on
+every rank), the model (``_new_model`` when none is given), its recipe
+(``pyvq.train.recipes.recipe_for``) and the recipe's ``train_defaults``
+(``TrainConfig.with_model_defaults``), the loss and optimizers
+(``_setup_optimization``), the weight EMA, the dataset (``_new_dataset``
+when none is given), then resume, DDP wrapping, the logger and config.json.
+Subclasses (``Trainer``, ``PriorTrainer``) add their modules and optimizers
+through the hooks and write ``train_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pyvq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pyvq.train.config import TrainConfig
+from pyvq.train.distributed import DistInfo, all_reduce_mean, init_distributed
+from pyvq.train.logger import RunLogger
+from pyvq.train.recipes import Recipe, recipe_for
+from pyvq.train.schedule import warmup_cosine
+
+__all__ = ["BaseTrainer", "trainable_params"]
+
+
+def trainable_params(module: torch.nn.Module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class _Resumable(torch.utils.data.Sampler):
+    """A DistributedSampler's epoch order, starting ``skip`` samples in."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip :])
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+class BaseTrainer:
+    """A training run of ``model`` into ``out_dir`` (see the module docstring).
+
+    Args:
+        config: a ``TrainConfig``.
+        out_dir: the run directory (config.json, log.jsonl, tensorboard/,
+            checkpoints/, the final model in model/).
+        resume: continue from ``out_dir``'s latest checkpoint.
+        model: the model to train; None: ``_new_model()`` builds it.
+        dataset: the training data; None: ``_new_dataset()`` builds it.
+
+    Attributes after set-up: ``config`` (with the recipe's defaults),
+    ``dist``, ``model``, ``recipe``, ``loss`` (None without a loss module),
+    ``opt_g``, ``sched_g``, ``ema``, ``dataset``, ``step``, ``epoch``,
+    ``batch_in_epoch``, ``logger`` and ``<name>_ddp`` for every module of
+    ``_trained_modules()``.
+    """
+
+    progress_key = "train/loss"  # the scalar the progress bar shows
+    recipe_kind: type = Recipe  # the kind of recipe this trainer runs
+
+    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
+                 model: torch.nn.Module | None = None, dataset=None):
+        self.config = config
+        self.out_dir = out_dir
+        self.dist: DistInfo = init_distributed(config.device)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.dataset = dataset
+        if model is None:
+            model = self._new_model()
+        self.recipe = self._recipe_for(model)
+        self.config = config.with_model_defaults(self.recipe.train_defaults(model))
+        self.model = model.to(self.dist.device)
+        self.loss = None
+        self._setup_optimization()
+        self.ema = self._make_ema()
+        if self.dataset is None:
+            self.dataset = self._new_dataset()
+        self._finish_setup(resume)
+
+    # -- set-up hooks
+    def _new_model(self) -> torch.nn.Module:
+        """The model to train when none is given."""
+        raise ValueError(f"{type(self).__name__}: pass a model")
+
+    def _new_dataset(self):
+        """The training data when none is given."""
+        raise ValueError(f"{type(self).__name__}: pass a dataset")
+
+    def _recipe_for(self, model: torch.nn.Module) -> Recipe:
+        recipe = recipe_for(model)
+        if not isinstance(recipe, self.recipe_kind):
+            raise TypeError(f"{type(self).__name__}: argument 'model' must be a model this trainer runs (a "
+                            f"{self.recipe_kind.__name__}), got a {type(model).__name__}, which trains with "
+                            f"{recipe.trainer}")
+        return recipe
+
+    def _setup_optimization(self) -> None:
+        """The model's optimizer and schedule (subclasses add a loss module
+        and more optimizers)."""
+        c = self.config
+        self.opt_g = self._adamw(trainable_params(self.model), c.lr, c.adam_eps)
+        self.sched_g = self._lr_schedule(self.opt_g)
+
+    def _finish_setup(self, resume: bool) -> None:
+        """The set-up once model, optimizers and dataset exist: resume from
+        the last checkpoint, wrap ``_trained_modules()`` as
+        ``self.<name>_ddp`` (DDP under torchrun), open the logger, write
+        config.json."""
+        c = self.config
+        if len(self.dataset) < c.batch_size * self.dist.world_size:
+            raise ValueError(
+                f"{type(self).__name__}: the dataset has {len(self.dataset)} samples, fewer than one global batch "
+                f"({c.batch_size} x {self.dist.world_size} processes)"
+            )
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if resume:
+            found = latest_checkpoint(self.out_dir)
+            if found is None:
+                raise FileNotFoundError(f"{type(self).__name__}: resume=True but {self.out_dir} has no checkpoint")
+            info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
+                                   schedulers=self._schedulers(), map_location=self.dist.device)
+            self.step = info["step"]
+            self.epoch = info["extra"]["epoch"]
+            self.batch_in_epoch = info["extra"]["batch_in_epoch"]
+        for name, module in self._trained_modules().items():
+            if self.dist.distributed:
+                ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+                module = DDP(module, device_ids=ids)
+            setattr(self, f"{name}_ddp", module)
+        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                json.dump(c.to_dict(), f, indent=1)
+
+    # -- state handed to checkpoints
+    def _trained_modules(self) -> dict:
+        """The modules trained (and DDP-wrapped), by name."""
+        return {"model": self.model}
+
+    def _modules(self) -> dict:
+        mods = dict(self._trained_modules())
+        if self.ema is not None:
+            mods["ema"] = self.ema
+        return mods
+
+    def _optimizers(self) -> dict:
+        return {"g": self.opt_g}
+
+    def _schedulers(self) -> dict:
+        return {"g": self.sched_g}
+
+    # -- data
+    def _loader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                     shuffle=True, seed=self.config.seed, drop_last=True)
+        sampler.set_epoch(self.epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        skip = self.batch_in_epoch * self.config.batch_size
+        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=_Resumable(sampler, skip),
+                          drop_last=True, num_workers=self.config.num_workers)
+
+    def _batches(self):
+        while True:
+            for batch in self._loader():
+                self.batch_in_epoch += 1  # counts batches handed out (a checkpoint resumes after them)
+                yield batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # -- optimization
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _adamw(self, params, lr: float, eps: float) -> torch.optim.AdamW:
+        c = self.config
+        return torch.optim.AdamW(params, lr=lr, betas=c.betas, eps=eps, weight_decay=c.weight_decay)
+
+    def _lr_schedule(self, opt):
+        """Warm-up then cosine decay over the run."""
+        c = self.config
+        return warmup_cosine(opt, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
+                             min_ratio=c.min_lr_ratio)
+
+    def _model_step(self, loss: torch.Tensor) -> None:
+        """Backward ``loss``, clip the model's gradients, step ``opt_g`` and
+        ``sched_g``."""
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable_params(self.model), self.config.grad_clip)
+        self.opt_g.step()
+        self.sched_g.step()
+
+    def _make_ema(self):
+        if self.config.ema_decay <= 0:
+            return None
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema_decay))
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            # EMA of the parameters; buffers (quantizer statistics, an EMA
+            # codebook, norm statistics, a prior's loss history) follow the
+            # live model.
+            self.ema.update_parameters(self.model)
+            with torch.no_grad():
+                for mine, live in zip(self.ema.module.buffers(), self.model.buffers()):
+                    mine.copy_(live)
+
+    # -- the run
+    def train_step(self, batch: torch.Tensor) -> dict:
+        """One optimization step on ``batch``; returns scalars to log."""
+        raise NotImplementedError
+
+    def save(self) -> str | None:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.out_dir, self.step, self._modules(), optimizers=self._optimizers(),
+                               schedulers=self._schedulers(),
+                               extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+
+    def train(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
+        """Run until ``config.steps`` (or until step ``stop_after``, then
+        checkpoint and return: a time-boxed run that ``resume`` continues);
+        returns the last logged scalars."""
+        from tqdm import tqdm
+
+        c = self.config
+        end = c.steps if stop_after is None else min(c.steps, stop_after)
+        self.model.train()
+        if self.loss is not None:
+            self.loss.train()
+        batches = self._batches()
+        last_ckpt = time.monotonic()
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (progress and self.dist.is_main),
+                   dynamic_ncols=True, unit="step")
+        logged: dict = {}
+        sample = None
+        while self.step < end:
+            x = next(batches).to(self.dist.device)
+            sample = x
+            scalars = self.train_step(x)
+            self.step += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                logged = all_reduce_mean(scalars, self.dist)
+                self.logger.scalars(self.step, logged)
+                bar.set_postfix(loss=f"{logged.get(self.progress_key, float('nan')):.4f}")
+            if self.step % c.image_every == 0 or self.step == c.steps:
+                self._log_images(sample)
+            due = (time.monotonic() - last_ckpt) / 60 >= c.ckpt_minutes
+            if self.step % c.ckpt_every == 0 or self.step == end or due:
+                self.save()
+                last_ckpt = time.monotonic()
+        bar.close()
+        if self.dist.is_main and self.step == c.steps:
+            final = self.ema.module if self.ema is not None else self.model
+            final.save_pretrained(os.path.join(self.out_dir, "model"))
+        self.logger.close()
+        return logged
+
+    def _log_images(self, x) -> None:
+        """Images to log every ``image_every`` steps (none by default)."""
