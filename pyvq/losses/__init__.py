@@ -6,40 +6,18 @@ Wasserstein GAN losses of BRICS (``ReconstructionWGANLoss``).
 is built, so ``import pyvq.losses`` stays light.
 """
 
-from pyvq._weights import MissingWeightsError
-from pyvq.losses.gan import (
-    ActNorm,
-    NLayerDiscriminator,
-    adaptive_weight,
-    adopt_weight,
-    hinge_d_loss,
-    hinge_g_loss,
-    non_saturating_g_loss,
-    vanilla_d_loss,
-    weights_init,
-)
-from pyvq.losses.perceptual import LPIPS, backbone_weights, build_lpips
-from pyvq.losses.vqperceptual import VQLPIPSWithDiscriminator
-from pyvq.losses.wgan import ReconstructionWGANLoss, gradient_penalty, r1_penalty, wgan_d_loss, wgan_g_loss
+from pyvq.losses import gan, perceptual, vqperceptual, wgan
+from pyvq.losses.gan import *  # noqa: F401,F403
+from pyvq.losses.perceptual import LPIPS, MissingWeightsError, backbone_weights, build_lpips  # noqa: F401
+from pyvq.losses.vqperceptual import *  # noqa: F401,F403
+from pyvq.losses.wgan import *  # noqa: F401,F403
 
 __all__ = [
     "LPIPS",
     "build_lpips",
     "backbone_weights",
     "MissingWeightsError",
-    "ActNorm",
-    "NLayerDiscriminator",
-    "weights_init",
-    "hinge_d_loss",
-    "vanilla_d_loss",
-    "hinge_g_loss",
-    "non_saturating_g_loss",
-    "adopt_weight",
-    "adaptive_weight",
-    "VQLPIPSWithDiscriminator",
-    "ReconstructionWGANLoss",
-    "wgan_d_loss",
-    "wgan_g_loss",
-    "r1_penalty",
-    "gradient_penalty",
+    *gan.__all__,
+    *vqperceptual.__all__,
+    *wgan.__all__,
 ]

@@ -2,67 +2,12 @@
 ``from_pretrained``, and named presets (``list_presets()``). Tokenizers return the typed outputs of
 ``pyvq.models.outputs`` (``TokenizerOutput``, ``VQEncoding``, ``VQAux``, ``BRICSAux``)."""
 
-from pyvq.models._pretrained import (
-    PretrainedModel,
-    get_preset,
-    list_presets,
-    load_pretrained,
-    load_run,
-    model_class_for,
-    register_preset,
-)
-from pyvq.models.cost import (
-    brics_decoder_gflops,
-    brics_retrieval_gflops,
-    decoder_gflops,
-    decoder_parameter_count,
-)
-from pyvq.models.outputs import BRICSAux, TokenizerOutput, VQAux, VQEncoding
-from pyvq.models.priors import (
-    GaussianDiffusion,
-    GaussianDiffusionConfig,
-    MultinomialDiffusion,
-    MultinomialDiffusionConfig,
-)
-from pyvq.models.tokenizers import (
-    BRICS,
-    VQGAN,
-    AsymmetricVQGAN,
-    AsymmetricVQGANConfig,
-    AutoencoderKL,
-    AutoencoderKLConfig,
-    BRICSConfig,
-    DiagonalGaussianDistribution,
-    VQGANConfig,
-)
+from pyvq.models import _pretrained, cost, outputs, priors, tokenizers
+from pyvq.models._pretrained import *  # noqa: F401,F403
+from pyvq.models.cost import *  # noqa: F401,F403
+from pyvq.models.outputs import *  # noqa: F401,F403
+from pyvq.models.priors import *  # noqa: F401,F403
+from pyvq.models.tokenizers import *  # noqa: F401,F403
 
-__all__ = [
-    "BRICS",
-    "BRICSAux",
-    "BRICSConfig",
-    "VQGAN",
-    "AsymmetricVQGAN",
-    "AsymmetricVQGANConfig",
-    "AutoencoderKL",
-    "AutoencoderKLConfig",
-    "DiagonalGaussianDistribution",
-    "GaussianDiffusion",
-    "GaussianDiffusionConfig",
-    "MultinomialDiffusion",
-    "MultinomialDiffusionConfig",
-    "PretrainedModel",
-    "TokenizerOutput",
-    "VQAux",
-    "VQEncoding",
-    "VQGANConfig",
-    "brics_decoder_gflops",
-    "brics_retrieval_gflops",
-    "decoder_gflops",
-    "decoder_parameter_count",
-    "get_preset",
-    "list_presets",
-    "load_pretrained",
-    "load_run",
-    "model_class_for",
-    "register_preset",
-]
+# Each name once (the tokenizers package also re-exports the cost helpers and decoder layers).
+__all__ = list(dict.fromkeys([*_pretrained.__all__, *cost.__all__, *outputs.__all__, *priors.__all__, *tokenizers.__all__]))

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_float, check_positive_fields, check_positive_ints, int_tuple
+
 __all__ = [
     "AttnBlock",
     "Decoder",
@@ -184,16 +186,15 @@ class _Level(nn.Module):
         return h
 
 
+def _check_ch_mult(ch_mult: tuple[int, ...], where: str, what: str) -> None:
+    if not ch_mult or min(ch_mult) < 1:
+        raise ValueError(f"{where}: {what} 'ch_mult' must be a non-empty sequence of ints >= 1, got {ch_mult!r}")
+
+
 def _check_arch(name: str, ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> tuple[int, ...]:
-    ch_mult = tuple(int(m) for m in ch_mult)
-    if len(ch_mult) < 1 or any(m < 1 for m in ch_mult):
-        raise ValueError(f"{name}: argument 'ch_mult' must be a non-empty sequence of ints >= 1, got {ch_mult!r}")
-    if ch < 1:
-        raise ValueError(f"{name}: argument 'ch' must be >= 1, got {ch!r}")
-    if num_res_blocks < 1:
-        raise ValueError(f"{name}: argument 'num_res_blocks' must be >= 1, got {num_res_blocks!r}")
-    if resolution < 1:
-        raise ValueError(f"{name}: argument 'resolution' must be >= 1, got {resolution!r}")
+    ch_mult = int_tuple("ch_mult", ch_mult, where=name, what="argument")
+    _check_ch_mult(ch_mult, name, "argument")
+    check_positive_ints(dict(ch=ch, num_res_blocks=num_res_blocks, resolution=resolution), where=name)
     return ch_mult
 
 
@@ -361,6 +362,19 @@ class Decoder(nn.Module):
 
 ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
                "dropout", "resamp_with_conv")
+
+
+def check_arch_fields(config, *, where: str, positive: tuple[str, ...] = ()) -> None:
+    """Normalise and check the Encoder/Decoder fields of a tokenizer config
+    (frozen dataclass): ``ch_mult`` and ``attn_resolutions`` become tuples of
+    ints, ``ch_mult`` is non-empty with entries >= 1, ``ch``,
+    ``num_res_blocks``, ``z_channels``, ``resolution`` and the fields in
+    ``positive`` are ints >= 1, ``dropout`` is in [0, 1)."""
+    for name in ("ch_mult", "attn_resolutions"):
+        object.__setattr__(config, name, int_tuple(name, getattr(config, name), where=where))
+    check_positive_fields(config, ("ch", "num_res_blocks", "z_channels", "resolution") + tuple(positive), where=where)
+    _check_ch_mult(config.ch_mult, where, "field")
+    check_float("dropout", config.dropout, where=where, what="field", low=0.0, high=1.0, high_open=True)
 
 
 def arch_kwargs(config) -> dict:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyvq._checks import check_image, check_positive_fields, int_tuple
+from pyvq._checks import check_image
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput
 from pyvq.nn import Decoder, Encoder
-from pyvq.nn.blocks import arch_kwargs
+from pyvq.nn.blocks import arch_kwargs, check_arch_fields
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution"]
 
@@ -132,16 +132,9 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         name = "AutoencoderKLConfig"
-        object.__setattr__(self, "ch_mult", int_tuple("ch_mult", self.ch_mult, where=name))
-        object.__setattr__(self, "attn_resolutions", int_tuple("attn_resolutions", self.attn_resolutions, where=name))
-        check_positive_fields(self, where=name, names=("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch")
-        )
-        if not self.ch_mult or min(self.ch_mult) < 1:
-            raise ValueError(f"{name}: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
+        check_arch_fields(self, where=name, positive=("embed_dim", "in_channels", "out_ch"))
         if not self.double_z:
             raise ValueError(f"{name}: field 'double_z' must be True (the posterior needs mean and log-variance)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{name}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
 
     @property
     def downsample_factor(self) -> int:

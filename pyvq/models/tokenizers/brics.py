@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyvq._checks import check_image, check_positive_fields, int_tuple
+from pyvq._checks import check_image, check_int, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import BRICSAux, TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import DiagonalGaussianDistribution
@@ -162,9 +162,7 @@ class BRICSConfig:
             "style_layers", "disc_channels", "disc_max_channels",
         ))
         for name in ("log2_table_size", "grid_hidden_dim", "disc_mbstd_group"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{_NAME}: field {name!r} must be an int >= 0, got {v!r}")
+            check_int(name, getattr(self, name), where=_NAME, minimum=0, what="field")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"{_NAME}: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyvq._checks import check_image, check_positive_fields, int_tuple
+from pyvq._checks import check_image
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
-from pyvq.nn.blocks import arch_kwargs
+from pyvq.nn.blocks import arch_kwargs, check_arch_fields
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -75,16 +75,7 @@ class VQGANConfig:
     dead_code_threshold: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", int_tuple("ch_mult", self.ch_mult, where="VQGANConfig"))
-        object.__setattr__(
-            self, "attn_resolutions", int_tuple("attn_resolutions", self.attn_resolutions, where="VQGANConfig")
-        )
-        check_positive_fields(self, where="VQGANConfig", names=("embed_dim", "n_embed", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"),
-        )
-        if not self.ch_mult or min(self.ch_mult) < 1:
-            raise ValueError(f"VQGANConfig: field 'ch_mult' must be non-empty with entries >= 1, got {self.ch_mult}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"VQGANConfig: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        check_arch_fields(self, where="VQGANConfig", positive=("embed_dim", "n_embed", "in_channels", "out_ch"))
 
     @property
     def downsample_factor(self) -> int:
