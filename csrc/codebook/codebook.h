@@ -18,7 +18,7 @@
 // NaN therefore pick the first code (every score is NaN) and report NaN.
 #pragma once
 
-#include "../common/macros.h"
+#include "common/macros.h"
 
 #include <cmath>
 #include <cstdint>

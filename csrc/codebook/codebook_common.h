@@ -2,8 +2,8 @@
 // pyvq::nearest_code.
 #pragma once
 
-#include "../common/checks.h"
-#include "codebook.h"
+#include "common/checks.h"
+#include "codebook/codebook.h"
 
 #include <ATen/ATen.h>
 

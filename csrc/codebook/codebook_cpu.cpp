@@ -1,8 +1,8 @@
 // CPU launcher of pyvq::nearest_code: converts and packs the codebook once,
 // then searches blocks of rows in parallel with at::parallel_for. See
 // codebook_cpu_kernel.h for the kernel and codebook.h for the shared math.
-#include "codebook_common.h"
-#include "codebook_cpu_kernel.h"
+#include "codebook/codebook_common.h"
+#include "codebook/codebook_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -12,7 +12,7 @@
 #include <immintrin.h>
 
 #define PYVQ_CODEBOOK_DRIVER
-#include "codebook_cpu_kernel.h"
+#include "codebook/codebook_cpu_kernel.h"
 
 namespace pyvq {
 namespace codebook {

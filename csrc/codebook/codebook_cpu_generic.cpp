@@ -5,7 +5,7 @@
 // baseline ISA. PYVQ_CPU_ISA=generic forces this path (tests use it to check
 // both paths against the reference on an AVX-512 machine).
 #define PYVQ_CODEBOOK_DRIVER
-#include "codebook_cpu_kernel.h"
+#include "codebook/codebook_cpu_kernel.h"
 
 #include <algorithm>
 #include <cmath>

@@ -22,7 +22,7 @@
 // running minimum makes the N x K score matrix unnecessary.
 #pragma once
 
-#include "codebook.h"
+#include "codebook/codebook.h"
 
 #include <cstdint>
 

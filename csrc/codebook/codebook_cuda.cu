@@ -39,7 +39,7 @@
 // float and double only (build time), and the final distance<T, T>() runs on
 // exactly the values the CPU launcher converts its rows to, so both backends
 // report the same distance for the same code.
-#include "codebook_common.h"
+#include "codebook/codebook_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
