@@ -2,9 +2,10 @@
 // file includes Python; ops are registered with the dispatcher elsewhere, so
 // the CMake build (libtorch only) compiles every other source unchanged.
 #include <Python.h>
-#include <pybind11/pybind11.h>
 
 #include "codebook/codebook_cpu_kernel.h"
+
+#include <pybind11/pybind11.h>
 
 #ifndef PYVQ_CUDA_ARCHS
 #define PYVQ_CUDA_ARCHS ""

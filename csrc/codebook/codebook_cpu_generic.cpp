@@ -18,10 +18,10 @@ namespace codebook {
 namespace cpu {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-void search_rows_avx512(const PackedCodes<float>&, const float*, int64_t,
-                        const Blocking&, float*, int32_t*, int64_t*);
-void search_rows_avx512(const PackedCodes<double>&, const double*, int64_t,
-                        const Blocking&, double*, int32_t*, int64_t*);
+void search_rows_avx512(const PackedCodes<float>&, const float*, int64_t, const Blocking&, float*,
+                        int32_t*, int64_t*);
+void search_rows_avx512(const PackedCodes<double>&, const double*, int64_t, const Blocking&,
+                        double*, int32_t*, int64_t*);
 #define PYVQ_HAVE_AVX512_BUILD 1
 #else
 #define PYVQ_HAVE_AVX512_BUILD 0
@@ -127,10 +127,8 @@ bool isa_allowed(const char* level) {
 
 bool use_avx512() {
 #if PYVQ_HAVE_AVX512_BUILD
-  static const bool ok = __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return ok && isa_allowed("avx512");
 #else
   return false;
@@ -163,8 +161,8 @@ const char* search_isa() {
 }
 
 template <typename T>
-void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
-                T* packed, T* bias, uint32_t* bf16, PackedCodes<T>* out) {
+void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric, T* packed, T* bias,
+                uint32_t* bf16, PackedCodes<T>* out) {
   const int64_t P = num_panels(K);
   const T big = std::numeric_limits<T>::max();
   const T scale = score_scale<T>(metric);
@@ -204,8 +202,7 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
       uint32_t* dst = bf16 + (k / kPanel) * D2 * kPanel + (k % kPanel);
       for (int64_t t = 0; t < D2; ++t) {
         const uint32_t lo = bf16_bits(float(src[2 * t * kPanel]));
-        const uint32_t hi =
-            2 * t + 1 < D ? bf16_bits(float(src[(2 * t + 1) * kPanel])) : 0u;
+        const uint32_t hi = 2 * t + 1 < D ? bf16_bits(float(src[(2 * t + 1) * kPanel])) : 0u;
         dst[t * kPanel] = lo | (hi << 16);
       }
     }
@@ -222,31 +219,25 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
   out->x_limit = T(double(big) / denom);
 }
 
-template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*,
-                                float*, uint32_t*, PackedCodes<float>*);
-template void pack_codes<double>(const double*, int64_t, int64_t, Metric,
-                                 double*, double*, uint32_t*,
-                                 PackedCodes<double>*);
+template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*, float*, uint32_t*,
+                                PackedCodes<float>*);
+template void pack_codes<double>(const double*, int64_t, int64_t, Metric, double*, double*,
+                                 uint32_t*, PackedCodes<double>*);
 
 // Portable vectors are 32 bytes wide (8 floats or 4 doubles).
 template <typename T>
-void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
-                 const Blocking& b, T* scratch, int32_t* iscratch,
-                 int64_t* out_index) {
+void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n, const Blocking& b, T* scratch,
+                 int32_t* iscratch, int64_t* out_index) {
 #if PYVQ_HAVE_AVX512_BUILD
-  if (use_avx512())
-    return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
+  if (use_avx512()) return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
 #endif
-  search_rows_impl<Portable<T, int(32 / sizeof(T))>>(codes, x, n, b, scratch,
-                                                     iscratch, out_index);
+  search_rows_impl<Portable<T, int(32 / sizeof(T))>>(codes, x, n, b, scratch, iscratch, out_index);
 }
 
-template void search_rows<float>(const PackedCodes<float>&, const float*,
-                                 int64_t, const Blocking&, float*, int32_t*,
-                                 int64_t*);
-template void search_rows<double>(const PackedCodes<double>&, const double*,
-                                  int64_t, const Blocking&, double*, int32_t*,
-                                  int64_t*);
+template void search_rows<float>(const PackedCodes<float>&, const float*, int64_t, const Blocking&,
+                                 float*, int32_t*, int64_t*);
+template void search_rows<double>(const PackedCodes<double>&, const double*, int64_t,
+                                  const Blocking&, double*, int32_t*, int64_t*);
 
 }  // namespace cpu
 }  // namespace codebook

@@ -56,10 +56,11 @@ inline void check_index_range(const at::Tensor& t, const char* name, int64_t K) 
 inline Shape check_logits(const at::Tensor& logits, const char* name, const at::Tensor& x_t) {
   check_floating(logits, name);
   check_same_device(logits, name, x_t, "x_t");
-  TORCH_CHECK(logits.dim() == x_t.dim() + 1, "pyvq: argument '", name, "' must be (B, K, *S) with x_t (B, *S), got ",
-              logits.sizes(), " and ", x_t.sizes());
-  TORCH_CHECK(logits.size(0) == x_t.size(0), "pyvq: '", name, "' and 'x_t' must have the same batch size, got ",
-              logits.size(0), " and ", x_t.size(0));
+  TORCH_CHECK(logits.dim() == x_t.dim() + 1, "pyvq: argument '", name,
+              "' must be (B, K, *S) with x_t (B, *S), got ", logits.sizes(), " and ", x_t.sizes());
+  TORCH_CHECK(logits.size(0) == x_t.size(0), "pyvq: '", name,
+              "' and 'x_t' must have the same batch size, got ", logits.size(0), " and ",
+              x_t.size(0));
   for (int64_t d = 1; d < x_t.dim(); ++d)
     TORCH_CHECK(logits.size(d + 1) == x_t.size(d), "pyvq: '", name, "' has spatial shape ",
                 logits.sizes().slice(2), " but 'x_t' has ", x_t.sizes().slice(1));
@@ -73,7 +74,8 @@ inline Shape index_shape(const at::Tensor& x_t, int64_t K) {
   return {x_t.size(0), K, S};
 }
 
-inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name) {
   TORCH_CHECK(a.sizes() == b.sizes(), "pyvq: arguments '", a_name, "' and '", b_name,
               "' must have the same shape, got ", a.sizes(), " and ", b.sizes());
 }
@@ -85,7 +87,9 @@ inline std::vector<int64_t> class_shape(const at::Tensor& x_t, int64_t K) {
   return s;
 }
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Calls fn(scalar_t{}, acc_t{}) for a floating dtype (an op's output dtype:
 // the logits' for the model side, the accumulation dtype for the index form).
@@ -114,8 +118,9 @@ inline void prepare_alphas(Prepared& p, const at::Tensor& alpha_t, const at::Ten
 
 // multinomial_posterior with logits x0 (model posterior) or indices x0
 // (true posterior, output in alpha_t's accumulation dtype).
-inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& alpha_t,
-                                  const at::Tensor& alpha_bar_prev, int64_t num_classes) {
+inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0,
+                                  const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev,
+                                  int64_t num_classes) {
   check_indices(x_t, "x_t");
   Prepared p;
   p.x_t = x_t.contiguous();
@@ -129,7 +134,8 @@ inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0, c
   } else {
     check_indices(x0, "x0");
     check_same_shape(x0, "x0", x_t, "x_t");
-    TORCH_CHECK(num_classes >= 1, "pyvq.multinomial_posterior: 'num_classes' must be >= 1, got ", num_classes);
+    TORCH_CHECK(num_classes >= 1, "pyvq.multinomial_posterior: 'num_classes' must be >= 1, got ",
+                num_classes);
     p.s = index_shape(x_t, num_classes);
     p.x0 = x0.contiguous();
     check_index_range(p.x0, "x0", p.s.K);
@@ -142,8 +148,9 @@ inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0, c
   return p;
 }
 
-inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
-                                           const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Tensor& x_t,
+                                           const at::Tensor& logits, const at::Tensor& alpha_t,
+                                           const at::Tensor& alpha_bar_prev) {
   check_indices(x_t, "x_t");
   Prepared p;
   p.s = check_logits(logits, "logits", x_t);
@@ -160,7 +167,8 @@ inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Ten
 
 // multinomial_kl (grad undefined) or its backward (grad of shape x_t).
 inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
-                           const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+                           const at::Tensor& logits, const at::Tensor& alpha_t,
+                           const at::Tensor& alpha_bar_prev) {
   check_indices(x_t, "x_t");
   check_indices(x0, "x0");
   check_same_shape(x0, "x0", x_t, "x_t");

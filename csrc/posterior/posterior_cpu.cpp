@@ -38,7 +38,9 @@ inline int tile_for(int64_t K) {
   return n;
 }
 
-inline int64_t num_tasks(const Shape& s) { return s.B * ((s.S + tile_for(s.K) - 1) / tile_for(s.K)); }
+inline int64_t num_tasks(const Shape& s) {
+  return s.B * ((s.S + tile_for(s.K) - 1) / tile_for(s.K));
+}
 
 // Tasks [t0, t1) of one op.
 template <Op op, typename scalar_t, typename acc_t>
@@ -48,7 +50,8 @@ PYVQ_POSTERIOR_FN void run_tiles(const Prepared& p, int64_t t0, int64_t t1) {
   const int64_t tiles = (q.S + tile - 1) / tile;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / tiles, s0 = (t % tiles) * tile;
-    run_tile<op, scalar_t, acc_t, double, kTile>(q, b, s0, static_cast<int>(std::min<int64_t>(tile, q.S - s0)));
+    run_tile<op, scalar_t, acc_t, double, kTile>(
+        q, b, s0, static_cast<int>(std::min<int64_t>(tile, q.S - s0)));
   }
 }
 
@@ -64,7 +67,9 @@ PYVQ_CLONES void model_posterior_f32(const Prepared& p, int64_t t0, int64_t t1) 
 PYVQ_CLONES void model_posterior_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
   run_tiles<Op::kModelPosteriorBackward, float, float>(p, t0, t1);
 }
-PYVQ_CLONES void kl_f32(const Prepared& p, int64_t t0, int64_t t1) { run_tiles<Op::kKl, float, float>(p, t0, t1); }
+PYVQ_CLONES void kl_f32(const Prepared& p, int64_t t0, int64_t t1) {
+  run_tiles<Op::kKl, float, float>(p, t0, t1);
+}
 PYVQ_CLONES void kl_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
   run_tiles<Op::kKlBackward, float, float>(p, t0, t1);
 }
@@ -94,18 +99,21 @@ at::Tensor posterior_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::
   return p.logits.defined() ? launch<Op::kModelPosterior>(p) : launch<Op::kTruePosterior>(p);
 }
 
-at::Tensor posterior_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
-                                  const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
-  return launch<Op::kModelPosteriorBackward>(prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
+at::Tensor posterior_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t,
+                                  const at::Tensor& logits, const at::Tensor& alpha_t,
+                                  const at::Tensor& alpha_bar_prev) {
+  return launch<Op::kModelPosteriorBackward>(
+      prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
 }
 
-at::Tensor kl_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits, const at::Tensor& alpha_t,
-                  const at::Tensor& alpha_bar_prev) {
+at::Tensor kl_cpu(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits,
+                  const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
   return launch<Op::kKl>(prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 
 at::Tensor kl_backward_cpu(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
-                           const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+                           const at::Tensor& logits, const at::Tensor& alpha_t,
+                           const at::Tensor& alpha_bar_prev) {
   return launch<Op::kKlBackward>(prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 

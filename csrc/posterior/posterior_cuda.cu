@@ -23,7 +23,9 @@ namespace {
 
 constexpr int kThreads = 128;
 
-inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
+}
 
 __device__ __forceinline__ bool in_range(const int64_t* v, int64_t pos, int64_t K) {
   return v == nullptr || (v[pos] >= 0 && v[pos] < K);
@@ -67,20 +69,23 @@ at::Tensor posterior_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at:
   return p.logits.defined() ? launch<Op::kModelPosterior>(p) : launch<Op::kTruePosterior>(p);
 }
 
-at::Tensor posterior_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
-                                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+at::Tensor posterior_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t,
+                                   const at::Tensor& logits, const at::Tensor& alpha_t,
+                                   const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
-  return launch<Op::kModelPosteriorBackward>(prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
+  return launch<Op::kModelPosteriorBackward>(
+      prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
 }
 
-at::Tensor kl_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits, const at::Tensor& alpha_t,
-                   const at::Tensor& alpha_bar_prev) {
+at::Tensor kl_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits,
+                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   return launch<Op::kKl>(prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 
 at::Tensor kl_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
-                            const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+                            const at::Tensor& logits, const at::Tensor& alpha_t,
+                            const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   return launch<Op::kKlBackward>(prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
