@@ -460,36 +460,42 @@ PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg
 // ---------------------------------------------------------------- one tile of an op
 enum class Op { kTruePosterior, kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
 
-// The raw inputs and output of one call (launchers fill it from tensors).
-// L logits (B, K, S) (unused by kTruePosterior, whose scalar_t is A); G upstream gradient ((B, K,
-// S) or (B, S)); X, Z x_t and x0 (B, S); O the output; a, ab alpha_t and alpha_bar_prev (B,).
+// The raw inputs and output of one call (launchers fill it from tensors), all contiguous. B, K
+// and S are the batch rows, classes and positions per row; logits is null for kTruePosterior
+// (whose scalar_t is A), grad (the upstream gradient) is set for the backward ops only, x0 for
+// the ops that take class indices.
 template <typename scalar_t, typename A>
 struct Ptrs {
-  const A *a, *ab;
-  const scalar_t *L, *G;
-  const int64_t *X, *Z;
-  scalar_t* O;
+  const A* alpha_t;         // (B,)
+  const A* alpha_bar_prev;  // (B,)
+  const scalar_t* logits;   // (B, K, S)
+  const scalar_t* grad;     // (B, K, S), or (B, S) for kKlBackward
+  const int64_t* x_t;       // (B, S)
+  const int64_t* x0;        // (B, S)
+  scalar_t* out;            // (B, K, S), or (B, S) for kKl
   int64_t B, K, S;
 };
 
 // Positions s0 .. s0 + n - 1 of batch row b.
 template <Op op, typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& q, int64_t b, int64_t s0, int n) {
-  const int64_t K = q.K, S = q.S;
-  const Coeffs<A> c = make_coeffs<A>(q.a[b], q.ab[b], K);
+PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& ptr, int64_t b, int64_t s0, int n) {
+  const int64_t K = ptr.K, S = ptr.S;
+  const Coeffs<A> c = make_coeffs<A>(ptr.alpha_t[b], ptr.alpha_bar_prev[b], K);
   const int64_t off = b * K * S + s0, pos = b * S + s0;  // into (B, K, S) and (B, S)
   if constexpr (op == Op::kTruePosterior) {
-    true_posterior_tile<scalar_t, A, TILE>(q.X + pos, q.Z + pos, K, S, n, c, q.O + off);
+    true_posterior_tile<scalar_t, A, TILE>(ptr.x_t + pos, ptr.x0 + pos, K, S, n, c, ptr.out + off);
   } else if constexpr (op == Op::kModelPosterior) {
-    model_posterior_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, K, S, n, c, q.O + off);
+    model_posterior_tile<scalar_t, A, Sum, TILE>(ptr.logits + off, ptr.x_t + pos, K, S, n, c,
+                                                 ptr.out + off);
   } else if constexpr (op == Op::kModelPosteriorBackward) {
-    model_posterior_backward_tile<scalar_t, A, Sum, TILE>(q.G + off, q.L + off, q.X + pos, K, S, n,
-                                                          c, q.O + off);
+    model_posterior_backward_tile<scalar_t, A, Sum, TILE>(ptr.grad + off, ptr.logits + off,
+                                                          ptr.x_t + pos, K, S, n, c, ptr.out + off);
   } else if constexpr (op == Op::kKl) {
-    kl_forward_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, q.Z + pos, K, S, n, c, q.O + pos);
+    kl_forward_tile<scalar_t, A, Sum, TILE>(ptr.logits + off, ptr.x_t + pos, ptr.x0 + pos, K, S, n,
+                                            c, ptr.out + pos);
   } else {
-    kl_backward_tile<scalar_t, A, Sum, TILE>(q.G + pos, q.L + off, q.X + pos, q.Z + pos, K, S, n, c,
-                                             q.O + off);
+    kl_backward_tile<scalar_t, A, Sum, TILE>(ptr.grad + pos, ptr.logits + off, ptr.x_t + pos,
+                                             ptr.x0 + pos, K, S, n, c, ptr.out + off);
   }
 }
 

@@ -104,14 +104,14 @@ inline void dispatch_floating(at::ScalarType type, Fn&& fn) {
 // Checked, contiguous inputs of one call, alphas in the accumulation dtype,
 // and the allocated output.
 struct Prepared {
-  Shape s;
+  Shape shape;
   at::Tensor x_t, x0, logits, grad, alpha_t, alpha_bar_prev, out;
 };
 
 inline void prepare_alphas(Prepared& p, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev,
                            at::ScalarType acc) {
-  check_alpha(alpha_t, "alpha_t", p.s.B, p.x_t);
-  check_alpha(alpha_bar_prev, "alpha_bar_prev", p.s.B, p.x_t);
+  check_alpha(alpha_t, "alpha_t", p.shape.B, p.x_t);
+  check_alpha(alpha_bar_prev, "alpha_bar_prev", p.shape.B, p.x_t);
   p.alpha_t = alpha_t.to(acc).contiguous();
   p.alpha_bar_prev = alpha_bar_prev.to(acc).contiguous();
 }
@@ -125,9 +125,9 @@ inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0,
   Prepared p;
   p.x_t = x_t.contiguous();
   if (x0.is_floating_point()) {
-    p.s = check_logits(x0, "x0", x_t);
-    TORCH_CHECK(num_classes == p.s.K, "pyvq.multinomial_posterior: 'num_classes' is ", num_classes,
-                " but the logits 'x0' have K = ", p.s.K, " classes (dim 1)");
+    p.shape = check_logits(x0, "x0", x_t);
+    TORCH_CHECK(num_classes == p.shape.K, "pyvq.multinomial_posterior: 'num_classes' is ",
+                num_classes, " but the logits 'x0' have K = ", p.shape.K, " classes (dim 1)");
     p.logits = x0.contiguous();
     prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(x0.scalar_type()));
     p.out = at::empty(p.logits.sizes(), p.logits.options());
@@ -136,15 +136,15 @@ inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0,
     check_same_shape(x0, "x0", x_t, "x_t");
     TORCH_CHECK(num_classes >= 1, "pyvq.multinomial_posterior: 'num_classes' must be >= 1, got ",
                 num_classes);
-    p.s = index_shape(x_t, num_classes);
+    p.shape = index_shape(x_t, num_classes);
     p.x0 = x0.contiguous();
-    check_index_range(p.x0, "x0", p.s.K);
+    check_index_range(p.x0, "x0", p.shape.K);
     check_floating(alpha_t, "alpha_t");
     const auto acc = acc_type(alpha_t.scalar_type());
     prepare_alphas(p, alpha_t, alpha_bar_prev, acc);
     p.out = at::empty(class_shape(x_t, num_classes), p.alpha_t.options());
   }
-  check_index_range(p.x_t, "x_t", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
   return p;
 }
 
@@ -153,14 +153,14 @@ inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Ten
                                            const at::Tensor& alpha_bar_prev) {
   check_indices(x_t, "x_t");
   Prepared p;
-  p.s = check_logits(logits, "logits", x_t);
+  p.shape = check_logits(logits, "logits", x_t);
   check_same_shape(grad, "grad", logits, "logits");
   check_same_dtype(grad, "grad", logits, "logits");
   p.x_t = x_t.contiguous();
   p.logits = logits.contiguous();
   p.grad = grad.contiguous();
   prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(logits.scalar_type()));
-  check_index_range(p.x_t, "x_t", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
   p.out = at::empty(p.logits.sizes(), p.logits.options());
   return p;
 }
@@ -173,13 +173,13 @@ inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const 
   check_indices(x0, "x0");
   check_same_shape(x0, "x0", x_t, "x_t");
   Prepared p;
-  p.s = check_logits(logits, "logits", x_t);
+  p.shape = check_logits(logits, "logits", x_t);
   p.x_t = x_t.contiguous();
   p.x0 = x0.contiguous();
   p.logits = logits.contiguous();
   prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(logits.scalar_type()));
-  check_index_range(p.x_t, "x_t", p.s.K);
-  check_index_range(p.x0, "x0", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
+  check_index_range(p.x0, "x0", p.shape.K);
   if (grad.defined()) {
     check_same_shape(grad, "grad", x_t, "x_t");
     check_same_dtype(grad, "grad", logits, "logits");
@@ -193,16 +193,16 @@ inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const 
 
 template <typename scalar_t, typename acc_t>
 Ptrs<scalar_t, acc_t> pointers(const Prepared& p) {
-  Ptrs<scalar_t, acc_t> q;
-  q.a = p.alpha_t.const_data_ptr<acc_t>();
-  q.ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
-  q.L = p.logits.defined() ? p.logits.const_data_ptr<scalar_t>() : nullptr;
-  q.G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
-  q.X = p.x_t.const_data_ptr<int64_t>();
-  q.Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
-  q.O = p.out.mutable_data_ptr<scalar_t>();
-  q.B = p.s.B, q.K = p.s.K, q.S = p.s.S;
-  return q;
+  Ptrs<scalar_t, acc_t> ptr;
+  ptr.alpha_t = p.alpha_t.const_data_ptr<acc_t>();
+  ptr.alpha_bar_prev = p.alpha_bar_prev.const_data_ptr<acc_t>();
+  ptr.logits = p.logits.defined() ? p.logits.const_data_ptr<scalar_t>() : nullptr;
+  ptr.grad = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
+  ptr.x_t = p.x_t.const_data_ptr<int64_t>();
+  ptr.x0 = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
+  ptr.out = p.out.mutable_data_ptr<scalar_t>();
+  ptr.B = p.shape.B, ptr.K = p.shape.K, ptr.S = p.shape.S;
+  return ptr;
 }
 
 }  // namespace posterior

@@ -45,13 +45,13 @@ inline int64_t num_tasks(const Shape& s) {
 // Tasks [t0, t1) of one op.
 template <Op op, typename scalar_t, typename acc_t>
 PYVQ_POSTERIOR_FN void run_tiles(const Prepared& p, int64_t t0, int64_t t1) {
-  const Ptrs<scalar_t, acc_t> q = pointers<scalar_t, acc_t>(p);
-  const int tile = tile_for(q.K);
-  const int64_t tiles = (q.S + tile - 1) / tile;
+  const Ptrs<scalar_t, acc_t> ptr = pointers<scalar_t, acc_t>(p);
+  const int tile = tile_for(ptr.K);
+  const int64_t tiles = (ptr.S + tile - 1) / tile;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / tiles, s0 = (t % tiles) * tile;
     run_tile<op, scalar_t, acc_t, double, kTile>(
-        q, b, s0, static_cast<int>(std::min<int64_t>(tile, q.S - s0)));
+        ptr, b, s0, static_cast<int>(std::min<int64_t>(tile, ptr.S - s0)));
   }
 }
 
@@ -79,7 +79,7 @@ at::Tensor launch(const Prepared& p) {
   dispatch_floating(p.out.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
-    at::parallel_for(0, num_tasks(p.s), 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, num_tasks(p.shape), 1, [&](int64_t t0, int64_t t1) {
       if constexpr (std::is_same_v<scalar_t, float> && op != Op::kTruePosterior) {
         if constexpr (op == Op::kModelPosterior) model_posterior_f32(p, t0, t1);
         if constexpr (op == Op::kModelPosteriorBackward) model_posterior_backward_f32(p, t0, t1);
