@@ -3,7 +3,7 @@
 // the CMake build (libtorch only) compiles every other source unchanged.
 #include <Python.h>
 
-#include "codebook/codebook_cpu_kernel.h"
+#include "common/cpu_isa.h"
 
 #include <pybind11/pybind11.h>
 
@@ -23,7 +23,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = false;
 #endif
     d["cuda_archs"] = std::string(PYVQ_CUDA_ARCHS);
-    d["cpu_isa"] = std::string(pyvq::codebook::cpu::search_isa());
+    d["cpu_isa"] = std::string(pyvq::cpu_isa_name(pyvq::cpu_isa()));
     return d;
   });
 }

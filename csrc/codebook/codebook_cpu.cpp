@@ -20,10 +20,11 @@ void search_cpu(const at::Tensor& x_any, const at::Tensor& cb, Metric metric, at
                 at::Tensor& distances) {
   const int64_t N = x_any.size(0), K = cb.size(0), D = cb.size(1);
   const int64_t P = cpu::num_panels(K);
+  const CpuIsa isa = cpu_isa_for(cpu::kSearchIsa);  // once per call: PYVQ_CPU_ISA may change
   at::Tensor packed = at::empty({P * D * cpu::kPanel + 1}, cb.options());
   at::Tensor bias = at::empty({P * cpu::kPanel}, cb.options());
   at::Tensor bf16;
-  if (std::is_same_v<T, float> && cpu::use_screening(D))
+  if (std::is_same_v<T, float> && cpu::use_screening(D, isa))
     bf16 = at::empty({P * cpu::bf16_pairs(D) * cpu::kPanel}, cb.options().dtype(at::kInt));
   cpu::PackedCodes<T> codes;
   cpu::pack_codes<T>(
@@ -65,7 +66,7 @@ void search_cpu(const at::Tensor& x_any, const at::Tensor& cb, Metric metric, at
               for (int64_t i = 0; i < rows * D; ++i) conv[i] = static_cast<T>(xin[r0 * D + i]);
               xr = conv;
             }
-            cpu::search_rows<T>(codes, xr, rows, blk, s, iscratch.mutable_data_ptr<int32_t>(),
+            cpu::search_rows<T>(isa, codes, xr, rows, blk, s, iscratch.mutable_data_ptr<int32_t>(),
                                 out_idx + r0);
             for (int64_t i = 0; i < rows; ++i) {
               const T* c = cbp + out_idx[r0 + i] * D;

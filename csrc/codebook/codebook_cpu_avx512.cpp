@@ -1,10 +1,13 @@
 // AVX-512 instantiation of the CPU codebook search driver.
 //
 // Compiled with AVX-512 enabled for this file only (the pragma below), and
-// called only after codebook_cpu_generic.cpp has checked the CPU supports it.
-// No ATen or standard-library templates are included here: an inline
-// function compiled with AVX-512 must never be shared with baseline code.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// called only at an instruction-set level of avx512 or above
+// (common/cpu_isa.h), which the CPU supports. No ATen or standard-library
+// templates are included here: an inline function compiled with AVX-512 must
+// never be shared with baseline code.
+#include "common/cpu_isa.h"
+
+#if PYVQ_CPU_AVX512_BUILD
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 // GCC 12 flags the deliberately undefined pass-through operand inside its
 // own AVX-512 intrinsic headers (_mm512_undefined_*); not our code.
@@ -81,8 +84,8 @@ struct Avx512F64 {
 
 // ---------------------------------------------------------------------------
 // bfloat16 screening for float32 (see kScreenMinD in codebook_cpu_kernel.h).
-// Only these functions use AVX512_BF16 instructions; they run only after
-// use_screening() saw the CPU feature.
+// Only these functions use AVX512_BF16 instructions; they run only when
+// use_screening() saw the avx512-bf16 level.
 // ---------------------------------------------------------------------------
 #define PYVQ_BF16 __attribute__((target("avx512bf16")))
 

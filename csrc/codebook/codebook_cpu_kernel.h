@@ -2,8 +2,9 @@
 //
 // This header is free of ATen on purpose: it is compiled twice, once with
 // the baseline ISA (codebook_cpu_generic.cpp) and once with AVX-512 enabled
-// (codebook_cpu_avx512.cpp); search_rows() picks one at run time from the
-// CPU's features, so the build runs on any x86-64 (or other) machine.
+// (codebook_cpu_avx512.cpp); search_rows() runs the one the caller's
+// instruction-set level (common/cpu_isa.h) names, so the build runs on any
+// x86-64 (or other) machine.
 //
 // Layouts
 //   packed codes  [P][D][kPanel]  P = ceil(K / kPanel) panels of kPanel codes,
@@ -23,6 +24,7 @@
 #pragma once
 
 #include "codebook/codebook.h"
+#include "common/cpu_isa.h"
 
 #include <cstdint>
 
@@ -100,18 +102,20 @@ template <typename T>
 void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric, T* packed, T* bias,
                 uint32_t* bf16, PackedCodes<T>* out);
 
-// Whether float32 searches of dimension D should use bf16 screening here.
-bool use_screening(int64_t D);
+// The best instruction-set level the search has code for in this build:
+// avx512-bf16 (AVX-512 with bf16 screening) in an x86-64 build, else generic.
+// The search runs at cpu_isa_for(kSearchIsa).
+constexpr CpuIsa kSearchIsa = PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512Bf16 : CpuIsa::kGeneric;
 
-// Best code index of each of the n rows of x (row-major [n][D]).
+// Whether float32 searches of dimension D use bf16 screening at level isa.
+bool use_screening(int64_t D, CpuIsa isa);
+
+// Best code index of each of the n rows of x (row-major [n][D]), with the
+// AVX-512 build when isa is avx512 or above, else the portable one.
 // `scratch` holds scratch_size<T>(b, D) elements, `iscratch` b.rows ints.
 template <typename T>
-void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n, const Blocking& b, T* scratch,
-                 int32_t* iscratch, int64_t* out_index);
-
-// Which instruction set search_rows uses on this CPU: "avx512-bf16"
-// (AVX-512 with bf16 screening), "avx512" or "generic".
-const char* search_isa();
+void search_rows(CpuIsa isa, const PackedCodes<T>& codes, const T* x, int64_t n, const Blocking& b,
+                 T* scratch, int32_t* iscratch, int64_t* out_index);
 
 // ---------------------------------------------------------------------------
 // The driver, instantiated by each ISA's translation unit with its own vector

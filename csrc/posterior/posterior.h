@@ -37,7 +37,7 @@
 #include <cstdint>
 
 // Everything here is inlined into its caller: on CPU the loops over
-// positions then vectorise inside the launcher's per-ISA clones.
+// positions then vectorise inside the launcher's per-ISA builds of them.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PYVQ_POSTERIOR_FN PYVQ_HOST_DEVICE
 #else

@@ -8,15 +8,17 @@
 // in cache from one pass to the next (tile_for). Sums over the classes
 // accumulate in double.
 //
-// float32, the training path, runs in functions compiled twice
-// (target_clones: AVX-512 "x86-64-v4" and the baseline, picked once at load
-// time by the CPU): the shared tile code of posterior.h is inlined into them
-// and its loops over positions vectorise, exp/log included (fast_exp,
-// fast_log). Trapping math is off in this file so that the compiler may turn
-// the branches of those loops into selects; nothing here reads the
-// floating-point exception flags.
+// float32, the training path, runs in functions compiled twice from one
+// template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4) and for the baseline;
+// each call runs the one its instruction-set level names (common/cpu_isa.h:
+// the CPU's, capped by PYVQ_CPU_ISA). The shared tile code of posterior.h is
+// inlined into them and its loops over positions vectorise, exp/log included
+// (fast_exp, fast_log). Trapping math is off in this file so that the
+// compiler may turn the branches of those loops into selects; nothing here
+// reads the floating-point exception flags.
 #pragma GCC optimize("no-trapping-math")
 
+#include "common/cpu_isa.h"
 #include "posterior/posterior_common.h"
 
 #include <ATen/Parallel.h>
@@ -55,36 +57,35 @@ PYVQ_POSTERIOR_FN void run_tiles(const Prepared& p, int64_t t0, int64_t t1) {
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYVQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define PYVQ_CLONES
-#endif
+// The best instruction-set level these kernels have code for in this build.
+constexpr CpuIsa kPosteriorIsa = PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512 : CpuIsa::kGeneric;
 
-PYVQ_CLONES void model_posterior_f32(const Prepared& p, int64_t t0, int64_t t1) {
-  run_tiles<Op::kModelPosterior, float, float>(p, t0, t1);
+// The float32 tasks of every op but the true posterior (a pure write, no
+// per-class math), once per instruction set. Not inlined into the launcher,
+// so each is one function compiled for exactly one target.
+template <Op op>
+__attribute__((noinline)) PYVQ_TARGET_AVX512 void run_tiles_f32_avx512(const Prepared& p,
+                                                                       int64_t t0, int64_t t1) {
+  run_tiles<op, float, float>(p, t0, t1);
 }
-PYVQ_CLONES void model_posterior_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
-  run_tiles<Op::kModelPosteriorBackward, float, float>(p, t0, t1);
-}
-PYVQ_CLONES void kl_f32(const Prepared& p, int64_t t0, int64_t t1) {
-  run_tiles<Op::kKl, float, float>(p, t0, t1);
-}
-PYVQ_CLONES void kl_backward_f32(const Prepared& p, int64_t t0, int64_t t1) {
-  run_tiles<Op::kKlBackward, float, float>(p, t0, t1);
+template <Op op>
+__attribute__((noinline)) void run_tiles_f32_generic(const Prepared& p, int64_t t0, int64_t t1) {
+  run_tiles<op, float, float>(p, t0, t1);
 }
 
 template <Op op>
 at::Tensor launch(const Prepared& p) {
+  // Once per call, outside the parallel region: PYVQ_CPU_ISA may change between calls.
+  const bool avx512 = cpu_isa_for(kPosteriorIsa) >= CpuIsa::kAvx512;
   dispatch_floating(p.out.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
     at::parallel_for(0, num_tasks(p.shape), 1, [&](int64_t t0, int64_t t1) {
       if constexpr (std::is_same_v<scalar_t, float> && op != Op::kTruePosterior) {
-        if constexpr (op == Op::kModelPosterior) model_posterior_f32(p, t0, t1);
-        if constexpr (op == Op::kModelPosteriorBackward) model_posterior_backward_f32(p, t0, t1);
-        if constexpr (op == Op::kKl) kl_f32(p, t0, t1);
-        if constexpr (op == Op::kKlBackward) kl_backward_f32(p, t0, t1);
+        if (avx512)
+          run_tiles_f32_avx512<op>(p, t0, t1);
+        else
+          run_tiles_f32_generic<op>(p, t0, t1);
       } else {
         run_tiles<op, scalar_t, acc_t>(p, t0, t1);
       }
