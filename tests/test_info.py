@@ -42,6 +42,21 @@ def test_cpu_isa_follows_the_override(monkeypatch):
     assert pyvq.info()["cpu_isa"] == best
 
 
+def test_each_op_reports_its_cpu_isa(monkeypatch):
+    """Every op's CPU file reports the level its kernel runs at: the CPU's
+    level capped by what the op has code for, and by PYVQ_CPU_ISA."""
+    monkeypatch.delenv("PYVQ_CPU_ISA", raising=False)
+    info = pyvq.info()
+    level = LEVELS.index(info["cpu_isa"])
+    best = {"nearest_code": "avx512-bf16", "grid_encode": "generic",
+            "multinomial_posterior": "avx512", "multinomial_kl": "avx512"}
+    assert set(best) == set(info["ops"])
+    for name, impl in info["ops"].items():
+        assert impl["cpu_isa"] == LEVELS[min(level, LEVELS.index(best[name]))], name
+    monkeypatch.setenv("PYVQ_CPU_ISA", "generic")
+    assert {name: impl["cpu_isa"] for name, impl in pyvq.info()["ops"].items()} == dict.fromkeys(best, "generic")
+
+
 def test_unknown_cpu_isa_is_an_error(monkeypatch):
     monkeypatch.setenv("PYVQ_CPU_ISA", "avx2")
     with pytest.raises(RuntimeError, match="PYVQ_CPU_ISA must be 'generic', 'avx512' or 'avx512-bf16'.*got 'avx2'"):

@@ -3,6 +3,7 @@
 // codebook_cpu_kernel.h for the kernel and codebook.h for the shared math.
 #include "codebook/codebook_common.h"
 #include "codebook/codebook_cpu_kernel.h"
+#include "common/build_facts.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -106,6 +107,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyvq, CPU, m) { m.impl("nearest_code", &nearest_code_cpu); }
+
+PYVQ_REGISTER_CPU_OP("nearest_code", cpu::kSearchIsa);
 
 }  // namespace codebook
 }  // namespace pyvq

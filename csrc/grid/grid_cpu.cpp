@@ -8,6 +8,7 @@
 //   table gradient: one task per (group, level) table slice, points in
 //     ascending order (a fixed summation order per entry).
 // No intermediate of size N x 2^d x L x F is built.
+#include "common/build_facts.h"
 #include "grid/grid_common.h"
 
 #include <ATen/Dispatch.h>
@@ -215,6 +216,9 @@ TORCH_LIBRARY_IMPL(pyvq, CPU, m) {
   m.impl("grid_encode", &grid_encode_cpu);
   m.impl("_grid_encode_backward", &grid_encode_backward_cpu);
 }
+
+// Portable code only (its gathers and scatters do not gain from AVX-512 builds).
+PYVQ_REGISTER_CPU_OP("grid_encode", CpuIsa::kGeneric);
 
 }  // namespace grid
 }  // namespace pyvq

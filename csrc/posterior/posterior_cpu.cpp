@@ -18,6 +18,7 @@
 // reads the floating-point exception flags.
 #pragma GCC optimize("no-trapping-math")
 
+#include "common/build_facts.h"
 #include "common/cpu_isa.h"
 #include "posterior/posterior_common.h"
 
@@ -126,6 +127,9 @@ TORCH_LIBRARY_IMPL(pyvq, CPU, m) {
   m.impl("multinomial_kl", &kl_cpu);
   m.impl("_multinomial_kl_backward", &kl_backward_cpu);
 }
+
+PYVQ_REGISTER_CPU_OP("multinomial_posterior", kPosteriorIsa);
+PYVQ_REGISTER_CPU_OP("multinomial_kl", kPosteriorIsa);
 
 }  // namespace posterior
 }  // namespace pyvq
