@@ -1,10 +1,14 @@
 // The Python module stub of pyvq._C and its build information. Only this
 // file includes Python; ops are registered with the dispatcher elsewhere, so
 // the CMake build (libtorch only) compiles every other source unchanged.
+// Ops report their own build facts (common/build_facts.h); this file only
+// lists them.
 #include <Python.h>
-#include <pybind11/pybind11.h>
 
-#include "codebook/codebook_cpu_kernel.h"
+#include "common/build_facts.h"
+#include "common/cpu_isa.h"
+
+#include <pybind11/pybind11.h>
 
 #ifndef PYVQ_CUDA_ARCHS
 #define PYVQ_CUDA_ARCHS ""
@@ -22,7 +26,12 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = false;
 #endif
     d["cuda_archs"] = std::string(PYVQ_CUDA_ARCHS);
-    d["cpu_isa"] = std::string(pyvq::codebook::cpu::search_isa());
+    d["cpu_isa"] = std::string(pyvq::cpu_isa_name(pyvq::cpu_isa()));
+    // Per op, the level its CPU kernel runs at now (PYVQ_CPU_ISA applied).
+    py::dict by_op;
+    for (const pyvq::CpuOpFacts& facts : pyvq::cpu_ops())
+      by_op[facts.op] = std::string(pyvq::cpu_isa_name(pyvq::cpu_isa_for(facts.best)));
+    d["cpu_isa_by_op"] = by_op;
     return d;
   });
 }

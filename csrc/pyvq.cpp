@@ -17,10 +17,12 @@ TORCH_LIBRARY(pyvq, m) {
   // tables (G, L, T, F), resolutions (L) -> (N, G, L * F) in tables' dtype.
   // index: "dense_mod" or "hash" for levels with more than T vertices. coords
   // must have the accumulation dtype (float64 for float64 tables, else float32).
-  m.def("grid_encode(Tensor coords, Tensor tables, int[] resolutions, str index=\"dense_mod\") -> Tensor");
+  m.def("grid_encode(Tensor coords, Tensor tables, int[] resolutions, "
+        "str index=\"dense_mod\") -> Tensor");
   // Gradients of grid_encode; an output not asked for is an empty (0,) tensor.
-  m.def("_grid_encode_backward(Tensor grad_out, Tensor coords, Tensor tables, int[] resolutions, "
-        "str index, bool need_coords, bool need_tables) -> (Tensor grad_coords, Tensor grad_tables)");
+  m.def(
+      "_grid_encode_backward(Tensor grad_out, Tensor coords, Tensor tables, int[] resolutions, "
+      "str index, bool need_coords, bool need_tables) -> (Tensor grad_coords, Tensor grad_tables)");
   // Multinomial (uniform-transition) diffusion posterior over K classes,
   // log-probabilities (B, K, *S) of z_{t-1} given x_t (B, *S) int64 and x0:
   // int64 indices (B, *S) (the true posterior; output in alpha_t's
@@ -33,7 +35,9 @@ TORCH_LIBRARY(pyvq, m) {
   m.def("_multinomial_posterior_backward(Tensor grad, Tensor x_t, Tensor logits, Tensor alpha_t, "
         "Tensor alpha_bar_prev) -> Tensor");
   // KL(q(z_{t-1} | x_t, x0) || p(z_{t-1} | x_t, logits)) per position, (B, *S).
-  m.def("multinomial_kl(Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, Tensor alpha_bar_prev) -> Tensor");
-  m.def("_multinomial_kl_backward(Tensor grad, Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, "
+  m.def("multinomial_kl(Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, "
         "Tensor alpha_bar_prev) -> Tensor");
+  m.def(
+      "_multinomial_kl_backward(Tensor grad, Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, "
+      "Tensor alpha_bar_prev) -> Tensor");
 }

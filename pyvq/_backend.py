@@ -72,20 +72,23 @@ def info() -> dict:
     """What was compiled and which backend each op takes.
 
     Returns a dict with the pyvq and torch versions, the build's CUDA
-    architectures and CPU instruction set, Triton's status, and for every
-    op whether the dispatcher has a CPU and a CUDA kernel, and that a
-    reference exists.
+    architectures and the CPU instruction-set level in use (``PYVQ_CPU_ISA``
+    applied), Triton's status, and for every op whether the dispatcher has a
+    CPU and a CUDA kernel, that a reference exists, and the instruction-set
+    level its CPU kernel runs at (``cpu_isa``; "none" without one).
     """
     import pyvq
     from pyvq import reference
 
     build = _C.build_info() if _C is not None else {}
+    cpu_isa_by_op = build.get("cpu_isa_by_op", {})
     ops = {}
     for op in CPP_OPS:
         ops[op] = {
             "cpu": has_kernel(op, "cpu"),
             "cuda": has_kernel(op, "cuda"),
             "reference": hasattr(reference, op),
+            "cpu_isa": cpu_isa_by_op.get(op, "none") if has_kernel(op, "cpu") else "none",
         }
     return {
         "pyvq": pyvq.__version__,

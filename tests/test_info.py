@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import pyvq
@@ -25,6 +26,46 @@ def test_info_lists_every_op_with_cpu_and_reference():
         assert impl["reference"], f"{name} has no reference"
     assert info["cpu_isa"] in ("avx512-bf16", "avx512", "generic")
     assert isinstance(info["triton"]["importable"], bool)
+
+
+LEVELS = ("generic", "avx512", "avx512-bf16")  # csrc/common/cpu_isa.h, lowest first
+
+
+def test_cpu_isa_follows_the_override(monkeypatch):
+    """PYVQ_CPU_ISA caps the level every CPU kernel uses, read at each call."""
+    monkeypatch.delenv("PYVQ_CPU_ISA", raising=False)
+    best = pyvq.info()["cpu_isa"]
+    for cap in LEVELS:
+        monkeypatch.setenv("PYVQ_CPU_ISA", cap)
+        assert pyvq.info()["cpu_isa"] == LEVELS[min(LEVELS.index(cap), LEVELS.index(best))]
+    monkeypatch.setenv("PYVQ_CPU_ISA", "")
+    assert pyvq.info()["cpu_isa"] == best
+
+
+def test_each_op_reports_its_cpu_isa(monkeypatch):
+    """Every op's CPU file reports the level its kernel runs at: the CPU's
+    level capped by what the op has code for, and by PYVQ_CPU_ISA."""
+    monkeypatch.delenv("PYVQ_CPU_ISA", raising=False)
+    info = pyvq.info()
+    level = LEVELS.index(info["cpu_isa"])
+    best = {"nearest_code": "avx512-bf16", "grid_encode": "generic",
+            "multinomial_posterior": "avx512", "multinomial_kl": "avx512"}
+    assert set(best) == set(info["ops"])
+    for name, impl in info["ops"].items():
+        assert impl["cpu_isa"] == LEVELS[min(level, LEVELS.index(best[name]))], name
+    monkeypatch.setenv("PYVQ_CPU_ISA", "generic")
+    assert {name: impl["cpu_isa"] for name, impl in pyvq.info()["ops"].items()} == dict.fromkeys(best, "generic")
+
+
+def test_unknown_cpu_isa_is_an_error(monkeypatch):
+    monkeypatch.setenv("PYVQ_CPU_ISA", "avx2")
+    with pytest.raises(RuntimeError, match="PYVQ_CPU_ISA must be 'generic', 'avx512' or 'avx512-bf16'.*got 'avx2'"):
+        pyvq.info()
+    with pytest.raises(RuntimeError, match="PYVQ_CPU_ISA.*got 'avx2'"):
+        pyvq.ops.nearest_code(torch.randn(4, 3), torch.randn(5, 3))
+    alphas = torch.full((2,), 0.5)
+    with pytest.raises(RuntimeError, match="PYVQ_CPU_ISA.*got 'avx2'"):
+        pyvq.ops.multinomial_posterior(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 4, 3), alphas, alphas)
 
 
 def test_every_registered_pyvq_op_is_listed():

@@ -18,7 +18,7 @@
 // NaN therefore pick the first code (every score is NaN) and report NaN.
 #pragma once
 
-#include "../common/macros.h"
+#include "common/macros.h"
 
 #include <cmath>
 #include <cstdint>
@@ -57,8 +57,7 @@ PYVQ_HOST_DEVICE bool is_nan(acc_t v) {
 
 // True when (score, index) should replace (best, best_index).
 template <typename acc_t>
-PYVQ_HOST_DEVICE bool better(acc_t score, int64_t index, acc_t best,
-                             int64_t best_index) {
+PYVQ_HOST_DEVICE bool better(acc_t score, int64_t index, acc_t best, int64_t best_index) {
   const bool sn = is_nan(score), bn = is_nan(best);
   if (sn || bn) return sn && (!bn || index < best_index);
   return score < best || (score == best && index < best_index);
@@ -70,8 +69,7 @@ constexpr int kSumLanes = 8;
 
 // Exact squared L2 distance between two rows of length d.
 template <typename scalar_t, typename acc_t>
-PYVQ_HOST_DEVICE acc_t l2_distance(const scalar_t* x, const scalar_t* c,
-                                   int64_t d) {
+PYVQ_HOST_DEVICE acc_t l2_distance(const scalar_t* x, const scalar_t* c, int64_t d) {
   acc_t s[kSumLanes] = {};
   int64_t i = 0;
   for (; i + kSumLanes <= d; i += kSumLanes) {
@@ -91,8 +89,7 @@ PYVQ_HOST_DEVICE acc_t l2_distance(const scalar_t* x, const scalar_t* c,
 
 // 1 - cos(x, c) with both norms clamped below by kCosineEps.
 template <typename scalar_t, typename acc_t>
-PYVQ_HOST_DEVICE acc_t cosine_distance(const scalar_t* x, const scalar_t* c,
-                                       int64_t d) {
+PYVQ_HOST_DEVICE acc_t cosine_distance(const scalar_t* x, const scalar_t* c, int64_t d) {
   acc_t xy[kSumLanes] = {}, xx[kSumLanes] = {}, cc[kSumLanes] = {};
   int64_t i = 0;
   for (; i + kSumLanes <= d; i += kSumLanes) {
@@ -122,8 +119,7 @@ PYVQ_HOST_DEVICE acc_t cosine_distance(const scalar_t* x, const scalar_t* c,
 }
 
 template <typename scalar_t, typename acc_t>
-PYVQ_HOST_DEVICE acc_t distance(Metric m, const scalar_t* x, const scalar_t* c,
-                                int64_t d) {
+PYVQ_HOST_DEVICE acc_t distance(Metric m, const scalar_t* x, const scalar_t* c, int64_t d) {
   return m == Metric::L2 ? l2_distance<scalar_t, acc_t>(x, c, d)
                          : cosine_distance<scalar_t, acc_t>(x, c, d);
 }

@@ -1,10 +1,13 @@
 // AVX-512 instantiation of the CPU codebook search driver.
 //
 // Compiled with AVX-512 enabled for this file only (the pragma below), and
-// called only after codebook_cpu_generic.cpp has checked the CPU supports it.
-// No ATen or standard-library templates are included here: an inline
-// function compiled with AVX-512 must never be shared with baseline code.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// called only at an instruction-set level of avx512 or above
+// (common/cpu_isa.h), which the CPU supports. No ATen or standard-library
+// templates are included here: an inline function compiled with AVX-512 must
+// never be shared with baseline code.
+#include "common/cpu_isa.h"
+
+#if PYVQ_CPU_AVX512_BUILD
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 // GCC 12 flags the deliberately undefined pass-through operand inside its
 // own AVX-512 intrinsic headers (_mm512_undefined_*); not our code.
@@ -12,7 +15,7 @@
 #include <immintrin.h>
 
 #define PYVQ_CODEBOOK_DRIVER
-#include "codebook_cpu_kernel.h"
+#include "codebook/codebook_cpu_kernel.h"
 
 namespace pyvq {
 namespace codebook {
@@ -45,9 +48,7 @@ struct Avx512F32 {
   static ivec iset1(int32_t v) { return _mm512_set1_epi32(v); }
   static ivec iload(const int32_t* p) { return _mm512_loadu_si512(p); }
   static void istore(int32_t* p, ivec v) { _mm512_storeu_si512(p, v); }
-  static ivec iblend(mask m, ivec a, ivec b) {
-    return _mm512_mask_mov_epi32(a, m, b);
-  }
+  static ivec iblend(mask m, ivec a, ivec b) { return _mm512_mask_mov_epi32(a, m, b); }
 };
 
 struct Avx512F64 {
@@ -77,28 +78,24 @@ struct Avx512F64 {
   static ivec iload(const int32_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
-  static void istore(int32_t* p, ivec v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-  }
-  static ivec iblend(mask m, ivec a, ivec b) {
-    return _mm256_mask_mov_epi32(a, m, b);
-  }
+  static void istore(int32_t* p, ivec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static ivec iblend(mask m, ivec a, ivec b) { return _mm256_mask_mov_epi32(a, m, b); }
 };
 
 // ---------------------------------------------------------------------------
 // bfloat16 screening for float32 (see kScreenMinD in codebook_cpu_kernel.h).
-// Only these functions use AVX512_BF16 instructions; they run only after
-// use_screening() saw the CPU feature.
+// Only these functions use AVX512_BF16 instructions; they run only when
+// use_screening() saw the avx512-bf16 level.
 // ---------------------------------------------------------------------------
 #define PYVQ_BF16 __attribute__((target("avx512bf16")))
 
 struct Screen {
-  uint32_t* xb;      // [nmp][D2][32] rows as bf16 pairs, like the codes
-  float* window;     // [rows] width of the kept window above the best
-  float* best;       // [rows] best approximate score so far
-  int32_t* count;    // [rows] candidates kept; kScreenCap + 1 = overflowed
-  int32_t* index;    // [rows][kScreenCap] candidate codes, increasing
-  float* score;      // [rows][kScreenCap] their approximate scores
+  uint32_t* xb;    // [nmp][D2][32] rows as bf16 pairs, like the codes
+  float* window;   // [rows] width of the kept window above the best
+  float* best;     // [rows] best approximate score so far
+  int32_t* count;  // [rows] candidates kept; kScreenCap + 1 = overflowed
+  int32_t* index;  // [rows][kScreenCap] candidate codes, increasing
+  float* score;    // [rows][kScreenCap] their approximate scores
 };
 
 PYVQ_BF16 static inline __m512i bf16_pairs_of(__m512 lo, __m512 hi) {
@@ -109,8 +106,7 @@ PYVQ_BF16 static inline __m512i bf16_pairs_of(__m512 lo, __m512 hi) {
 
 // Append code k to the rows of `lanes` (row r0 + lane); a full list first
 // drops the entries that have left its window.
-static void keep_candidates(Screen& s, int64_t r0, __mmask16 lanes,
-                            __m512 score, int32_t k) {
+static void keep_candidates(Screen& s, int64_t r0, __mmask16 lanes, __m512 score, int32_t k) {
   alignas(64) float sc[16];
   _mm512_store_ps(sc, score);
   while (lanes) {
@@ -144,9 +140,8 @@ static void keep_candidates(Screen& s, int64_t r0, __mmask16 lanes,
 }
 
 PYVQ_BF16 static inline __attribute__((always_inline)) void screen_kernel(
-    const uint32_t* __restrict xb, const uint32_t* __restrict cb,
-    const float* __restrict bias, int64_t D2, int32_t kbase, int kvalid,
-    Screen& s, int64_t r0) {
+    const uint32_t* __restrict xb, const uint32_t* __restrict cb, const float* __restrict bias,
+    int64_t D2, int32_t kbase, int kvalid, Screen& s, int64_t r0) {
   __m512 a0[kPanel], a1[kPanel];
 #pragma GCC unroll 12
   for (int j = 0; j < kPanel; ++j) {
@@ -176,10 +171,8 @@ PYVQ_BF16 static inline __attribute__((always_inline)) void screen_kernel(
     const __m512 s1 = _mm512_add_ps(a1[j], bj);
     m0 = _mm512_min_ps(m0, s0);
     m1 = _mm512_min_ps(m1, s1);
-    const __mmask16 h0 =
-        _mm512_cmp_ps_mask(s0, _mm512_add_ps(m0, w0), _CMP_LE_OQ);
-    const __mmask16 h1 =
-        _mm512_cmp_ps_mask(s1, _mm512_add_ps(m1, w1), _CMP_LE_OQ);
+    const __mmask16 h0 = _mm512_cmp_ps_mask(s0, _mm512_add_ps(m0, w0), _CMP_LE_OQ);
+    const __mmask16 h1 = _mm512_cmp_ps_mask(s1, _mm512_add_ps(m1, w1), _CMP_LE_OQ);
     if (__builtin_expect((h0 | h1) != 0, 0)) {
       _mm512_storeu_ps(bm, m0);
       _mm512_storeu_ps(bm + 16, m1);
@@ -200,8 +193,8 @@ PYVQ_BF16 static inline __attribute__((always_inline)) void screen_kernel(
 // A code is kept while its approximate score is within twice that bound
 // (times a 1.25 safety factor) of the best approximate score, so the float32
 // argmin is always kept.
-PYVQ_BF16 static void prepare_screen(const PackedCodes<float>& codes,
-                                     const float* xp, int64_t nmp, Screen& s) {
+PYVQ_BF16 static void prepare_screen(const PackedCodes<float>& codes, const float* xp, int64_t nmp,
+                                     Screen& s) {
   const int64_t D = codes.D, D2 = bf16_pairs(D);
   const double u = 1.0 / 16777216.0;
   const double gamma = double(D) * u / (1.0 - double(D) * u);
@@ -212,9 +205,8 @@ PYVQ_BF16 static void prepare_screen(const PackedCodes<float>& codes,
     for (int64_t t = 0; t < D2; ++t) {
       for (int h = 0; h < 2; ++h) {
         const __m512 lo = _mm512_loadu_ps(xm + (2 * t) * 32 + 16 * h);
-        const __m512 hi = 2 * t + 1 < D
-                              ? _mm512_loadu_ps(xm + (2 * t + 1) * 32 + 16 * h)
-                              : _mm512_setzero_ps();
+        const __m512 hi =
+            2 * t + 1 < D ? _mm512_loadu_ps(xm + (2 * t + 1) * 32 + 16 * h) : _mm512_setzero_ps();
         _mm512_storeu_si512(xbm + t * 32 + 16 * h, bf16_pairs_of(lo, hi));
       }
     }
@@ -226,8 +218,7 @@ PYVQ_BF16 static void prepare_screen(const PackedCodes<float>& codes,
       }
       const double xn = __builtin_sqrt(nn);
       const double dot = xn * codes.code_norm_max;
-      const double tiny =
-          4e-38 * double(D) * (2.0 + codes.code_norm_max + xn);
+      const double tiny = 4e-38 * double(D) * (2.0 + codes.code_norm_max + xn);
       const double bound = rel * dot + u * (dot + codes.bias_abs_max) + tiny;
       const int64_t r = mp * 32 + i;
       s.window[r] = float(2.0 * bound);
@@ -241,8 +232,8 @@ PYVQ_BF16 static void prepare_screen(const PackedCodes<float>& codes,
 // exact arithmetic: per code a fused multiply-add chain over d in order, then
 // the bias. The chains of several codes advance together (independent
 // chains hide the FMA latency); each chain's order is unchanged.
-static void exact_scores(const PackedCodes<float>& codes, const float* xcol,
-                         const int32_t* ks, int n, float* out) {
+static void exact_scores(const PackedCodes<float>& codes, const float* xcol, const int32_t* ks,
+                         int n, float* out) {
   constexpr int kGroup = 8;
   for (int g = 0; g < n; g += kGroup) {
     const int m = n - g < kGroup ? n - g : kGroup;
@@ -256,17 +247,15 @@ static void exact_scores(const PackedCodes<float>& codes, const float* xcol,
     for (int64_t d = 0; d < codes.D; ++d) {
       const float xv = xcol[d * 32];
 #pragma GCC unroll 8
-      for (int j = 0; j < kGroup; ++j)
-        acc[j] = __builtin_fmaf(xv, c[j][d * kPanel], acc[j]);
+      for (int j = 0; j < kGroup; ++j) acc[j] = __builtin_fmaf(xv, c[j][d * kPanel], acc[j]);
     }
     for (int j = 0; j < m; ++j) out[g + j] = acc[j] + codes.bias[ks[g + j]];
   }
 }
 
-PYVQ_BF16 static void search_rows_screened(
-    const PackedCodes<float>& codes, const float* x, int64_t n,
-    const Blocking& blk, float* scratch, int32_t* iscratch,
-    int64_t* out_index) {
+PYVQ_BF16 static void search_rows_screened(const PackedCodes<float>& codes, const float* x,
+                                           int64_t n, const Blocking& blk, float* scratch,
+                                           int32_t* iscratch, int64_t* out_index) {
   using V = Avx512F32;
   const int64_t D = codes.D, D2 = bf16_pairs(D);
   const int64_t P = num_panels(codes.K);
@@ -296,9 +285,8 @@ PYVQ_BF16 static void search_rows_screened(
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t kbase = p * kPanel;
           const int64_t left = codes.K - kbase;
-          screen_kernel(s.xb + mp * D2 * 32, codes.bf16 + p * D2 * kPanel,
-                        codes.bias + kbase, D2, int32_t(kbase),
-                        left < kPanel ? int(left) : kPanel, s, mp * 32);
+          screen_kernel(s.xb + mp * D2 * 32, codes.bf16 + p * D2 * kPanel, codes.bias + kbase, D2,
+                        int32_t(kbase), left < kPanel ? int(left) : kPanel, s, mp * 32);
         }
       }
     }
@@ -307,8 +295,7 @@ PYVQ_BF16 static void search_rows_screened(
       bool overflow = false;
       for (int i = 0; i < 32; ++i) overflow |= s.count[mp * 32 + i] > kScreenCap;
       if (overflow) {  // too many near-ties: the float32 kernel decides
-        search_block_fresh<V, false>(codes, xm, 1, blk.panels, best + mp * 32,
-                                     iscratch + mp * 32);
+        search_block_fresh<V, false>(codes, xm, 1, blk.panels, best + mp * 32, iscratch + mp * 32);
       } else {
         for (int i = 0; i < 32; ++i) {
           const int64_t r = mp * 32 + i;
@@ -317,8 +304,7 @@ PYVQ_BF16 static void search_rows_screened(
           float es[kScreenCap];
           int m = 0;
           for (int32_t c = 0; c < s.count[r]; ++c)
-            if (s.score[r * kScreenCap + c] <= lim)
-              ks[m++] = s.index[r * kScreenCap + c];
+            if (s.score[r * kScreenCap + c] <= lim) ks[m++] = s.index[r * kScreenCap + c];
           exact_scores(codes, xm + i, ks, m, es);
           float bs = __builtin_inff();
           int32_t bi = 0;
@@ -338,17 +324,15 @@ PYVQ_BF16 static void search_rows_screened(
 
 }  // namespace
 
-void search_rows_avx512(const PackedCodes<float>& codes, const float* x,
-                        int64_t n, const Blocking& b, float* scratch,
-                        int32_t* iscratch, int64_t* out_index) {
+void search_rows_avx512(const PackedCodes<float>& codes, const float* x, int64_t n,
+                        const Blocking& b, float* scratch, int32_t* iscratch, int64_t* out_index) {
   if (codes.bf16 != nullptr && !codes.careful)
     return search_rows_screened(codes, x, n, b, scratch, iscratch, out_index);
   search_rows_impl<Avx512F32>(codes, x, n, b, scratch, iscratch, out_index);
 }
 
-void search_rows_avx512(const PackedCodes<double>& codes, const double* x,
-                        int64_t n, const Blocking& b, double* scratch,
-                        int32_t* iscratch, int64_t* out_index) {
+void search_rows_avx512(const PackedCodes<double>& codes, const double* x, int64_t n,
+                        const Blocking& b, double* scratch, int32_t* iscratch, int64_t* out_index) {
   search_rows_impl<Avx512F64>(codes, x, n, b, scratch, iscratch, out_index);
 }
 

@@ -3,13 +3,13 @@
 //
 // The portable vector type is a plain array the compiler vectorises with the
 // baseline ISA. PYVQ_CPU_ISA=generic forces this path (tests use it to check
-// both paths against the reference on an AVX-512 machine).
+// both paths against the reference on an AVX-512 machine; see
+// common/cpu_isa.h).
 #define PYVQ_CODEBOOK_DRIVER
-#include "codebook_cpu_kernel.h"
+#include "codebook/codebook_cpu_kernel.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -17,14 +17,12 @@ namespace pyvq {
 namespace codebook {
 namespace cpu {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-void search_rows_avx512(const PackedCodes<float>&, const float*, int64_t,
-                        const Blocking&, float*, int32_t*, int64_t*);
-void search_rows_avx512(const PackedCodes<double>&, const double*, int64_t,
-                        const Blocking&, double*, int32_t*, int64_t*);
-#define PYVQ_HAVE_AVX512_BUILD 1
-#else
-#define PYVQ_HAVE_AVX512_BUILD 0
+#if PYVQ_CPU_AVX512_BUILD
+// Defined in codebook_cpu_avx512.cpp.
+void search_rows_avx512(const PackedCodes<float>&, const float*, int64_t, const Blocking&, float*,
+                        int32_t*, int64_t*);
+void search_rows_avx512(const PackedCodes<double>&, const double*, int64_t, const Blocking&,
+                        double*, int32_t*, int64_t*);
 #endif
 
 namespace {
@@ -116,36 +114,6 @@ struct Portable {
   }
 };
 
-// PYVQ_CPU_ISA caps the instruction set: "generic", "avx512" (no bf16
-// screening) or unset for the best this CPU has.
-bool isa_allowed(const char* level) {
-  const char* isa = std::getenv("PYVQ_CPU_ISA");
-  if (isa == nullptr || *isa == '\0') return true;
-  if (std::strcmp(isa, "generic") == 0) return false;
-  return std::strcmp(level, "avx512") == 0;
-}
-
-bool use_avx512() {
-#if PYVQ_HAVE_AVX512_BUILD
-  static const bool ok = __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok && isa_allowed("avx512");
-#else
-  return false;
-#endif
-}
-
-bool has_bf16() {
-#if PYVQ_HAVE_AVX512_BUILD
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok && use_avx512() && isa_allowed("avx512-bf16");
-#else
-  return false;
-#endif
-}
-
 // Round-to-nearest-even float -> bfloat16 bits (finite inputs).
 uint32_t bf16_bits(float v) {
   uint32_t u;
@@ -156,15 +124,11 @@ uint32_t bf16_bits(float v) {
 
 }  // namespace
 
-bool use_screening(int64_t D) { return D >= kScreenMinD && has_bf16(); }
-
-const char* search_isa() {
-  return has_bf16() ? "avx512-bf16" : (use_avx512() ? "avx512" : "generic");
-}
+bool use_screening(int64_t D, CpuIsa isa) { return D >= kScreenMinD && isa == CpuIsa::kAvx512Bf16; }
 
 template <typename T>
-void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
-                T* packed, T* bias, uint32_t* bf16, PackedCodes<T>* out) {
+void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric, T* packed, T* bias,
+                uint32_t* bf16, PackedCodes<T>* out) {
   const int64_t P = num_panels(K);
   const T big = std::numeric_limits<T>::max();
   const T scale = score_scale<T>(metric);
@@ -204,8 +168,7 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
       uint32_t* dst = bf16 + (k / kPanel) * D2 * kPanel + (k % kPanel);
       for (int64_t t = 0; t < D2; ++t) {
         const uint32_t lo = bf16_bits(float(src[2 * t * kPanel]));
-        const uint32_t hi =
-            2 * t + 1 < D ? bf16_bits(float(src[(2 * t + 1) * kPanel])) : 0u;
+        const uint32_t hi = 2 * t + 1 < D ? bf16_bits(float(src[(2 * t + 1) * kPanel])) : 0u;
         dst[t * kPanel] = lo | (hi << 16);
       }
     }
@@ -222,31 +185,26 @@ void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
   out->x_limit = T(double(big) / denom);
 }
 
-template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*,
-                                float*, uint32_t*, PackedCodes<float>*);
-template void pack_codes<double>(const double*, int64_t, int64_t, Metric,
-                                 double*, double*, uint32_t*,
-                                 PackedCodes<double>*);
+template void pack_codes<float>(const float*, int64_t, int64_t, Metric, float*, float*, uint32_t*,
+                                PackedCodes<float>*);
+template void pack_codes<double>(const double*, int64_t, int64_t, Metric, double*, double*,
+                                 uint32_t*, PackedCodes<double>*);
 
 // Portable vectors are 32 bytes wide (8 floats or 4 doubles).
 template <typename T>
-void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
-                 const Blocking& b, T* scratch, int32_t* iscratch,
-                 int64_t* out_index) {
-#if PYVQ_HAVE_AVX512_BUILD
-  if (use_avx512())
+void search_rows(CpuIsa isa, const PackedCodes<T>& codes, const T* x, int64_t n, const Blocking& b,
+                 T* scratch, int32_t* iscratch, int64_t* out_index) {
+#if PYVQ_CPU_AVX512_BUILD
+  if (isa >= CpuIsa::kAvx512)
     return search_rows_avx512(codes, x, n, b, scratch, iscratch, out_index);
 #endif
-  search_rows_impl<Portable<T, int(32 / sizeof(T))>>(codes, x, n, b, scratch,
-                                                     iscratch, out_index);
+  search_rows_impl<Portable<T, int(32 / sizeof(T))>>(codes, x, n, b, scratch, iscratch, out_index);
 }
 
-template void search_rows<float>(const PackedCodes<float>&, const float*,
-                                 int64_t, const Blocking&, float*, int32_t*,
-                                 int64_t*);
-template void search_rows<double>(const PackedCodes<double>&, const double*,
-                                  int64_t, const Blocking&, double*, int32_t*,
-                                  int64_t*);
+template void search_rows<float>(CpuIsa, const PackedCodes<float>&, const float*, int64_t,
+                                 const Blocking&, float*, int32_t*, int64_t*);
+template void search_rows<double>(CpuIsa, const PackedCodes<double>&, const double*, int64_t,
+                                  const Blocking&, double*, int32_t*, int64_t*);
 
 }  // namespace cpu
 }  // namespace codebook

@@ -2,8 +2,9 @@
 //
 // This header is free of ATen on purpose: it is compiled twice, once with
 // the baseline ISA (codebook_cpu_generic.cpp) and once with AVX-512 enabled
-// (codebook_cpu_avx512.cpp); search_rows() picks one at run time from the
-// CPU's features, so the build runs on any x86-64 (or other) machine.
+// (codebook_cpu_avx512.cpp); search_rows() runs the one the caller's
+// instruction-set level (common/cpu_isa.h) names, so the build runs on any
+// x86-64 (or other) machine.
 //
 // Layouts
 //   packed codes  [P][D][kPanel]  P = ceil(K / kPanel) panels of kPanel codes,
@@ -22,7 +23,8 @@
 // running minimum makes the N x K score matrix unnecessary.
 #pragma once
 
-#include "codebook.h"
+#include "codebook/codebook.h"
+#include "common/cpu_isa.h"
 
 #include <cstdint>
 
@@ -30,8 +32,8 @@ namespace pyvq {
 namespace codebook {
 namespace cpu {
 
-constexpr int kPanel = 12;   // codes per packed panel (broadcast operands)
-constexpr int kMaxMR = 32;   // rows per micro-panel, upper bound over ISAs
+constexpr int kPanel = 12;  // codes per packed panel (broadcast operands)
+constexpr int kMaxMR = 32;  // rows per micro-panel, upper bound over ISAs
 
 // bfloat16 screening (float32 search on CPUs with AVX512_BF16, D >= 64):
 // a first pass ranks codes with bf16 dot products (twice the fp32 FMA
@@ -97,22 +99,23 @@ inline int64_t scratch_size(const Blocking& b, int64_t D) {
 // Defined in codebook_cpu_generic.cpp (float and double). `bf16`, when not
 // null, receives the screening copy of the codes (float only).
 template <typename T>
-void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric,
-                T* packed, T* bias, uint32_t* bf16, PackedCodes<T>* out);
+void pack_codes(const T* codebook, int64_t K, int64_t D, Metric metric, T* packed, T* bias,
+                uint32_t* bf16, PackedCodes<T>* out);
 
-// Whether float32 searches of dimension D should use bf16 screening here.
-bool use_screening(int64_t D);
+// The best instruction-set level the search has code for in this build:
+// avx512-bf16 (AVX-512 with bf16 screening) in an x86-64 build, else generic.
+// The search runs at cpu_isa_for(kSearchIsa).
+constexpr CpuIsa kSearchIsa = PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512Bf16 : CpuIsa::kGeneric;
 
-// Best code index of each of the n rows of x (row-major [n][D]).
+// Whether float32 searches of dimension D use bf16 screening at level isa.
+bool use_screening(int64_t D, CpuIsa isa);
+
+// Best code index of each of the n rows of x (row-major [n][D]), with the
+// AVX-512 build when isa is avx512 or above, else the portable one.
 // `scratch` holds scratch_size<T>(b, D) elements, `iscratch` b.rows ints.
 template <typename T>
-void search_rows(const PackedCodes<T>& codes, const T* x, int64_t n,
-                 const Blocking& b, T* scratch, int32_t* iscratch,
-                 int64_t* out_index);
-
-// Which instruction set search_rows uses on this CPU: "avx512-bf16"
-// (AVX-512 with bf16 screening), "avx512" or "generic".
-const char* search_isa();
+void search_rows(CpuIsa isa, const PackedCodes<T>& codes, const T* x, int64_t n, const Blocking& b,
+                 T* scratch, int32_t* iscratch, int64_t* out_index);
 
 // ---------------------------------------------------------------------------
 // The driver, instantiated by each ISA's translation unit with its own vector
@@ -125,10 +128,12 @@ const char* search_isa();
 #ifdef PYVQ_CODEBOOK_DRIVER
 
 template <class V, bool kCareful>
-static inline __attribute__((always_inline)) void micro_kernel(
-    const typename V::T* __restrict xp, const typename V::T* __restrict cp,
-    const typename V::T* __restrict bias, int64_t D, int32_t kbase,
-    int kvalid, typename V::T* __restrict best, int32_t* __restrict index) {
+static inline __attribute__((always_inline)) void micro_kernel(const typename V::T* __restrict xp,
+                                                               const typename V::T* __restrict cp,
+                                                               const typename V::T* __restrict bias,
+                                                               int64_t D, int32_t kbase, int kvalid,
+                                                               typename V::T* __restrict best,
+                                                               int32_t* __restrict index) {
   // The running (best, index) of the MR rows lives in memory (L1), not in
   // registers: the dot-product loop needs 2 * kPanel accumulators, 2 row
   // vectors and a broadcast, and holding 4 more vectors across it makes the
@@ -181,8 +186,8 @@ static inline __attribute__((always_inline)) void micro_kernel(
 // true when the block needs the NaN-ordering path (a NaN, an infinity, or a
 // value beyond x_limit).
 template <class V>
-static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D,
-                      typename V::T x_limit, typename V::T* out) {
+static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D, typename V::T x_limit,
+                      typename V::T* out) {
   using T = typename V::T;
   const int64_t nmp = (rows + V::MR - 1) / V::MR;
   for (int64_t mp = 0; mp < nmp; ++mp) {
@@ -206,9 +211,8 @@ static bool pack_rows(const typename V::T* x, int64_t rows, int64_t D,
 }
 
 template <class V, bool kCareful>
-static void search_block(const PackedCodes<typename V::T>& codes,
-                         const typename V::T* xp, int64_t nmp,
-                         int64_t panels_per_block, typename V::T* best,
+static void search_block(const PackedCodes<typename V::T>& codes, const typename V::T* xp,
+                         int64_t nmp, int64_t panels_per_block, typename V::T* best,
                          int32_t* best_index) {
   using T = typename V::T;
   const int64_t D = codes.D;
@@ -222,9 +226,8 @@ static void search_block(const PackedCodes<typename V::T>& codes,
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t kbase = p * kPanel;
         const int64_t left = codes.K - kbase;
-        micro_kernel<V, kCareful>(xm, codes.packed + p * D * kPanel,
-                                  codes.bias + kbase, D, int32_t(kbase),
-                                  left < kPanel ? int(left) : kPanel, bm, im);
+        micro_kernel<V, kCareful>(xm, codes.packed + p * D * kPanel, codes.bias + kbase, D,
+                                  int32_t(kbase), left < kPanel ? int(left) : kPanel, bm, im);
       }
     }
   }
@@ -232,22 +235,19 @@ static void search_block(const PackedCodes<typename V::T>& codes,
 
 // search_block from a fresh running minimum (+inf, index 0) for each row.
 template <class V, bool kCareful>
-static void search_block_fresh(const PackedCodes<typename V::T>& codes,
-                               const typename V::T* xp, int64_t nmp,
-                               int64_t panels_per_block, typename V::T* best,
+static void search_block_fresh(const PackedCodes<typename V::T>& codes, const typename V::T* xp,
+                               int64_t nmp, int64_t panels_per_block, typename V::T* best,
                                int32_t* best_index) {
   for (int64_t i = 0; i < nmp * V::MR; ++i) {
     best[i] = __builtin_inf();
     best_index[i] = 0;
   }
-  search_block<V, kCareful>(codes, xp, nmp, panels_per_block, best,
-                            best_index);
+  search_block<V, kCareful>(codes, xp, nmp, panels_per_block, best, best_index);
 }
 
 template <class V>
-static void search_rows_impl(const PackedCodes<typename V::T>& codes,
-                             const typename V::T* x, int64_t n,
-                             const Blocking& blk, typename V::T* scratch,
+static void search_rows_impl(const PackedCodes<typename V::T>& codes, const typename V::T* x,
+                             int64_t n, const Blocking& blk, typename V::T* scratch,
                              int32_t* iscratch, int64_t* out_index) {
   using T = typename V::T;
   const int64_t D = codes.D;
@@ -256,8 +256,7 @@ static void search_rows_impl(const PackedCodes<typename V::T>& codes,
   for (int64_t r0 = 0; r0 < n; r0 += blk.rows) {
     const int64_t rows = n - r0 < blk.rows ? n - r0 : blk.rows;
     const int64_t nmp = (rows + V::MR - 1) / V::MR;
-    const bool careful =
-        pack_rows<V>(x + r0 * D, rows, D, codes.x_limit, xp) || codes.careful;
+    const bool careful = pack_rows<V>(x + r0 * D, rows, D, codes.x_limit, xp) || codes.careful;
     if (careful)
       search_block_fresh<V, true>(codes, xp, nmp, blk.panels, best, iscratch);
     else

@@ -39,7 +39,7 @@
 // float and double only (build time), and the final distance<T, T>() runs on
 // exactly the values the CPU launcher converts its rows to, so both backends
 // report the same distance for the same code.
-#include "codebook_common.h"
+#include "codebook/codebook_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -57,25 +57,24 @@ namespace pyvq {
 namespace codebook {
 namespace {
 
-constexpr int kTX = 16;                // threads along codes
-constexpr int kTY = 16;                // threads along rows
-constexpr int kThreads = kTX * kTY;    // 256
-constexpr int kTM = 4;                 // rows per thread
-constexpr int kTN = 4;                 // codes per thread
-constexpr int kBM = kTY * kTM;         // 64 rows per block
-constexpr int kBN = kTX * kTN;         // 64 codes per tile
-constexpr int kBK = 16;                // coordinates per shared-memory stage
-constexpr int kPad = 4;                // keeps each shared row 16-byte aligned
-constexpr int kMaxSplits = 64;         // most code ranges per row tile
-constexpr int kPrepWarps = 8;          // codes per block of prepare_codes
+constexpr int kTX = 16;              // threads along codes
+constexpr int kTY = 16;              // threads along rows
+constexpr int kThreads = kTX * kTY;  // 256
+constexpr int kTM = 4;               // rows per thread
+constexpr int kTN = 4;               // codes per thread
+constexpr int kBM = kTY * kTM;       // 64 rows per block
+constexpr int kBN = kTX * kTN;       // 64 codes per tile
+constexpr int kBK = 16;              // coordinates per shared-memory stage
+constexpr int kPad = 4;              // keeps each shared row 16-byte aligned
+constexpr int kMaxSplits = 64;       // most code ranges per row tile
+constexpr int kPrepWarps = 8;        // codes per block of prepare_codes
 
 static_assert(kTX == 16, "the row reduction shuffles within a half-warp");
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kPrepWarps * 32)
-    prepare_codes_kernel(const acc_t* __restrict__ cb, int64_t K, int64_t D,
-                         Metric metric, acc_t* __restrict__ scaled,
-                         acc_t* __restrict__ bias) {
+    prepare_codes_kernel(const acc_t* __restrict__ cb, int64_t K, int64_t D, Metric metric,
+                         acc_t* __restrict__ scaled, acc_t* __restrict__ bias) {
   const int lane = threadIdx.x & 31;
   const int64_t k = int64_t(blockIdx.x) * kPrepWarps + threadIdx.x / 32;
   if (k >= K) return;  // uniform per warp
@@ -86,8 +85,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
     ss += v * v;
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1)
-    ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
   const acc_t f = acc_t(code_factor<double>(metric, ss));
   const acc_t scale = score_scale<acc_t>(metric);
   if (lane == 0) bias[k] = acc_t(code_bias<double>(metric, ss));
@@ -96,12 +94,12 @@ __global__ void __launch_bounds__(kPrepWarps * 32)
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) search_kernel(
-    const acc_t* __restrict__ x, const acc_t* __restrict__ cb,
-    const acc_t* __restrict__ scaled, const acc_t* __restrict__ bias,
-    int64_t N, int64_t K, int64_t D, Metric metric, int64_t codes_per_split,
-    int64_t* __restrict__ out_index, acc_t* __restrict__ out_dist,
-    acc_t* __restrict__ part_score, int32_t* __restrict__ part_index) {
+__global__ void __launch_bounds__(kThreads)
+    search_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ cb,
+                  const acc_t* __restrict__ scaled, const acc_t* __restrict__ bias, int64_t N,
+                  int64_t K, int64_t D, Metric metric, int64_t codes_per_split,
+                  int64_t* __restrict__ out_index, acc_t* __restrict__ out_dist,
+                  acc_t* __restrict__ part_score, int32_t* __restrict__ part_index) {
   __shared__ __align__(16) acc_t xs[kBK][kBM + kPad];
   __shared__ __align__(16) acc_t cs[kBK][kBN + kPad];
   __shared__ int32_t row_best[kBM];
@@ -215,19 +213,16 @@ __global__ void __launch_bounds__(kThreads) search_kernel(
     if (row >= N) break;
     const int64_t idx = row_best[r];
     out_index[row] = idx;
-    out_dist[row] =
-        distance<acc_t, acc_t>(metric, x + row * D, cb + idx * D, D);
+    out_dist[row] = distance<acc_t, acc_t>(metric, x + row * D, cb + idx * D, D);
   }
 }
 
 template <typename acc_t>
-__global__ void finalize_kernel(const acc_t* __restrict__ x,
-                                const acc_t* __restrict__ cb, int64_t N,
-                                int64_t D, Metric metric, int splits,
+__global__ void finalize_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ cb,
+                                int64_t N, int64_t D, Metric metric, int splits,
                                 const acc_t* __restrict__ part_score,
                                 const int32_t* __restrict__ part_index,
-                                int64_t* __restrict__ out_index,
-                                acc_t* __restrict__ out_dist) {
+                                int64_t* __restrict__ out_index, acc_t* __restrict__ out_dist) {
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
   acc_t best = part_score[row];
@@ -241,15 +236,14 @@ __global__ void finalize_kernel(const acc_t* __restrict__ x,
     }
   }
   out_index[row] = idx;
-  out_dist[row] =
-      distance<acc_t, acc_t>(metric, x + row * D, cb + int64_t(idx) * D, D);
+  out_dist[row] = distance<acc_t, acc_t>(metric, x + row * D, cb + int64_t(idx) * D, D);
 }
 
 // xs: (N, D) contiguous, cb: (K, D) contiguous, both acc_t.
 // idx_flat: (N,) int64, dist_flat: (N,) acc_t, both contiguous.
 template <typename acc_t>
-void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric,
-                 at::Tensor& idx_flat, at::Tensor& dist_flat) {
+void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric, at::Tensor& idx_flat,
+                 at::Tensor& dist_flat) {
   const int64_t N = xs.size(0), K = cb.size(0), D = cb.size(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -258,21 +252,19 @@ void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric,
   {
     const unsigned blocks = unsigned((K + kPrepWarps - 1) / kPrepWarps);
     prepare_codes_kernel<acc_t><<<blocks, kPrepWarps * 32, 0, stream>>>(
-        cb.const_data_ptr<acc_t>(), K, D, metric,
-        scaled.mutable_data_ptr<acc_t>(), bias.mutable_data_ptr<acc_t>());
+        cb.const_data_ptr<acc_t>(), K, D, metric, scaled.mutable_data_ptr<acc_t>(),
+        bias.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   const int64_t row_tiles = (N + kBM - 1) / kBM;
   const int64_t code_tiles = (K + kBN - 1) / kBN;
   TORCH_CHECK(row_tiles <= int64_t(INT32_MAX),
-              "pyvq.nearest_code: too many rows for one CUDA launch (", N,
-              ")");
+              "pyvq.nearest_code: too many rows for one CUDA launch (", N, ")");
   // Enough blocks to fill the GPU about twice over, in whole code tiles.
-  const int64_t sms =
-      at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t splits = std::min<int64_t>(
-      {(2 * sms + row_tiles - 1) / row_tiles, code_tiles, int64_t(kMaxSplits)});
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits =
+      std::min<int64_t>({(2 * sms + row_tiles - 1) / row_tiles, code_tiles, int64_t(kMaxSplits)});
   splits = std::max<int64_t>(splits, 1);
   const int64_t tiles_per_split = (code_tiles + splits - 1) / splits;
   const int64_t codes_per_split = tiles_per_split * kBN;
@@ -285,10 +277,9 @@ void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric,
   }
   const dim3 grid{unsigned(row_tiles), unsigned(splits)};
   search_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
-      xs.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(),
-      scaled.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(), N, K, D,
-      metric, codes_per_split, idx_flat.mutable_data_ptr<int64_t>(),
-      dist_flat.mutable_data_ptr<acc_t>(),
+      xs.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(), scaled.const_data_ptr<acc_t>(),
+      bias.const_data_ptr<acc_t>(), N, K, D, metric, codes_per_split,
+      idx_flat.mutable_data_ptr<int64_t>(), dist_flat.mutable_data_ptr<acc_t>(),
       splits > 1 ? part_score.mutable_data_ptr<acc_t>() : nullptr,
       splits > 1 ? part_index.mutable_data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -297,21 +288,18 @@ void search_cuda(const at::Tensor& xs, const at::Tensor& cb, Metric metric,
     constexpr int kFinThreads = 256;
     const int64_t blocks = (N + kFinThreads - 1) / kFinThreads;
     finalize_kernel<acc_t><<<unsigned(blocks), kFinThreads, 0, stream>>>(
-        xs.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(), N, D, metric,
-        int(splits), part_score.const_data_ptr<acc_t>(),
-        part_index.const_data_ptr<int32_t>(),
-        idx_flat.mutable_data_ptr<int64_t>(),
-        dist_flat.mutable_data_ptr<acc_t>());
+        xs.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(), N, D, metric, int(splits),
+        part_score.const_data_ptr<acc_t>(), part_index.const_data_ptr<int32_t>(),
+        idx_flat.mutable_data_ptr<int64_t>(), dist_flat.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(
-    const at::Tensor& x, const at::Tensor& codebook,
-    c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x,
+                                                     const at::Tensor& codebook,
+                                                     c10::string_view metric_name) {
   check_inputs(x, codebook);
-  const Metric metric =
-      parse_metric(std::string_view(metric_name.data(), metric_name.size()));
+  const Metric metric = parse_metric(std::string_view(metric_name.data(), metric_name.size()));
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const int64_t D = codebook.size(1);
@@ -326,9 +314,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(
   // reshape({N, D}), not ({-1, D}): the latter is ambiguous when D == 0.
   const at::Tensor xs = x.reshape({N, D}).to(ct).contiguous();
   at::Tensor idx_flat = indices.view({-1});
-  at::Tensor dist_flat = distances.scalar_type() == ct
-                             ? distances.view({-1})
-                             : at::empty({N}, cb.options());
+  at::Tensor dist_flat =
+      distances.scalar_type() == ct ? distances.view({-1}) : at::empty({N}, cb.options());
   if (ct == at::kDouble)
     search_cuda<double>(xs, cb, metric, idx_flat, dist_flat);
   else
@@ -339,9 +326,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyvq, CUDA, m) {
-  m.impl("nearest_code", &nearest_code_cuda);
-}
+TORCH_LIBRARY_IMPL(pyvq, CUDA, m) { m.impl("nearest_code", &nearest_code_cuda); }
 
 }  // namespace codebook
 }  // namespace pyvq

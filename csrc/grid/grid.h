@@ -41,11 +41,11 @@ PYVQ_HOST_DEVICE uint32_t hash_prime(int k) {
 
 // How one level indexes its table.
 struct LevelIndex {
-  int64_t res;      // r
-  bool dense;       // (r + 1)^d <= T
-  bool hash;        // not dense and mode == kHash
+  int64_t res;  // r
+  bool dense;   // (r + 1)^d <= T
+  bool hash;    // not dense and mode == kHash
   int64_t T;
-  bool pow2;        // T is a power of two: "mod T" is "& (T - 1)"
+  bool pow2;                // T is a power of two: "mod T" is "& (T - 1)"
   int64_t stride[kMaxDim];  // (r + 1)^k, reduced mod T unless dense
 };
 
@@ -53,8 +53,7 @@ PYVQ_HOST_DEVICE uint64_t mod_table(uint64_t v, const LevelIndex& li) {
   return li.pow2 ? v & static_cast<uint64_t>(li.T - 1) : v % static_cast<uint64_t>(li.T);
 }
 
-PYVQ_HOST_DEVICE LevelIndex make_level_index(int64_t r, int d, int64_t T,
-                                             IndexMode mode) {
+PYVQ_HOST_DEVICE LevelIndex make_level_index(int64_t r, int d, int64_t T, IndexMode mode) {
   LevelIndex li;
   li.res = r;
   li.T = T;
@@ -85,7 +84,7 @@ PYVQ_HOST_DEVICE LevelIndex make_level_index(int64_t r, int d, int64_t T,
 // (the clamp passes gradient there only, as torch.clamp does).
 template <typename acc_t>
 struct Axis {
-  acc_t w0, w1;     // 1 - w_k, w_k
+  acc_t w0, w1;      // 1 - w_k, w_k
   uint64_t term[2];  // dense / dense_mod: v * stride mod T; hash: (uint32) v * pi_k
   bool inside;
 };
@@ -126,8 +125,7 @@ PYVQ_HOST_DEVICE int64_t corner_row(const Axis<acc_t>* axes, int d, int corner,
                                     const LevelIndex& li) {
   if (li.hash) {
     uint32_t h = 0;
-    for (int k = 0; k < d; ++k)
-      h ^= static_cast<uint32_t>(axes[k].term[(corner >> k) & 1]);
+    for (int k = 0; k < d; ++k) h ^= static_cast<uint32_t>(axes[k].term[(corner >> k) & 1]);
     return static_cast<int64_t>(mod_table(h, li));
   }
   uint64_t row = 0;
@@ -146,8 +144,7 @@ PYVQ_HOST_DEVICE acc_t corner_weight(const Axis<acc_t>* axes, int d, int corner)
 
 // d(weight)/d(w_k) of a corner: the other axes' factors, signed by bit k.
 template <typename acc_t>
-PYVQ_HOST_DEVICE acc_t corner_weight_grad(const Axis<acc_t>* axes, int d,
-                                          int corner, int k) {
+PYVQ_HOST_DEVICE acc_t corner_weight_grad(const Axis<acc_t>* axes, int d, int corner, int k) {
   acc_t w = (corner >> k) & 1 ? acc_t(1) : acc_t(-1);
   for (int j = 0; j < d; ++j)
     if (j != k) w = w * ((corner >> j) & 1 ? axes[j].w1 : axes[j].w0);

@@ -38,16 +38,21 @@ inline void check_inputs(const at::Tensor& coords, const at::Tensor& tables,
   check_dim(coords, "coords", 3);
   check_dim(tables, "tables", 4);
   check_same_device(coords, "coords", tables, "tables");
-  TORCH_CHECK(coords.size(1) == tables.size(0), "pyvq.grid_encode: 'coords' has ",
-              coords.size(1), " groups (dim 1) but 'tables' has ", tables.size(0), " (dim 0)");
+  TORCH_CHECK(coords.size(1) == tables.size(0), "pyvq.grid_encode: 'coords' has ", coords.size(1),
+              " groups (dim 1) but 'tables' has ", tables.size(0), " (dim 0)");
   const int64_t d = coords.size(2);
-  TORCH_CHECK(d >= 1 && d <= kMaxDim, "pyvq.grid_encode: the coordinate dimension d "
-              "(coords.shape[2]) must be in [1, ", kMaxDim, "], got ", d);
-  TORCH_CHECK(is_feature_size(tables.size(3)), "pyvq.grid_encode: the feature size F "
-              "(tables.shape[3]) must be 1, 2, 4 or 8, got ", tables.size(3));
-  TORCH_CHECK(tables.size(2) >= 1 && tables.size(2) <= 2147483647LL,
-              "pyvq.grid_encode: the table size T (tables.shape[2]) must be in [1, 2**31 - 1], got ",
-              tables.size(2));
+  TORCH_CHECK(d >= 1 && d <= kMaxDim,
+              "pyvq.grid_encode: the coordinate dimension d "
+              "(coords.shape[2]) must be in [1, ",
+              kMaxDim, "], got ", d);
+  TORCH_CHECK(is_feature_size(tables.size(3)),
+              "pyvq.grid_encode: the feature size F "
+              "(tables.shape[3]) must be 1, 2, 4 or 8, got ",
+              tables.size(3));
+  TORCH_CHECK(
+      tables.size(2) >= 1 && tables.size(2) <= 2147483647LL,
+      "pyvq.grid_encode: the table size T (tables.shape[2]) must be in [1, 2**31 - 1], got ",
+      tables.size(2));
   TORCH_CHECK(static_cast<int64_t>(resolutions.size()) == tables.size(1),
               "pyvq.grid_encode: argument 'resolutions' has ", resolutions.size(),
               " entries but 'tables' has L = ", tables.size(1), " levels (dim 1)");
@@ -55,13 +60,13 @@ inline void check_inputs(const at::Tensor& coords, const at::Tensor& tables,
     TORCH_CHECK(r >= 1 && r <= (int64_t(1) << 20),
                 "pyvq.grid_encode: argument 'resolutions' must hold ints in [1, 2**20], got ", r);
   const auto acc = tables.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coords.scalar_type() == acc, "pyvq.grid_encode: argument 'coords' must be ",
-              acc, " for ", tables.scalar_type(), " tables (the accumulation dtype), got ",
+  TORCH_CHECK(coords.scalar_type() == acc, "pyvq.grid_encode: argument 'coords' must be ", acc,
+              " for ", tables.scalar_type(), " tables (the accumulation dtype), got ",
               coords.scalar_type());
 }
 
-inline std::vector<LevelIndex> level_indices(c10::IntArrayRef resolutions, int d,
-                                             int64_t T, IndexMode mode) {
+inline std::vector<LevelIndex> level_indices(c10::IntArrayRef resolutions, int d, int64_t T,
+                                             IndexMode mode) {
   std::vector<LevelIndex> out;
   out.reserve(resolutions.size());
   for (int64_t r : resolutions) out.push_back(make_level_index(r, d, T, mode));
@@ -128,17 +133,19 @@ inline Backward prepare_backward(const at::Tensor& grad_out, const at::Tensor& c
   b.grad_out = grad_out.to(tables.scalar_type()).contiguous();
   b.coords = coords.contiguous();
   b.tables = tables.contiguous();
-  b.grad_coords = need_coords ? at::zeros(coords.sizes(), coords.options())
-                              : at::empty({0}, coords.options());
-  b.grad_tables = need_tables ? at::zeros(tables.sizes(), tables.options().dtype(coords.scalar_type()))
-                              : at::empty({0}, tables.options());
+  b.grad_coords =
+      need_coords ? at::zeros(coords.sizes(), coords.options()) : at::empty({0}, coords.options());
+  b.grad_tables = need_tables
+                      ? at::zeros(tables.sizes(), tables.options().dtype(coords.scalar_type()))
+                      : at::empty({0}, tables.options());
   return b;
 }
 
 // (grad_coords, grad_tables in the tables' dtype).
 inline std::tuple<at::Tensor, at::Tensor> finish_backward(const Backward& b) {
   at::Tensor gt = b.grad_tables;
-  if (gt.numel() > 0 && gt.scalar_type() != b.tables.scalar_type()) gt = gt.to(b.tables.scalar_type());
+  if (gt.numel() > 0 && gt.scalar_type() != b.tables.scalar_type())
+    gt = gt.to(b.tables.scalar_type());
   return {b.grad_coords, gt};
 }
 

@@ -8,6 +8,7 @@
 //   table gradient: one task per (group, level) table slice, points in
 //     ascending order (a fixed summation order per entry).
 // No intermediate of size N x 2^d x L x F is built.
+#include "common/build_facts.h"
 #include "grid/grid_common.h"
 
 #include <ATen/Dispatch.h>
@@ -46,8 +47,9 @@ struct Stage {
 // level, staged (see above); `table` is the level's table (for prefetches,
 // with write intent when `write`).
 template <typename acc_t, typename scalar_t, typename Fn>
-inline void for_points(Stage<acc_t>& st, const acc_t* coords, int64_t n0, int64_t n1, int64_t g, const Shape& s,
-                       const LevelIndex& li, const scalar_t* table, int64_t F, bool write, Fn&& fn) {
+inline void for_points(Stage<acc_t>& st, const acc_t* coords, int64_t n0, int64_t n1, int64_t g,
+                       const Shape& s, const LevelIndex& li, const scalar_t* table, int64_t F,
+                       bool write, Fn&& fn) {
   const int corners = 1 << s.d;
   const int64_t per = std::max(1, kStage / corners);
   for (int64_t m0 = n0; m0 < n1; m0 += per) {
@@ -124,7 +126,8 @@ void coords_grad_impl(const scalar_t* grad_out, const acc_t* coords, const scala
                        const scalar_t* e = tab + rows[c] * F;
                        acc_t dot = acc_t(0);
                        for (int f = 0; f < F; ++f) dot += gof[f] * static_cast<acc_t>(e[f]);
-                       for (int k = 0; k < s.d; ++k) gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
+                       for (int k = 0; k < s.d; ++k)
+                         gw[k] += corner_weight_grad(ax, s.d, c, k) * dot;
                      }
                      acc_t* b = buf.data() + (n - n0) * s.d;
                      for (int k = 0; k < s.d; ++k)
@@ -176,9 +179,9 @@ at::Tensor grid_encode_cpu(const at::Tensor& coords_in, const at::Tensor& tables
   dispatch_grid(tables.scalar_type(), F, [&](auto sv, auto av, auto fc) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
-    forward_impl<scalar_t, acc_t, decltype(fc)::value>(
-        coords.const_data_ptr<acc_t>(), tables.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), s, levels);
+    forward_impl<scalar_t, acc_t, decltype(fc)::value>(coords.const_data_ptr<acc_t>(),
+                                                       tables.const_data_ptr<scalar_t>(),
+                                                       out.mutable_data_ptr<scalar_t>(), s, levels);
   });
   return out;
 }
@@ -186,7 +189,8 @@ at::Tensor grid_encode_cpu(const at::Tensor& coords_in, const at::Tensor& tables
 std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& coords, const at::Tensor& tables,
     c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
-  Backward b = prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
+  Backward b =
+      prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
   const Shape& s = b.s;
   if (s.N == 0 || s.L == 0) return finish_backward(b);
   const auto levels = level_indices(resolutions, s.d, s.T, b.mode);
@@ -195,10 +199,9 @@ std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cpu(
     using acc_t = decltype(av);
     constexpr int kF = decltype(fc)::value;
     if (need_coords)
-      coords_grad_impl<scalar_t, acc_t, kF>(b.grad_out.const_data_ptr<scalar_t>(),
-                                            b.coords.const_data_ptr<acc_t>(),
-                                            b.tables.const_data_ptr<scalar_t>(),
-                                            b.grad_coords.mutable_data_ptr<acc_t>(), s, levels);
+      coords_grad_impl<scalar_t, acc_t, kF>(
+          b.grad_out.const_data_ptr<scalar_t>(), b.coords.const_data_ptr<acc_t>(),
+          b.tables.const_data_ptr<scalar_t>(), b.grad_coords.mutable_data_ptr<acc_t>(), s, levels);
     if (need_tables)
       tables_grad_impl<scalar_t, acc_t, kF>(b.grad_out.const_data_ptr<scalar_t>(),
                                             b.coords.const_data_ptr<acc_t>(),
@@ -213,6 +216,9 @@ TORCH_LIBRARY_IMPL(pyvq, CPU, m) {
   m.impl("grid_encode", &grid_encode_cpu);
   m.impl("_grid_encode_backward", &grid_encode_backward_cpu);
 }
+
+// Portable code only (its gathers and scatters do not gain from AVX-512 builds).
+PYVQ_REGISTER_CPU_OP("grid_encode", CpuIsa::kGeneric);
 
 }  // namespace grid
 }  // namespace pyvq

@@ -48,8 +48,9 @@ struct Thread {
 };
 
 template <typename acc_t>
-__device__ __forceinline__ bool locate_thread(const acc_t* coords, const LevelIndex* levels, const Shape& s,
-                                              Thread& t, LevelIndex& li, Axis<acc_t>* ax) {
+__device__ __forceinline__ bool locate_thread(const acc_t* coords, const LevelIndex* levels,
+                                              const Shape& s, Thread& t, LevelIndex& li,
+                                              Axis<acc_t>* ax) {
   t.i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t.i >= s.N * s.G * s.L) return false;
   t.l = t.i % s.L, t.ng = t.i / s.L, t.g = t.ng % s.G;
@@ -59,9 +60,9 @@ __device__ __forceinline__ bool locate_thread(const acc_t* coords, const LevelIn
 }
 
 template <typename scalar_t, typename acc_t, int F>
-__global__ void forward_kernel(const acc_t* __restrict__ coords, const scalar_t* __restrict__ tables,
-                               scalar_t* __restrict__ out, const LevelIndex* __restrict__ levels,
-                               Shape s) {
+__global__ void forward_kernel(const acc_t* __restrict__ coords,
+                               const scalar_t* __restrict__ tables, scalar_t* __restrict__ out,
+                               const LevelIndex* __restrict__ levels, Shape s) {
   Thread t;
   LevelIndex li;
   Axis<acc_t> ax[kMaxDim];
@@ -82,8 +83,10 @@ __global__ void forward_kernel(const acc_t* __restrict__ coords, const scalar_t*
 }
 
 template <typename scalar_t, typename acc_t, int F>
-__global__ void coords_grad_kernel(const scalar_t* __restrict__ grad_out, const acc_t* __restrict__ coords,
-                                   const scalar_t* __restrict__ tables, acc_t* __restrict__ grad_coords,
+__global__ void coords_grad_kernel(const scalar_t* __restrict__ grad_out,
+                                   const acc_t* __restrict__ coords,
+                                   const scalar_t* __restrict__ tables,
+                                   acc_t* __restrict__ grad_coords,
                                    const LevelIndex* __restrict__ levels, Shape s) {
   const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // (n, g)
   if (ng >= s.N * s.G) return;
@@ -113,7 +116,8 @@ __global__ void coords_grad_kernel(const scalar_t* __restrict__ grad_out, const 
 
 template <typename scalar_t, typename acc_t, int F>
 __global__ void tables_grad_atomic_kernel(const scalar_t* __restrict__ grad_out,
-                                          const acc_t* __restrict__ coords, acc_t* __restrict__ grad_tables,
+                                          const acc_t* __restrict__ coords,
+                                          acc_t* __restrict__ grad_tables,
                                           const LevelIndex* __restrict__ levels, Shape s) {
   Thread t;
   LevelIndex li;
@@ -135,7 +139,8 @@ __global__ void tables_grad_atomic_kernel(const scalar_t* __restrict__ grad_out,
 // Deterministic path, step 1: the key of every contribution
 // e = ((n * G + g) * L + l) * 2^d + corner.
 template <typename acc_t>
-__global__ void contribution_keys_kernel(const acc_t* __restrict__ coords, int64_t* __restrict__ keys,
+__global__ void contribution_keys_kernel(const acc_t* __restrict__ coords,
+                                         int64_t* __restrict__ keys,
                                          const LevelIndex* __restrict__ levels, Shape s) {
   Thread t;
   LevelIndex li;
@@ -221,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& coords, const at::Tensor& tables,
     c10::IntArrayRef resolutions, c10::string_view index, bool need_coords, bool need_tables) {
   const c10::cuda::CUDAGuard device_guard(coords.device());
-  Backward b = prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
+  Backward b =
+      prepare_backward(grad_out, coords, tables, resolutions, index, need_coords, need_tables);
   const Shape& s = b.s;
   if (s.N == 0 || s.L == 0 || !(need_coords || need_tables)) return finish_backward(b);
   const at::Tensor levels = levels_on_device(resolutions, s.d, s.T, b.mode, b.coords.device());
@@ -233,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cuda(
     at::Tensor keys = at::empty({M}, b.coords.options().dtype(at::kLong));
     AT_DISPATCH_FLOATING_TYPES(b.coords.scalar_type(), "grid_encode_keys_cuda", [&] {
       contribution_keys_kernel<scalar_t><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
-          b.coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), level_ptr(levels), s);
+          b.coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), level_ptr(levels),
+          s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     std::tie(sorted_keys, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -256,8 +263,9 @@ std::tuple<at::Tensor, at::Tensor> grid_encode_backward_cuda(
           b.grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (need_tables) {
-      tables_grad_atomic_kernel<scalar_t, acc_t, kF><<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
-          go, xs, b.grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
+      tables_grad_atomic_kernel<scalar_t, acc_t, kF>
+          <<<blocks_for(s.N * s.G * s.L), kThreads, 0, stream>>>(
+              go, xs, b.grad_tables.mutable_data_ptr<acc_t>(), level_ptr(levels), s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -37,7 +37,7 @@
 #include <cstdint>
 
 // Everything here is inlined into its caller: on CPU the loops over
-// positions then vectorise inside the launcher's per-ISA clones.
+// positions then vectorise inside the launcher's per-ISA builds of them.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PYVQ_POSTERIOR_FN PYVQ_HOST_DEVICE
 #else
@@ -65,7 +65,7 @@ PYVQ_POSTERIOR_FN float fast_exp(float x) {
 #else
   const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
   const float kf = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
-  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;           // x - k ln 2
+  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;          // x - k ln 2
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -83,7 +83,8 @@ PYVQ_POSTERIOR_FN float fast_log(float x) {
   return ::logf(x);
 #else
   const int32_t bits = __builtin_bit_cast(int32_t, x);
-  const float m1 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
+  const float m1 =
+      __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
   const bool big = m1 > 1.41421356f;
   const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
   const float f = (big ? 0.5f * m1 : m1) - 1.0f;  // in [sqrt(1/2) - 1, sqrt(2) - 1)
@@ -254,8 +255,8 @@ PYVQ_POSTERIOR_FN A log_softmax_at(const scalar_t* lg, int64_t S, int i, int64_t
 
 // log q (index x0) into out[b, :, s0..]: a pure write.
 template <typename out_t, typename A, int TILE>
-PYVQ_POSTERIOR_FN void true_posterior_tile(const int64_t* xt, const int64_t* x0, int64_t K, int64_t S,
-                                          int n, const Coeffs<A>& c, out_t* out) {
+PYVQ_POSTERIOR_FN void true_posterior_tile(const int64_t* xt, const int64_t* x0, int64_t K,
+                                           int64_t S, int n, const Coeffs<A>& c, out_t* out) {
   const TrueQ<A> q_same = make_true_q(c, true, K), q_diff = make_true_q(c, false, K);
   for (int64_t k = 0; k < K; ++k) {
     out_t* row = out + k * S;
@@ -268,8 +269,8 @@ PYVQ_POSTERIOR_FN void true_posterior_tile(const int64_t* xt, const int64_t* x0,
 
 // log p (logits) into out[b, :, s0..].
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S,
-                                           int n, const Coeffs<A>& c, scalar_t* out) {
+PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* xt, int64_t K,
+                                            int64_t S, int n, const Coeffs<A>& c, scalar_t* out) {
   A lse[TILE], log_z[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   for (int i = 0; i < n; ++i)
@@ -279,7 +280,8 @@ PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* x
     scalar_t* orow = out + k * S;
     for (int i = 0; i < n; ++i) {
       const A f = k == xt[i] ? c.log_f_hit : c.log_c1;
-      orow[i] = static_cast<scalar_t>(f + model_log_g(static_cast<A>(row[i]) - lse[i], c) - log_z[i]);
+      orow[i] =
+          static_cast<scalar_t>(f + model_log_g(static_cast<A>(row[i]) - lse[i], c) - log_z[i]);
     }
   }
 }
@@ -287,7 +289,7 @@ PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* x
 // w = alpha * abar * softmax[z_t] / Z, the z_t weight of d log Z / d logits.
 template <typename scalar_t, typename A>
 PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64_t xt, A lse,
-                                    const Coeffs<A>& c) {
+                                     const Coeffs<A>& c) {
   const A ls = log_softmax_at(lg, S, i, xt, lse);
   const A g = model_log_g(ls, c);
   return pexp(c.log_alpha + g - model_log_z(g, c)) * model_ratio(fast_exp(ls), c);
@@ -296,15 +298,16 @@ PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64
 // grad[b, :, s0..] = scale_i * (coef_k r_k + softmax_k (W_i - S_i) - W_i [k == z_t]);
 // coef(k, i) gives coef_k of position i.
 template <typename scalar_t, typename A, int TILE, typename Coef>
-PYVQ_POSTERIOR_FN void write_grad_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S, int n,
-                                      const Coeffs<A>& c, const A* lse, const A* scale, const A* W,
-                                      const A* Ssum, Coef coef, scalar_t* grad) {
+PYVQ_POSTERIOR_FN void write_grad_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S,
+                                       int n, const Coeffs<A>& c, const A* lse, const A* scale,
+                                       const A* W, const A* Ssum, Coef coef, scalar_t* grad) {
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = lg + k * S;
     scalar_t* grow = grad + k * S;
     for (int i = 0; i < n; ++i) {
       const A sm = fast_exp(static_cast<A>(row[i]) - lse[i]);
-      const A v = coef(k, i) * model_ratio(sm, c) + sm * (W[i] - Ssum[i]) - (k == xt[i] ? W[i] : A(0));
+      const A v =
+          coef(k, i) * model_ratio(sm, c) + sm * (W[i] - Ssum[i]) - (k == xt[i] ? W[i] : A(0));
       grow[i] = static_cast<scalar_t>(scale[i] * v);
     }
   }
@@ -338,9 +341,9 @@ struct TrueQCoef {
 // With alpha == 1 every class but z_t is a constant -inf: its upstream
 // gradient is ignored (as autograd of the reference does).
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
-                                                    int64_t K, int64_t S, int n, const Coeffs<A>& c,
-                                                    scalar_t* grad) {
+PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const scalar_t* lg,
+                                                     const int64_t* xt, int64_t K, int64_t S, int n,
+                                                     const Coeffs<A>& c, scalar_t* grad) {
   A lse[TILE], Ra[TILE], W[TILE], one[TILE];
   Sum R[TILE], G[TILE];
   const bool all_live = c.c1 > A(0);
@@ -359,8 +362,8 @@ PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const
     W[i] = static_cast<A>(G[i]) * model_hit_weight(lg, S, i, xt[i], lse[i], c);
     Ra[i] = static_cast<A>(R[i]);
   }
-  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, one, W, Ra, UpstreamCoef<scalar_t, A>{gout, xt, S, all_live},
-                                     grad);
+  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, one, W, Ra,
+                                     UpstreamCoef<scalar_t, A>{gout, xt, S, all_live}, grad);
 }
 
 // Per position, one pass over the classes when q has an "other" value
@@ -369,8 +372,8 @@ PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const
 // / c2) = g_k - log c2 >= 0 (small, same-signed terms: no cancellation),
 // the backward sums r_k.
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int n, const Coeffs<A>& c,
-                                   const A* lse, bool forward, A* out) {
+PYVQ_POSTERIOR_FN void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int n,
+                                    const Coeffs<A>& c, const A* lse, bool forward, A* out) {
   Sum acc[TILE];
   for (int i = 0; i < n; ++i) acc[i] = Sum(0);
   if (c.c1 > A(0) && c.c2 > A(0)) {
@@ -399,8 +402,9 @@ PYVQ_POSTERIOR_FN A kl_term(A mass, A diff) {
 //   other: dZ - h_k,            dZ = log Z_p - log Z_q,
 // so the "other" classes contribute other * (n_other dZ - sum_other h_k).
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void kl_forward_tile(const scalar_t* lg, const int64_t* xt, const int64_t* x0, int64_t K,
-                                      int64_t S, int n, const Coeffs<A>& c, scalar_t* out) {
+PYVQ_POSTERIOR_FN void kl_forward_tile(const scalar_t* lg, const int64_t* xt, const int64_t* x0,
+                                       int64_t K, int64_t S, int n, const Coeffs<A>& c,
+                                       scalar_t* out) {
   A lse[TILE], sum_h[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   kl_sums_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, c, lse, true, sum_h);
@@ -432,8 +436,8 @@ PYVQ_POSTERIOR_FN void kl_forward_tile(const scalar_t* lg, const int64_t* xt, co
 // Backward of kl_forward_tile: gout[b, s0..] -> grad logits.
 template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
-                                       const int64_t* x0, int64_t K, int64_t S, int n, const Coeffs<A>& c,
-                                       scalar_t* grad) {
+                                        const int64_t* x0, int64_t K, int64_t S, int n,
+                                        const Coeffs<A>& c, scalar_t* grad) {
   A lse[TILE], sum_r[TILE], scale[TILE], W[TILE], Ssum[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   kl_sums_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, c, lse, false, sum_r);
@@ -446,44 +450,52 @@ PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg
     A s = q.hit * r_hit + (same ? A(0) : q.x0 * r_x0);
     if (q.other > A(0)) s += q.other * (sum_r[i] - r_hit - (same ? A(0) : r_x0));
     Ssum[i] = s;
-    W[i] = model_hit_weight(lg, S, i, xt[i], lse[i], c);  // sum_k q_k = 1
+    W[i] = model_hit_weight(lg, S, i, xt[i], lse[i], c);   // sum_k q_k = 1
     scale[i] = q.empty ? A(0) : -static_cast<A>(gout[i]);  // KL = const - sum_k q_k log p_k
   }
-  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, scale, W, Ssum, TrueQCoef<A>{xt, x0, &q_same, &q_diff},
-                                     grad);
+  write_grad_tile<scalar_t, A, TILE>(lg, xt, K, S, n, c, lse, scale, W, Ssum,
+                                     TrueQCoef<A>{xt, x0, &q_same, &q_diff}, grad);
 }
 
 // ---------------------------------------------------------------- one tile of an op
 enum class Op { kTruePosterior, kModelPosterior, kModelPosteriorBackward, kKl, kKlBackward };
 
-// The raw inputs and output of one call (launchers fill it from tensors).
-// L logits (B, K, S) (unused by kTruePosterior, whose scalar_t is A); G upstream gradient ((B, K, S) or (B, S)); X, Z x_t
-// and x0 (B, S); O the output; a, ab alpha_t and alpha_bar_prev (B,).
+// The raw inputs and output of one call (launchers fill it from tensors), all contiguous. B, K
+// and S are the batch rows, classes and positions per row; logits is null for kTruePosterior
+// (whose scalar_t is A), grad (the upstream gradient) is set for the backward ops only, x0 for
+// the ops that take class indices.
 template <typename scalar_t, typename A>
 struct Ptrs {
-  const A *a, *ab;
-  const scalar_t *L, *G;
-  const int64_t *X, *Z;
-  scalar_t* O;
+  const A* alpha_t;         // (B,)
+  const A* alpha_bar_prev;  // (B,)
+  const scalar_t* logits;   // (B, K, S)
+  const scalar_t* grad;     // (B, K, S), or (B, S) for kKlBackward
+  const int64_t* x_t;       // (B, S)
+  const int64_t* x0;        // (B, S)
+  scalar_t* out;            // (B, K, S), or (B, S) for kKl
   int64_t B, K, S;
 };
 
 // Positions s0 .. s0 + n - 1 of batch row b.
 template <Op op, typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& q, int64_t b, int64_t s0, int n) {
-  const int64_t K = q.K, S = q.S;
-  const Coeffs<A> c = make_coeffs<A>(q.a[b], q.ab[b], K);
+PYVQ_POSTERIOR_FN void run_tile(const Ptrs<scalar_t, A>& ptr, int64_t b, int64_t s0, int n) {
+  const int64_t K = ptr.K, S = ptr.S;
+  const Coeffs<A> c = make_coeffs<A>(ptr.alpha_t[b], ptr.alpha_bar_prev[b], K);
   const int64_t off = b * K * S + s0, pos = b * S + s0;  // into (B, K, S) and (B, S)
   if constexpr (op == Op::kTruePosterior) {
-    true_posterior_tile<scalar_t, A, TILE>(q.X + pos, q.Z + pos, K, S, n, c, q.O + off);
+    true_posterior_tile<scalar_t, A, TILE>(ptr.x_t + pos, ptr.x0 + pos, K, S, n, c, ptr.out + off);
   } else if constexpr (op == Op::kModelPosterior) {
-    model_posterior_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, K, S, n, c, q.O + off);
+    model_posterior_tile<scalar_t, A, Sum, TILE>(ptr.logits + off, ptr.x_t + pos, K, S, n, c,
+                                                 ptr.out + off);
   } else if constexpr (op == Op::kModelPosteriorBackward) {
-    model_posterior_backward_tile<scalar_t, A, Sum, TILE>(q.G + off, q.L + off, q.X + pos, K, S, n, c, q.O + off);
+    model_posterior_backward_tile<scalar_t, A, Sum, TILE>(ptr.grad + off, ptr.logits + off,
+                                                          ptr.x_t + pos, K, S, n, c, ptr.out + off);
   } else if constexpr (op == Op::kKl) {
-    kl_forward_tile<scalar_t, A, Sum, TILE>(q.L + off, q.X + pos, q.Z + pos, K, S, n, c, q.O + pos);
+    kl_forward_tile<scalar_t, A, Sum, TILE>(ptr.logits + off, ptr.x_t + pos, ptr.x0 + pos, K, S, n,
+                                            c, ptr.out + pos);
   } else {
-    kl_backward_tile<scalar_t, A, Sum, TILE>(q.G + pos, q.L + off, q.X + pos, q.Z + pos, K, S, n, c, q.O + off);
+    kl_backward_tile<scalar_t, A, Sum, TILE>(ptr.grad + pos, ptr.logits + off, ptr.x_t + pos,
+                                             ptr.x0 + pos, K, S, n, c, ptr.out + off);
   }
 }
 

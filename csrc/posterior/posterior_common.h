@@ -56,10 +56,11 @@ inline void check_index_range(const at::Tensor& t, const char* name, int64_t K) 
 inline Shape check_logits(const at::Tensor& logits, const char* name, const at::Tensor& x_t) {
   check_floating(logits, name);
   check_same_device(logits, name, x_t, "x_t");
-  TORCH_CHECK(logits.dim() == x_t.dim() + 1, "pyvq: argument '", name, "' must be (B, K, *S) with x_t (B, *S), got ",
-              logits.sizes(), " and ", x_t.sizes());
-  TORCH_CHECK(logits.size(0) == x_t.size(0), "pyvq: '", name, "' and 'x_t' must have the same batch size, got ",
-              logits.size(0), " and ", x_t.size(0));
+  TORCH_CHECK(logits.dim() == x_t.dim() + 1, "pyvq: argument '", name,
+              "' must be (B, K, *S) with x_t (B, *S), got ", logits.sizes(), " and ", x_t.sizes());
+  TORCH_CHECK(logits.size(0) == x_t.size(0), "pyvq: '", name,
+              "' and 'x_t' must have the same batch size, got ", logits.size(0), " and ",
+              x_t.size(0));
   for (int64_t d = 1; d < x_t.dim(); ++d)
     TORCH_CHECK(logits.size(d + 1) == x_t.size(d), "pyvq: '", name, "' has spatial shape ",
                 logits.sizes().slice(2), " but 'x_t' has ", x_t.sizes().slice(1));
@@ -73,7 +74,8 @@ inline Shape index_shape(const at::Tensor& x_t, int64_t K) {
   return {x_t.size(0), K, S};
 }
 
-inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name) {
   TORCH_CHECK(a.sizes() == b.sizes(), "pyvq: arguments '", a_name, "' and '", b_name,
               "' must have the same shape, got ", a.sizes(), " and ", b.sizes());
 }
@@ -85,7 +87,9 @@ inline std::vector<int64_t> class_shape(const at::Tensor& x_t, int64_t K) {
   return s;
 }
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Calls fn(scalar_t{}, acc_t{}) for a floating dtype (an op's output dtype:
 // the logits' for the model side, the accumulation dtype for the index form).
@@ -100,78 +104,82 @@ inline void dispatch_floating(at::ScalarType type, Fn&& fn) {
 // Checked, contiguous inputs of one call, alphas in the accumulation dtype,
 // and the allocated output.
 struct Prepared {
-  Shape s;
+  Shape shape;
   at::Tensor x_t, x0, logits, grad, alpha_t, alpha_bar_prev, out;
 };
 
 inline void prepare_alphas(Prepared& p, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev,
                            at::ScalarType acc) {
-  check_alpha(alpha_t, "alpha_t", p.s.B, p.x_t);
-  check_alpha(alpha_bar_prev, "alpha_bar_prev", p.s.B, p.x_t);
+  check_alpha(alpha_t, "alpha_t", p.shape.B, p.x_t);
+  check_alpha(alpha_bar_prev, "alpha_bar_prev", p.shape.B, p.x_t);
   p.alpha_t = alpha_t.to(acc).contiguous();
   p.alpha_bar_prev = alpha_bar_prev.to(acc).contiguous();
 }
 
 // multinomial_posterior with logits x0 (model posterior) or indices x0
 // (true posterior, output in alpha_t's accumulation dtype).
-inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& alpha_t,
-                                  const at::Tensor& alpha_bar_prev, int64_t num_classes) {
+inline Prepared prepare_posterior(const at::Tensor& x_t, const at::Tensor& x0,
+                                  const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev,
+                                  int64_t num_classes) {
   check_indices(x_t, "x_t");
   Prepared p;
   p.x_t = x_t.contiguous();
   if (x0.is_floating_point()) {
-    p.s = check_logits(x0, "x0", x_t);
-    TORCH_CHECK(num_classes == p.s.K, "pyvq.multinomial_posterior: 'num_classes' is ", num_classes,
-                " but the logits 'x0' have K = ", p.s.K, " classes (dim 1)");
+    p.shape = check_logits(x0, "x0", x_t);
+    TORCH_CHECK(num_classes == p.shape.K, "pyvq.multinomial_posterior: 'num_classes' is ",
+                num_classes, " but the logits 'x0' have K = ", p.shape.K, " classes (dim 1)");
     p.logits = x0.contiguous();
     prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(x0.scalar_type()));
     p.out = at::empty(p.logits.sizes(), p.logits.options());
   } else {
     check_indices(x0, "x0");
     check_same_shape(x0, "x0", x_t, "x_t");
-    TORCH_CHECK(num_classes >= 1, "pyvq.multinomial_posterior: 'num_classes' must be >= 1, got ", num_classes);
-    p.s = index_shape(x_t, num_classes);
+    TORCH_CHECK(num_classes >= 1, "pyvq.multinomial_posterior: 'num_classes' must be >= 1, got ",
+                num_classes);
+    p.shape = index_shape(x_t, num_classes);
     p.x0 = x0.contiguous();
-    check_index_range(p.x0, "x0", p.s.K);
+    check_index_range(p.x0, "x0", p.shape.K);
     check_floating(alpha_t, "alpha_t");
     const auto acc = acc_type(alpha_t.scalar_type());
     prepare_alphas(p, alpha_t, alpha_bar_prev, acc);
     p.out = at::empty(class_shape(x_t, num_classes), p.alpha_t.options());
   }
-  check_index_range(p.x_t, "x_t", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
   return p;
 }
 
-inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
-                                           const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+inline Prepared prepare_posterior_backward(const at::Tensor& grad, const at::Tensor& x_t,
+                                           const at::Tensor& logits, const at::Tensor& alpha_t,
+                                           const at::Tensor& alpha_bar_prev) {
   check_indices(x_t, "x_t");
   Prepared p;
-  p.s = check_logits(logits, "logits", x_t);
+  p.shape = check_logits(logits, "logits", x_t);
   check_same_shape(grad, "grad", logits, "logits");
   check_same_dtype(grad, "grad", logits, "logits");
   p.x_t = x_t.contiguous();
   p.logits = logits.contiguous();
   p.grad = grad.contiguous();
   prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(logits.scalar_type()));
-  check_index_range(p.x_t, "x_t", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
   p.out = at::empty(p.logits.sizes(), p.logits.options());
   return p;
 }
 
 // multinomial_kl (grad undefined) or its backward (grad of shape x_t).
 inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
-                           const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+                           const at::Tensor& logits, const at::Tensor& alpha_t,
+                           const at::Tensor& alpha_bar_prev) {
   check_indices(x_t, "x_t");
   check_indices(x0, "x0");
   check_same_shape(x0, "x0", x_t, "x_t");
   Prepared p;
-  p.s = check_logits(logits, "logits", x_t);
+  p.shape = check_logits(logits, "logits", x_t);
   p.x_t = x_t.contiguous();
   p.x0 = x0.contiguous();
   p.logits = logits.contiguous();
   prepare_alphas(p, alpha_t, alpha_bar_prev, acc_type(logits.scalar_type()));
-  check_index_range(p.x_t, "x_t", p.s.K);
-  check_index_range(p.x0, "x0", p.s.K);
+  check_index_range(p.x_t, "x_t", p.shape.K);
+  check_index_range(p.x0, "x0", p.shape.K);
   if (grad.defined()) {
     check_same_shape(grad, "grad", x_t, "x_t");
     check_same_dtype(grad, "grad", logits, "logits");
@@ -185,16 +193,16 @@ inline Prepared prepare_kl(const at::Tensor& grad, const at::Tensor& x_t, const 
 
 template <typename scalar_t, typename acc_t>
 Ptrs<scalar_t, acc_t> pointers(const Prepared& p) {
-  Ptrs<scalar_t, acc_t> q;
-  q.a = p.alpha_t.const_data_ptr<acc_t>();
-  q.ab = p.alpha_bar_prev.const_data_ptr<acc_t>();
-  q.L = p.logits.defined() ? p.logits.const_data_ptr<scalar_t>() : nullptr;
-  q.G = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
-  q.X = p.x_t.const_data_ptr<int64_t>();
-  q.Z = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
-  q.O = p.out.mutable_data_ptr<scalar_t>();
-  q.B = p.s.B, q.K = p.s.K, q.S = p.s.S;
-  return q;
+  Ptrs<scalar_t, acc_t> ptr;
+  ptr.alpha_t = p.alpha_t.const_data_ptr<acc_t>();
+  ptr.alpha_bar_prev = p.alpha_bar_prev.const_data_ptr<acc_t>();
+  ptr.logits = p.logits.defined() ? p.logits.const_data_ptr<scalar_t>() : nullptr;
+  ptr.grad = p.grad.defined() ? p.grad.const_data_ptr<scalar_t>() : nullptr;
+  ptr.x_t = p.x_t.const_data_ptr<int64_t>();
+  ptr.x0 = p.x0.defined() ? p.x0.const_data_ptr<int64_t>() : nullptr;
+  ptr.out = p.out.mutable_data_ptr<scalar_t>();
+  ptr.B = p.shape.B, ptr.K = p.shape.K, ptr.S = p.shape.S;
+  return ptr;
 }
 
 }  // namespace posterior

@@ -23,38 +23,40 @@ namespace {
 
 constexpr int kThreads = 128;
 
-inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
+}
 
 __device__ __forceinline__ bool in_range(const int64_t* v, int64_t pos, int64_t K) {
   return v == nullptr || (v[pos] >= 0 && v[pos] < K);
 }
 
 template <Op op, typename scalar_t, typename acc_t>
-__global__ void posterior_kernel(Ptrs<scalar_t, acc_t> q) {
+__global__ void posterior_kernel(Ptrs<scalar_t, acc_t> ptr) {
   const int64_t pos = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (pos >= q.B * q.S) return;
-  const int64_t b = pos / q.S, s = pos % q.S;
-  if (!in_range(q.X, pos, q.K) || !in_range(q.Z, pos, q.K)) {
+  if (pos >= ptr.B * ptr.S) return;
+  const int64_t b = pos / ptr.S, s = pos % ptr.S;
+  if (!in_range(ptr.x_t, pos, ptr.K) || !in_range(ptr.x0, pos, ptr.K)) {
     const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
     if constexpr (op == Op::kKl) {
-      q.O[pos] = nan;
+      ptr.out[pos] = nan;
     } else {
-      for (int64_t k = 0; k < q.K; ++k) q.O[(b * q.K + k) * q.S + s] = nan;
+      for (int64_t k = 0; k < ptr.K; ++k) ptr.out[(b * ptr.K + k) * ptr.S + s] = nan;
     }
     return;
   }
-  run_tile<op, scalar_t, acc_t, acc_t, 1>(q, b, s, 1);
+  run_tile<op, scalar_t, acc_t, acc_t, 1>(ptr, b, s, 1);
 }
 
 template <Op op>
 at::Tensor launch(const Prepared& p) {
-  if (p.s.B * p.s.S == 0) return p.out;
+  if (p.shape.B * p.shape.S == 0) return p.out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_floating(p.out.scalar_type(), [&](auto sv, auto av) {
     using scalar_t = decltype(sv);
     using acc_t = decltype(av);
     posterior_kernel<op, scalar_t, acc_t>
-        <<<blocks_for(p.s.B * p.s.S), kThreads, 0, stream>>>(pointers<scalar_t, acc_t>(p));
+        <<<blocks_for(p.shape.B * p.shape.S), kThreads, 0, stream>>>(pointers<scalar_t, acc_t>(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return p.out;
@@ -67,20 +69,23 @@ at::Tensor posterior_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at:
   return p.logits.defined() ? launch<Op::kModelPosterior>(p) : launch<Op::kTruePosterior>(p);
 }
 
-at::Tensor posterior_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& logits,
-                                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+at::Tensor posterior_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t,
+                                   const at::Tensor& logits, const at::Tensor& alpha_t,
+                                   const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
-  return launch<Op::kModelPosteriorBackward>(prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
+  return launch<Op::kModelPosteriorBackward>(
+      prepare_posterior_backward(grad, x_t, logits, alpha_t, alpha_bar_prev));
 }
 
-at::Tensor kl_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits, const at::Tensor& alpha_t,
-                   const at::Tensor& alpha_bar_prev) {
+at::Tensor kl_cuda(const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& logits,
+                   const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   return launch<Op::kKl>(prepare_kl(at::Tensor(), x_t, x0, logits, alpha_t, alpha_bar_prev));
 }
 
 at::Tensor kl_backward_cuda(const at::Tensor& grad, const at::Tensor& x_t, const at::Tensor& x0,
-                            const at::Tensor& logits, const at::Tensor& alpha_t, const at::Tensor& alpha_bar_prev) {
+                            const at::Tensor& logits, const at::Tensor& alpha_t,
+                            const at::Tensor& alpha_bar_prev) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   return launch<Op::kKlBackward>(prepare_kl(grad, x_t, x0, logits, alpha_t, alpha_bar_prev));
 }

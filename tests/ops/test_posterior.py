@@ -582,6 +582,37 @@ def test_op_deterministic():
             assert torch.equal(a, b)
 
 
+# --- instruction sets (csrc/common/cpu_isa.h) ---------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx512", "generic"])
+def test_op_matches_reference_under_cpu_isa_cap(isa, monkeypatch):
+    """PYVQ_CPU_ISA caps the posterior kernels as it does the codebook's: each
+    float32 build (AVX-512, baseline) matches the reference."""
+    monkeypatch.setenv("PYVQ_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(64)
+    _compare_with_reference(*_inputs(g, 3, 64, (8, 8), torch.float32), TOL[torch.float32])
+
+
+@needs_kernel
+def test_cpu_isa_generic_reaches_the_posterior(monkeypatch):
+    """On an AVX-512 CPU, PYVQ_CPU_ISA=generic switches the float32 passes to
+    their baseline build. The two builds round differently (the AVX-512 one
+    fuses multiply-adds), so some outputs must change, while both match the
+    reference; the true posterior has one build and stays bitwise equal."""
+    monkeypatch.delenv("PYVQ_CPU_ISA", raising=False)
+    if pyvq.info()["cpu_isa"] == "generic":
+        pytest.skip("this CPU (or build) has no AVX-512 path: the float32 passes have one build")
+    g = torch.Generator().manual_seed(65)
+    inputs = _inputs(g, 4, 512, (16, 16), torch.float32)
+    native = _compare_with_reference(*inputs, TOL[torch.float32])
+    monkeypatch.setenv("PYVQ_CPU_ISA", "generic")
+    generic = _compare_with_reference(*inputs, TOL[torch.float32])
+    assert torch.equal(native[0], generic[0])
+    changed = [not torch.equal(a, b) for a, b in zip(native[1:], generic[1:])]
+    assert any(changed), "PYVQ_CPU_ISA=generic did not change the float32 posterior kernels' build"
+
+
 def test_op_torch_compile_fullgraph():
     """A training-loss step traced whole by torch.compile equals eager."""
     g = torch.Generator().manual_seed(63)
