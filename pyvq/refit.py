@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_int
 from pyvq.nn.vector_quantizer import VectorQuantizer, code_usage_stats
 from pyvq.ops import kmeans, nearest_code
 
@@ -125,10 +126,8 @@ def sample_latents(
     Returns:
         (samples, num_images): (P, dim) float32 and the number of images seen.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"sample_latents: argument 'num_samples' must be an int >= 1, got {num_samples!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"sample_latents: argument 'batch_size' must be an int >= 1, got {batch_size!r}")
+    check_int("num_samples", num_samples, where="sample_latents", minimum=1)
+    check_int("batch_size", batch_size, where="sample_latents", minimum=1)
     enc_device = _module_device(encoder)
     gen = torch.Generator().manual_seed(seed)  # CPU: the draws are tiny
     samples = None  # (P, dim) float32 on `device`
@@ -227,14 +226,9 @@ def rebuild_codebook(
     Returns:
         RefitResult with ``codebook`` (num_codes, dim) float32.
     """
-    if not isinstance(num_codes, int) or num_codes < 1:
-        raise ValueError(f"rebuild_codebook: argument 'num_codes' must be an int >= 1, got {num_codes!r}")
-    if not isinstance(num_samples, int) or num_samples < num_codes:
-        raise ValueError(
-            f"rebuild_codebook: argument 'num_samples' must be an int >= num_codes ({num_codes}), got {num_samples!r}"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"rebuild_codebook: argument 'batch_size' must be an int >= 1, got {batch_size!r}")
+    check_int("num_codes", num_codes, where="rebuild_codebook", minimum=1)
+    check_int("num_samples", num_samples, where="rebuild_codebook", minimum=num_codes)
+    check_int("batch_size", batch_size, where="rebuild_codebook", minimum=1)
     if apply and quantizer is None:
         raise ValueError("rebuild_codebook: apply=True needs a 'quantizer' to load the codebook into")
     if quantizer is not None and quantizer.num_codes != num_codes:

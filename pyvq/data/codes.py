@@ -17,6 +17,8 @@ import json
 import os
 
 import torch
+
+from pyvq._checks import check_int
 from torch.utils.data import DataLoader, Dataset
 
 META_NAME = "codes.json"
@@ -46,10 +48,8 @@ def encode_codes(model, dataset, out_dir: str, *, repeats: int = 1, batch_size: 
     """
     from safetensors.torch import save_file
 
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"encode_codes: argument 'repeats' must be an int >= 1, got {repeats!r}")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"encode_codes: argument 'shard_size' must be an int >= 1, got {shard_size!r}")
+    check_int("repeats", repeats, where="encode_codes", minimum=1)
+    check_int("shard_size", shard_size, where="encode_codes", minimum=1)
     os.makedirs(out_dir, exist_ok=True)
     model = model.to(device).eval()
     kind, buffer, shards, count, size = None, [], [], 0, None

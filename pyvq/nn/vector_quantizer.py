@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pyvq._checks import check_int
 from pyvq.ops import nearest_code
 
 __all__ = ["QuantizerOutput", "VectorQuantizer", "code_usage_stats"]
@@ -164,10 +165,8 @@ class VectorQuantizer(nn.Module):
         check_finite: bool = True,
     ):
         super().__init__()
-        if not isinstance(num_codes, int) or num_codes < 1:
-            raise ValueError(f"VectorQuantizer: argument 'num_codes' must be an int >= 1, got {num_codes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"VectorQuantizer: argument 'dim' must be an int >= 1, got {dim!r}")
+        check_int("num_codes", num_codes, where="VectorQuantizer", minimum=1)
+        check_int("dim", dim, where="VectorQuantizer", minimum=1)
         if not beta >= 0:
             raise ValueError(f"VectorQuantizer: argument 'beta' must be >= 0, got {beta!r}")
         if not 0 <= decay <= 1:

@@ -27,6 +27,8 @@ from typing import Mapping
 
 import numpy as np
 import torch
+
+from pyvq._checks import check_int
 from safetensors.torch import load_file, save_file
 
 _WEIGHTS = "weights.safetensors"
@@ -93,8 +95,7 @@ def save_checkpoint(
         extra: more state for ``state.pt`` (weights_only-loadable types).
         keep: how many newest checkpoints to keep (older ones are removed).
     """
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"save_checkpoint: argument 'step' must be an int >= 0, got {step!r}")
+    check_int("step", step, where="save_checkpoint", minimum=0)
     root = _ckpt_root(run_dir)
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:09d}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pyvq._checks import check_positive_fields
+
 
 @dataclass
 class TrainConfig:
@@ -79,10 +81,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        for name in ("image_size", "batch_size", "steps", "log_every", "image_every", "ckpt_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig: '{name}' must be an int >= 1, got {v!r}")
+        check_positive_fields(
+            self, ("image_size", "batch_size", "steps", "log_every", "image_every", "ckpt_every"), where="TrainConfig")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
 

@@ -9,6 +9,8 @@ made its training codes decodes them.
 from __future__ import annotations
 
 import torch
+
+from pyvq._checks import check_int
 import torch.nn.functional as F
 
 
@@ -45,8 +47,7 @@ def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: i
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, H, W) in [-1, 1], codes) sampled from ``prior`` and
     decoded by ``tokenizer``; ``steps`` strided reverse steps (default: all)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"sample_images: argument 'n' must be an int >= 1, got {n!r}")
+    check_int("n", n, where="sample_images", minimum=1)
     _check_pair(prior, tokenizer)
     prior.eval(), tokenizer.eval()
     g = _generator(seed)

@@ -48,6 +48,7 @@ import os
 
 import torch
 
+from pyvq._checks import check_int
 from pyvq.data._common import derived_generator
 from pyvq.data.masks import box_mask, irregular_mask
 from pyvq.metrics import fidelity_metrics, psnr
@@ -106,10 +107,8 @@ def inpaint_masks(name: str, n: int, height: int, width: int, seed: int = 0) -> 
     size only."""
     if name not in MASK_SETS:
         raise ValueError(f"inpaint_masks: unknown mask set {name!r}; choose from {MASK_SETS}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"inpaint_masks: n must be an int >= 0, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"inpaint_masks: seed must be an int >= 0, got {seed!r}")
+    check_int("n", n, where="inpaint_masks", minimum=0)
+    check_int("seed", seed, where="inpaint_masks", minimum=0)
     masks = []
     for i in range(n):
         if name == "hard":

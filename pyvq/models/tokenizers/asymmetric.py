@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pyvq._checks import check_image, int_tuple
+from pyvq._checks import check_image, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, config_from_dict, get_preset, register_preset
 from pyvq.models.outputs import TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
@@ -103,10 +103,7 @@ class AsymmetricVQGANConfig:
             object.__setattr__(self, key, int_tuple(key, value, where=name))
         if self.cond_ch is None:
             object.__setattr__(self, "cond_ch", self.ch)
-        for key in ("ch", "num_res_blocks", "cond_ch"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: field {key!r} must be an int >= 1, got {v!r}")
+        check_positive_fields(self, ("ch", "num_res_blocks", "cond_ch"), where=name)
         if len(self.ch_mult) != len(bc.ch_mult) or min(self.ch_mult) < 1:
             raise ValueError(
                 f"{name}: field 'ch_mult' must have {len(bc.ch_mult)} entries >= 1 (the base's downsampling), "
