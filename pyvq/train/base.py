@@ -194,14 +194,18 @@ class BaseTrainer:
         return warmup_cosine(opt, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
                              min_ratio=c.min_lr_ratio)
 
-    def _model_step(self, loss: torch.Tensor) -> None:
-        """Backward ``loss``, clip the model's gradients, step ``opt_g`` and
-        ``sched_g``."""
-        self.opt_g.zero_grad(set_to_none=True)
+    def _optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> None:
+        """Backward ``loss``, clip the gradients of ``params`` at
+        ``grad_clip`` (when > 0), step ``optimizer``."""
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable_params(self.model), self.config.grad_clip)
-        self.opt_g.step()
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        optimizer.step()
+
+    def _model_step(self, loss: torch.Tensor) -> None:
+        """``_optimizer_step`` of the model's trainable parameters, then ``sched_g``."""
+        self._optimizer_step(loss, self.opt_g, trainable_params(self.model))
         self.sched_g.step()
 
     def _make_ema(self):

@@ -149,11 +149,7 @@ class Trainer(BaseTrainer):
             loss_d, log_d = self.loss(x, x_rec, 1, self.step)
         finally:
             self.loss.discriminator = disc
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.config.grad_clip)
-        self.opt_d.step()
+        self._optimizer_step(loss_d, self.opt_d, list(self.disc.parameters()))
         return loss_d, log_d
 
     @torch.no_grad()

@@ -47,20 +47,22 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def multinomial_prior(seed: int = 0) -> MultinomialDiffusion:
+def _prior(cls, config, seed: int):
+    """A seeded prior in eval mode whose zero-initialised output layer is
+    perturbed, so that its predictions depend on the input."""
     torch.manual_seed(seed)
-    m = MultinomialDiffusion(MultinomialDiffusionConfig(num_classes=8, **UNET))
+    m = cls(config)
     with torch.no_grad():
         m.net.conv_out.weight.normal_(0, 0.05)
     return m.eval()
+
+
+def multinomial_prior(seed: int = 0) -> MultinomialDiffusion:
+    return _prior(MultinomialDiffusion, MultinomialDiffusionConfig(num_classes=8, **UNET), seed)
 
 
 def gaussian_prior(seed: int = 0) -> GaussianDiffusion:
-    torch.manual_seed(seed)
-    m = GaussianDiffusion(GaussianDiffusionConfig(channels=2, **UNET))
-    with torch.no_grad():
-        m.net.conv_out.weight.normal_(0, 0.05)
-    return m.eval()
+    return _prior(GaussianDiffusion, GaussianDiffusionConfig(channels=2, **UNET), seed)
 
 
 def codes_for(prior, B: int = 2) -> torch.Tensor:
