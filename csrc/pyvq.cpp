@@ -40,4 +40,20 @@ TORCH_LIBRARY(pyvq, m) {
   m.def(
       "_multinomial_kl_backward(Tensor grad, Tensor x_t, Tensor x0, Tensor logits, Tensor alpha_t, "
       "Tensor alpha_bar_prev) -> Tensor");
+  // Windowed (shifted) multi-head attention, Swin's W-MSA / SW-MSA core:
+  // q, k, v (B, heads, H, W, head_dim) with H, W multiples of window_size;
+  // attention inside window_size x window_size windows of the grid rolled by
+  // -shift, Swin's shifted-window mask when shift > 0, relative position
+  // bias from bias_table ((2w - 1)^2, heads) when given. Returns (out
+  // (B, heads, H, W, head_dim) in q's dtype, lse (B, heads, H, W): the
+  // logsumexp of each query's scores in the accumulation dtype), both at the
+  // tokens' original (unshifted) positions.
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor? bias_table, int window_size, "
+        "int shift, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients from the saved out and lse (the scores are recomputed);
+  // grad_bias is an empty (0,) tensor without a bias table.
+  m.def(
+      "_window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias_table, "
+      "Tensor out, Tensor lse, int window_size, int shift, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
 }

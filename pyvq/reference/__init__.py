@@ -8,5 +8,6 @@ from pyvq.reference.codebook import nearest_code
 from pyvq.reference.grid import grid_encode
 from pyvq.reference.kmeans import kmeans
 from pyvq.reference.posterior import multinomial_kl, multinomial_posterior
+from pyvq.reference.window_attention import window_attention
 
-__all__ = ["grid_encode", "kmeans", "multinomial_kl", "multinomial_posterior", "nearest_code"]
+__all__ = ["grid_encode", "kmeans", "multinomial_kl", "multinomial_posterior", "nearest_code", "window_attention"]
