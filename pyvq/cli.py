@@ -69,6 +69,8 @@ def _train(args) -> int:
         value = getattr(args, name)
         if value is not None:
             data[name] = value
+    if args.disc_type:
+        data["disc_type"] = args.disc_type
     if args.bf16:
         data["bf16"] = True
     if args.device:
@@ -230,6 +232,8 @@ def _inpaint(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pyvq.train.config import DISC_TYPES
+
     parser = argparse.ArgumentParser(prog="pyvq", description="pyvq command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="report what was compiled and which backends are used")
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--device", choices=("cpu", "cuda"))
     for name, kind in _TRAIN_FLAGS.items():
         p_train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    p_train.add_argument("--disc-type", dest="disc_type", choices=DISC_TYPES,
+                         help="the GAN discriminator: patchgan (default) or projected (timm backbone, cached weights)")
 
     p_eval = sub.add_parser("eval", help="evaluate a trained run and write metrics.json")
     p_eval.add_argument("--run", required=True, help="run directory written by pyvq train")

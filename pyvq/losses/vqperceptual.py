@@ -67,7 +67,9 @@ class VQLPIPSWithDiscriminator(nn.Module):
             whose mean is the batch mean). Default :func:`build_lpips` (VGG,
             real weights from the torch hub cache, else MissingWeightsError).
         disc_num_layers, disc_in_channels, disc_ndf, use_actnorm: the
-            :class:`NLayerDiscriminator`.
+            :class:`NLayerDiscriminator`, built unless ``discriminator`` is given.
+        discriminator: a module mapping (B, C, H, W) images to logits of any
+            shape (e.g. ``ProjectedDiscriminator``), used instead of the PatchGAN.
         disc_factor: the GAN factor after ``disc_start``.
         disc_weight: multiplies the adaptive weight; it is the whole GAN
             weight when ``forward`` gets no ``last_layer``.
@@ -102,6 +104,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         gen_loss: str | None = None,
         kl_weight: float = 1e-6,
         max_adaptive_weight: float = 1e4,
+        discriminator: nn.Module | None = None,
     ):
         super().__init__()
         self.pixel_loss = _choice(pixel_loss, ("l1", "l2"), "pixel_loss")
@@ -128,9 +131,14 @@ class VQLPIPSWithDiscriminator(nn.Module):
         self.max_adaptive_weight = float(max_adaptive_weight)
 
         self.perceptual = perceptual_module(self.perceptual_weight, perceptual)
-        self.discriminator = NLayerDiscriminator(
-            input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers, use_actnorm=use_actnorm
-        )
+        if discriminator is None:
+            discriminator = NLayerDiscriminator(
+                input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers, use_actnorm=use_actnorm
+            )
+        elif not isinstance(discriminator, nn.Module):
+            raise TypeError(f"VQLPIPSWithDiscriminator: argument 'discriminator' must be an nn.Module, got "
+                            f"{type(discriminator).__name__}")
+        self.discriminator = discriminator
         self.d_loss_fn = _D_LOSSES[self.disc_loss_name]
         self.g_loss_fn = _G_LOSSES[self.gen_loss_name]
 

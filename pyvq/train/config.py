@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pyvq._checks import check_positive_fields
+from pyvq._checks import check_choice, check_positive_fields
+
+# TrainConfig.disc_type values: the discriminator of a tokenizer's GAN loss.
+DISC_TYPES = ("patchgan", "projected")
 
 
 @dataclass
@@ -32,6 +35,10 @@ class TrainConfig:
     config.json. A value that differs from TrainConfig's default is the
     user's and is kept; ``model_defaults=False`` keeps every field as given
     (also a value that happens to equal TrainConfig's default).
+    ``disc_type`` is "patchgan" (taming's NLayerDiscriminator) or
+    "projected" (``pyvq.losses.ProjectedDiscriminator`` on the timm backbone
+    ``disc_backbone``, Efficient-VQGAN's choice; its pretrained weights must
+    be in the local Hugging Face cache).
     ``adam_eps`` / ``disc_adam_eps`` are the optimizers' eps (the
     discriminator's defaults to ``adam_eps``); ``pixel_weight`` weights the
     pixel loss.
@@ -63,6 +70,8 @@ class TrainConfig:
     disc_start: int = 500
     disc_weight: float = 0.8
     disc_loss: str = "hinge"
+    disc_type: str = "patchgan"
+    disc_backbone: str = "tf_efficientnet_lite0"
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0
     pixel_loss: str = "l1"
@@ -85,6 +94,7 @@ class TrainConfig:
             self, ("image_size", "batch_size", "steps", "log_every", "image_every", "ckpt_every"), where="TrainConfig")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
+        check_choice("disc_type", self.disc_type, DISC_TYPES, where="TrainConfig", what="field")
 
     def with_model_defaults(self, defaults: dict) -> "TrainConfig":
         """A copy in which each field named in ``defaults`` that still holds

@@ -76,6 +76,7 @@ class TokenizerRecipe(Recipe):
         c = config
         return VQLPIPSWithDiscriminator(
             c.disc_start,
+            discriminator=self.build_discriminator(model, c),
             codebook_weight=c.codebook_weight,
             pixel_loss=c.pixel_loss,
             pixelloss_weight=c.pixel_weight,
@@ -85,6 +86,15 @@ class TokenizerRecipe(Recipe):
             disc_loss=c.disc_loss,
             kl_weight=c.kl_weight,
         )
+
+    def build_discriminator(self, model: nn.Module, config) -> nn.Module | None:
+        """The discriminator ``config.disc_type`` names; None for the loss
+        module's own PatchGAN."""
+        if config.disc_type == "projected":
+            from pyvq.losses import ProjectedDiscriminator
+
+            return ProjectedDiscriminator(config.image_size, backbone=config.disc_backbone)
+        return None
 
     def forward(self, model: nn.Module, batch: torch.Tensor, trainer) -> TokenizerOutput:
         """The (possibly DDP-wrapped) model's output on an image batch."""
@@ -179,6 +189,9 @@ class BRICSRecipe(TokenizerRecipe):
         from pyvq.nn.stylegan import ResidualDiscriminator
 
         c, t = model.config, config
+        if t.disc_type != "patchgan":
+            raise ValueError(f"TrainConfig: field 'disc_type' must be 'patchgan' for BRICS (its discriminator is "
+                             f"the StyleGAN2 residual one), got {t.disc_type!r}")
         disc = ResidualDiscriminator(
             t.image_size, in_channels=c.out_channels, channels=c.disc_channels,
             max_channels=c.disc_max_channels, mbstd_group=c.disc_mbstd_group,

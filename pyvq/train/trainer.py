@@ -94,7 +94,7 @@ class Trainer(BaseTrainer):
         self.loss = self.recipe.build_loss(self.model, c, perceptual=self.perceptual).to(self.dist.device)
         self.disc = self.loss.discriminator
         super()._setup_optimization()
-        self.opt_d = self._adamw(self.disc.parameters(), c.disc_lr or c.lr,
+        self.opt_d = self._adamw([p for p in self.disc.parameters() if p.requires_grad], c.disc_lr or c.lr,
                                  c.adam_eps if c.disc_adam_eps is None else c.disc_adam_eps)
         self.sched_d = self._lr_schedule(self.opt_d)
 
