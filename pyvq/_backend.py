@@ -49,6 +49,17 @@ def has_kernel(op: str, device: torch.device | str) -> bool:
         return False
 
 
+def has_triton_kernel(op: str) -> bool:
+    """Whether ``op`` has Triton kernels (``pyvq.triton_kernels.<op>``) and
+    Triton is importable (they run on CUDA tensors, or interpreted)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        return importlib.util.find_spec(f"pyvq.triton_kernels.{op}") is not None
+    except ImportError:
+        return False
+
+
 def use_kernel(op: str, device: torch.device | str) -> bool:
     """True when a call of ``op`` on ``device`` should run the kernel."""
     return backend() == "kernel" and has_kernel(op, device)
@@ -74,8 +85,10 @@ def info() -> dict:
     Returns a dict with the pyvq and torch versions, the build's CUDA
     architectures and the CPU instruction-set level in use (``PYVQ_CPU_ISA``
     applied), Triton's status, and for every op whether the dispatcher has a
-    CPU and a CUDA kernel, that a reference exists, and the instruction-set
-    level its CPU kernel runs at (``cpu_isa``; "none" without one).
+    CPU and a CUDA kernel, whether it has Triton kernels (``triton``: the CUDA
+    path of the attention ops), that a reference exists, and the
+    instruction-set level its CPU kernel runs at (``cpu_isa``; "none"
+    without one).
     """
     import pyvq
     from pyvq import reference
@@ -89,6 +102,7 @@ def info() -> dict:
             "cuda": has_kernel(op, "cuda"),
             "reference": hasattr(reference, op),
             "cpu_isa": cpu_isa_by_op.get(op, "none") if has_kernel(op, "cpu") else "none",
+            "triton": has_triton_kernel(op),
         }
     return {
         "pyvq": pyvq.__version__,

@@ -36,10 +36,11 @@ def _print_info(as_json: bool) -> int:
     print(f"CPU kernels use: {info['cpu_isa']}; backend: {info['backend']}")
     print(f"triton: {'importable ' + triton.get('version', '') if triton['importable'] else 'not importable'}"
           f"{', interpreted' if triton['interpreted'] else ''}")
-    print(f"\n{'op':<24}{'cpu':>6}{'cuda':>6}{'reference':>11}  cpu isa")
+    print(f"\n{'op':<24}{'cpu':>6}{'cuda':>6}{'triton':>8}{'reference':>11}  cpu isa")
     for name, impl in info["ops"].items():
         marks = ["yes" if impl[k] else "NO" for k in ("cpu", "cuda", "reference")]
-        print(f"{name:<24}{marks[0]:>6}{marks[1]:>6}{marks[2]:>11}  {impl.get('cpu_isa', '-')}")
+        triton_mark = "yes" if impl["triton"] else "-"
+        print(f"{name:<24}{marks[0]:>6}{marks[1]:>6}{triton_mark:>8}{marks[2]:>11}  {impl.get('cpu_isa', '-')}")
     return 0
 
 
