@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p_dinp.add_argument("--masks", default="hard", choices=("thick", "medium", "thin", "box", "hard"))
 
     p_enc = sub.add_parser("encode", help="cache a tokenizer's codes of a dataset for training a prior")
-    p_enc.add_argument("--tokenizer", required=True, help="run directory (or model folder) of a VQGAN or BRICS")
+    p_enc.add_argument("--tokenizer", required=True,
+                       help="run directory (or model folder) of a VQ tokenizer (VQGAN, EfficientVQGAN) or BRICS")
     p_enc.add_argument("--data", default="builtin", help="'builtin' or an image folder")
     p_enc.add_argument("--split", default="train", choices=("train", "val"))
     p_enc.add_argument("--image-size", type=int, help="default: the tokenizer's resolution")

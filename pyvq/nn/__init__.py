@@ -11,6 +11,17 @@ from pyvq.nn.stylegan import (
     SynthesisNetwork,
     ToRGB,
 )
+from pyvq.nn.swin import (
+    DropPath,
+    NearestUpsample,
+    PatchEmbed,
+    PatchExpanding,
+    PatchMerging,
+    SwinBlock,
+    SwinMlp,
+    SwinStage,
+    WindowAttention,
+)
 from pyvq.nn.unet import UNet
 from pyvq.nn.vector_quantizer import QuantizerOutput, VectorQuantizer, code_usage_stats
 
@@ -20,21 +31,30 @@ __all__ = [
     "ConditionEncoder",
     "Decoder",
     "Downsample",
+    "DropPath",
     "Encoder",
     "FeatureGrid",
     "MaskConditionDecoder",
     "ModulatedConv2d",
+    "NearestUpsample",
     "Normalize",
     "PartialConv2d",
+    "PatchEmbed",
+    "PatchExpanding",
+    "PatchMerging",
     "QuantizerOutput",
     "ResidualDiscriminator",
     "ResnetBlock",
     "StyleMLP",
+    "SwinBlock",
+    "SwinMlp",
+    "SwinStage",
     "SynthesisNetwork",
     "ToRGB",
     "UNet",
     "Upsample",
     "VectorQuantizer",
+    "WindowAttention",
     "code_usage_stats",
     "mask_guided_blend",
 ]

@@ -19,9 +19,11 @@ A recipe gives the trainers what they need beyond the model itself:
 ``recipe_for(model)`` finds the recipe of a model's class, or of the nearest
 base class that has one (the MRO); ``register_recipe(ModelClass, recipe)``
 adds one, e.g. for a new tokenizer. The built-in recipes: ``VQGAN``
-(``VQRecipe``), ``AutoencoderKL`` (``KLRecipe``), ``AsymmetricVQGAN``
-(``AsymmetricRecipe``), ``BRICS`` (``BRICSRecipe``), ``MultinomialDiffusion``
-and ``GaussianDiffusion`` (``MultinomialRecipe``, ``GaussianRecipe``).
+(``VQRecipe``), ``EfficientVQGAN`` (``EfficientVQRecipe``: ``VQRecipe``
+with the paper's L2 pixel loss), ``AutoencoderKL`` (``KLRecipe``),
+``AsymmetricVQGAN`` (``AsymmetricRecipe``), ``BRICS`` (``BRICSRecipe``),
+``MultinomialDiffusion`` and ``GaussianDiffusion`` (``MultinomialRecipe``,
+``GaussianRecipe``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyvq.models import BRICS, VQGAN, AsymmetricVQGAN, AutoencoderKL, GaussianDiffusion, MultinomialDiffusion
+from pyvq.models import (
+    BRICS,
+    VQGAN,
+    AsymmetricVQGAN,
+    AutoencoderKL,
+    EfficientVQGAN,
+    GaussianDiffusion,
+    MultinomialDiffusion,
+)
 from pyvq.models.outputs import TokenizerOutput, VQAux
 
 __all__ = [
     "AsymmetricRecipe",
     "BRICSRecipe",
+    "EfficientVQRecipe",
     "GaussianRecipe",
     "KLRecipe",
     "MultinomialRecipe",
@@ -127,6 +138,15 @@ class VQRecipe(TokenizerRecipe):
 
     def metrics(self, output):
         return _vq_metrics(output.aux)
+
+
+class EfficientVQRecipe(VQRecipe):
+    """EfficientVQGAN (the paper's eq. 1): perceptual + L2 + VQ +
+    adaptive-weight GAN, i.e. ``VQRecipe`` with an L2 pixel loss; the
+    discriminator is the default PatchGAN."""
+
+    def train_defaults(self, model):
+        return {"pixel_loss": "l2"}
 
 
 class KLRecipe(TokenizerRecipe):
@@ -294,6 +314,7 @@ def recipe_for(model) -> Recipe:
 
 
 register_recipe(VQGAN, VQRecipe())
+register_recipe(EfficientVQGAN, EfficientVQRecipe())
 register_recipe(AutoencoderKL, KLRecipe())
 register_recipe(AsymmetricVQGAN, AsymmetricRecipe())
 register_recipe(BRICS, BRICSRecipe())

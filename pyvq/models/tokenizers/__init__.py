@@ -1,11 +1,13 @@
-"""Stage-1 image tokenizers: VQGAN (discrete codes), AutoencoderKL
-(continuous Gaussian latents), BRICS (continuous key codes indexing feature
-grids), and the asymmetric (frozen-encoder, mask-conditioned decoder)
-tokenizer on VQGAN or AutoencoderKL."""
+"""Stage-1 image tokenizers: VQGAN and Efficient-VQGAN (discrete codes; a
+conv and a Swin encoder/decoder), AutoencoderKL (continuous Gaussian
+latents), BRICS (continuous key codes indexing feature grids), and the
+asymmetric (frozen-encoder, mask-conditioned decoder) tokenizer on VQGAN or
+AutoencoderKL."""
 
 from pyvq.models.tokenizers.asymmetric import AsymmetricVQGAN, AsymmetricVQGANConfig
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from pyvq.models.tokenizers.brics import BRICS, BRICSConfig
+from pyvq.models.tokenizers.efficient_vqgan import EfficientVQGAN, EfficientVQGANConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
 from pyvq.nn.mask_decoder import MaskConditionDecoder, mask_guided_blend  # moved to pyvq.nn, still importable here
 
@@ -18,6 +20,8 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "DiagonalGaussianDistribution",
+    "EfficientVQGAN",
+    "EfficientVQGANConfig",
     "MaskConditionDecoder",
     "VQGANConfig",
     "decoder_gflops",
