@@ -35,7 +35,7 @@ from pyvq.ops.window_attention import MAX_WINDOW
 
 __all__ = [
     "DropPath",
-        "NearestUpsample",
+    "NearestUpsample",
     "PatchEmbed",
     "PatchExpanding",
     "PatchMerging",
