@@ -124,6 +124,18 @@ def _load_tile(base, row, col, stride_r, stride_c, offs_d, stride_d, valid, d_ma
 
 
 @triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    """Cast to the storage dtype, rounding to nearest even. Triton's
+    interpreter truncates float32 -> bfloat16, so the bits are rounded first
+    (the cast is then exact; on a GPU the result is that of cvt.rn)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _bias_index(ri_q, ci_q, ri_k, ci_k, WINDOW: tl.constexpr):
     """Swin's relative position index of each (query, key) pair of a tile."""
     return (ri_q[:, None] - ri_k[None, :] + WINDOW - 1) * (2 * WINDOW - 1) + (ci_q[:, None] - ci_k[None, :] + WINDOW - 1)
@@ -204,7 +216,7 @@ def _window_attention_fwd_kernel(
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         o_ptrs = o_base + row_q[:, None] * so_r + col_q[:, None] * so_c + offs_d[None, :] * so_d
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
+        tl.store(o_ptrs, _to_storage(out, out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
         tl.store(l_base + row_q * sl_r + col_q * sl_c, m_i + tl.log(l_safe), mask=valid_q)
 
 
@@ -321,8 +333,8 @@ def _window_attention_bwd_kernel(
                 acc_t = _accumulate_bias_grad(acc_t, offs_t, ds, idx, pair, dbias_row, T, DETERMINISTIC_BIAS)
         k_out = out_base + (row_k * W + col_k)[:, None] * head_dim + offs_d[None, :]
         kv_mask = valid_k[:, None] & d_mask[None, :]
-        tl.store(dk_ptr + k_out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + k_out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dk_ptr + k_out, _to_storage(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + k_out, _to_storage(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
     if HAS_BIAS:
         if DETERMINISTIC_BIAS:
             tl.store(dbias_row + offs_t, acc_t, mask=offs_t < T)
@@ -348,4 +360,4 @@ def _window_attention_bwd_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds, k, input_precision="ieee", out_dtype=ACC)
         q_out = out_base + (row_q * W + col_q)[:, None] * head_dim + offs_d[None, :]
-        tl.store(dq_ptr + q_out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
+        tl.store(dq_ptr + q_out, _to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])

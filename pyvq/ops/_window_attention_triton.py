@@ -37,7 +37,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from pyvq._checks import accumulation_dtype
-from pyvq.ops.window_attention import register_autograd
+from pyvq.ops.window_attention import backward_fake, forward_fake, register_autograd
 
 
 def _kernel_module():
@@ -131,4 +131,8 @@ def _window_attention_triton_backward(
     return (*grads, grad_bias)
 
 
+# triton_op's own fake traces the body, which under Triton's interpreter runs
+# the kernel on fake tensors; the shared fakes give the same shapes without it.
+window_attention_triton.register_fake(forward_fake)
+_window_attention_triton_backward.register_fake(backward_fake)
 register_autograd("pyvq::window_attention_triton", "_window_attention_triton_backward")
