@@ -157,6 +157,27 @@ def _scores(q, k, scale, bias_head, stride_bt, ri_q, ci_q, reg_q, valid_q, ri_k,
     return tl.where(keep, s, float("-inf"))
 
 
+@triton.jit
+def _program_window(n_windows, heads, n_win_cols):
+    """This program's id, b * heads + h, b and h (int64), and its window's
+    row and column on the rolled grid."""
+    pid = tl.program_id(0)
+    win = pid % n_windows
+    bh = pid // n_windows
+    return pid, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), win // n_win_cols, win % n_win_cols
+
+
+@triton.jit
+def _load_pair(start, a_base, sa_r, sa_c, sa_d, b_base, sb_r, sb_c, sb_d, offs_d, d_mask, wr, wc, H, W, shift,
+               WINDOW: tl.constexpr, SHIFTED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Tokens [start, start + BLOCK) of the window (as ``_window_tokens``) and
+    the tiles of two tensors there (k and v, or q and dO)."""
+    ri, ci, reg, row, col, valid = _window_tokens(start + tl.arange(0, BLOCK), wr, wc, H, W, shift, WINDOW, SHIFTED)
+    a = _load_tile(a_base, row, col, sa_r, sa_c, offs_d, sa_d, valid, d_mask, ACC)
+    b = _load_tile(b_base, row, col, sb_r, sb_c, offs_d, sb_d, valid, d_mask, ACC)
+    return ri, ci, reg, row, col, valid, a, b
+
+
 # --- forward ------------------------------------------------------------------
 
 @triton.jit
@@ -175,13 +196,7 @@ def _window_attention_fwd_kernel(
     in the accumulation dtype (lse's), one program per (batch * head,
     window), online softmax over the window's key blocks."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    win = pid % n_windows
-    bh = pid // n_windows
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    wr = win // n_win_cols
-    wc = win % n_win_cols
+    pid, bh, b, h, wr, wc = _program_window(n_windows, heads, n_win_cols)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
@@ -198,10 +213,9 @@ def _window_attention_fwd_kernel(
         l_i = tl.zeros((BLOCK_M,), ACC)
         acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
         for n0 in range(0, WINDOW * WINDOW, BLOCK_N):
-            ri_k, ci_k, reg_k, row_k, col_k, valid_k = _window_tokens(
-                n0 + tl.arange(0, BLOCK_N), wr, wc, H, W, shift, WINDOW, SHIFTED)
-            k = _load_tile(k_base, row_k, col_k, sk_r, sk_c, offs_d, sk_d, valid_k, d_mask, ACC)
-            v = _load_tile(v_base, row_k, col_k, sv_r, sv_c, offs_d, sv_d, valid_k, d_mask, ACC)
+            ri_k, ci_k, reg_k, row_k, col_k, valid_k, k, v = _load_pair(
+                n0, k_base, sk_r, sk_c, sk_d, v_base, sv_r, sv_c, sv_d, offs_d, d_mask, wr, wc, H, W, shift,
+                WINDOW, SHIFTED, BLOCK_N, ACC)
             s = _scores(q, k, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k, valid_k,
                         WINDOW, HAS_BIAS, SHIFTED, ACC)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -263,6 +277,27 @@ def _accumulate_bias_grad(acc_t, offs_t, ds, idx, pair, row_ptr, T: tl.constexpr
 
 
 @triton.jit
+def _query_stats(l_base, sl_r, sl_c, d_base, W, row, col, valid, ACC: tl.constexpr):
+    """lse and D of a query block; padded rows get lse = +inf (so P = 0
+    there) and D = 0."""
+    lse = tl.load(l_base + row * sl_r + col * sl_c, mask=valid, other=float("inf")).to(ACC)
+    delta = tl.load(d_base + row * W + col, mask=valid, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k,
+                       valid_k, WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+                       ACC: tl.constexpr):
+    """P = exp(S - lse) and dS = P * (dO v^T - D) of a (query, key) tile."""
+    s = _scores(q, k, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k, valid_k,
+                WINDOW, HAS_BIAS, SHIFTED, ACC)
+    p = tl.exp(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _window_attention_bwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
@@ -282,13 +317,7 @@ def _window_attention_bwd_kernel(
     (B * heads, H * W)."""
     ACC: tl.constexpr = delta_ptr.dtype.element_ty
     T: tl.constexpr = (2 * WINDOW - 1) * (2 * WINDOW - 1)
-    pid = tl.program_id(0)
-    win = pid % n_windows
-    bh = pid // n_windows
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    wr = win // n_win_cols
-    wc = win % n_win_cols
+    pid, bh, b, h, wr, wc = _program_window(n_windows, heads, n_win_cols)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
@@ -306,26 +335,19 @@ def _window_attention_bwd_kernel(
 
     # Pass 1: dK, dV of each key block, over the window's query blocks.
     for n0 in range(0, WINDOW * WINDOW, BLOCK_N):
-        ri_k, ci_k, reg_k, row_k, col_k, valid_k = _window_tokens(
-            n0 + tl.arange(0, BLOCK_N), wr, wc, H, W, shift, WINDOW, SHIFTED)
-        k = _load_tile(k_base, row_k, col_k, sk_r, sk_c, offs_d, sk_d, valid_k, d_mask, ACC)
-        v = _load_tile(v_base, row_k, col_k, sv_r, sv_c, offs_d, sv_d, valid_k, d_mask, ACC)
+        ri_k, ci_k, reg_k, row_k, col_k, valid_k, k, v = _load_pair(
+            n0, k_base, sk_r, sk_c, sk_d, v_base, sv_r, sv_c, sv_d, offs_d, d_mask, wr, wc, H, W, shift,
+            WINDOW, SHIFTED, BLOCK_N, ACC)
         dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         dv = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         for m0 in range(0, WINDOW * WINDOW, BLOCK_M):
-            ri_q, ci_q, reg_q, row_q, col_q, valid_q = _window_tokens(
-                m0 + tl.arange(0, BLOCK_M), wr, wc, H, W, shift, WINDOW, SHIFTED)
-            q = _load_tile(q_base, row_q, col_q, sq_r, sq_c, offs_d, sq_d, valid_q, d_mask, ACC)
-            do = _load_tile(g_base, row_q, col_q, sg_r, sg_c, offs_d, sg_d, valid_q, d_mask, ACC)
-            # Padded query rows: lse = +inf makes P = 0 there.
-            lse = tl.load(l_base + row_q * sl_r + col_q * sl_c, mask=valid_q, other=float("inf")).to(ACC)
-            delta = tl.load(d_base + row_q * W + col_q, mask=valid_q, other=0.0)
-            s = _scores(q, k, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k, valid_k,
-                        WINDOW, HAS_BIAS, SHIFTED, ACC)
-            p = tl.exp(s - lse[:, None])
+            ri_q, ci_q, reg_q, row_q, col_q, valid_q, q, do = _load_pair(
+                m0, q_base, sq_r, sq_c, sq_d, g_base, sg_r, sg_c, sg_d, offs_d, d_mask, wr, wc, H, W, shift,
+                WINDOW, SHIFTED, BLOCK_M, ACC)
+            lse, delta = _query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q,
+                                       ri_k, ci_k, reg_k, valid_k, WINDOW, HAS_BIAS, SHIFTED, ACC)
             dv += tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=ACC)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee", out_dtype=ACC)
             if HAS_BIAS:
                 idx = _bias_index(ri_q, ci_q, ri_k, ci_k, WINDOW)
@@ -341,23 +363,17 @@ def _window_attention_bwd_kernel(
 
     # Pass 2: dQ of each query block, over the window's key blocks.
     for m0 in range(0, WINDOW * WINDOW, BLOCK_M):
-        ri_q, ci_q, reg_q, row_q, col_q, valid_q = _window_tokens(
-            m0 + tl.arange(0, BLOCK_M), wr, wc, H, W, shift, WINDOW, SHIFTED)
-        q = _load_tile(q_base, row_q, col_q, sq_r, sq_c, offs_d, sq_d, valid_q, d_mask, ACC)
-        do = _load_tile(g_base, row_q, col_q, sg_r, sg_c, offs_d, sg_d, valid_q, d_mask, ACC)
-        lse = tl.load(l_base + row_q * sl_r + col_q * sl_c, mask=valid_q, other=float("inf")).to(ACC)
-        delta = tl.load(d_base + row_q * W + col_q, mask=valid_q, other=0.0)
+        ri_q, ci_q, reg_q, row_q, col_q, valid_q, q, do = _load_pair(
+            m0, q_base, sq_r, sq_c, sq_d, g_base, sg_r, sg_c, sg_d, offs_d, d_mask, wr, wc, H, W, shift,
+            WINDOW, SHIFTED, BLOCK_M, ACC)
+        lse, delta = _query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
         dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
         for n0 in range(0, WINDOW * WINDOW, BLOCK_N):
-            ri_k, ci_k, reg_k, row_k, col_k, valid_k = _window_tokens(
-                n0 + tl.arange(0, BLOCK_N), wr, wc, H, W, shift, WINDOW, SHIFTED)
-            k = _load_tile(k_base, row_k, col_k, sk_r, sk_c, offs_d, sk_d, valid_k, d_mask, ACC)
-            v = _load_tile(v_base, row_k, col_k, sv_r, sv_c, offs_d, sv_d, valid_k, d_mask, ACC)
-            s = _scores(q, k, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k, valid_k,
-                        WINDOW, HAS_BIAS, SHIFTED, ACC)
-            p = tl.exp(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
-            ds = p * (dp - delta[:, None])
+            ri_k, ci_k, reg_k, row_k, col_k, valid_k, k, v = _load_pair(
+                n0, k_base, sk_r, sk_c, sk_d, v_base, sv_r, sv_c, sv_d, offs_d, d_mask, wr, wc, H, W, shift,
+                WINDOW, SHIFTED, BLOCK_N, ACC)
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q,
+                                       ri_k, ci_k, reg_k, valid_k, WINDOW, HAS_BIAS, SHIFTED, ACC)
             dq += tl.dot(ds, k, input_precision="ieee", out_dtype=ACC)
         q_out = out_base + (row_q * W + col_q)[:, None] * head_dim + offs_d[None, :]
         tl.store(dq_ptr + q_out, _to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
