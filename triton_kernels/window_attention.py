@@ -31,9 +31,13 @@ tokens is a single block); padded rows and columns are masked. Every tile is
 cast to the accumulation dtype after loading and every tl.dot runs with
 ``input_precision="ieee"`` (no TF32), so float16 / bfloat16 storage is
 computed in float32 (Triton's interpreter has no bfloat16 arithmetic) and
-float64 in float64.
+float64 in float64. The price on a GPU: float32 / half dots run on FMA units,
+not tensor cores (native half operands for ``q k^T``, or TF32x3, are the
+tuning left for a machine with a GPU to measure). ``scale`` is a float64
+argument so that float64 inputs keep its full precision.
 
-Backward (``_window_attention_bwd_kernel``): P is recomputed from lse,
+Backward: ``window_attention_bwd_preprocess_kernel`` writes D per token,
+then ``window_attention_bwd_kernel`` recomputes P from lse,
 ``dS = P * (dP - D)``; pass 1 loops over key blocks (dK, dV accumulated in
 registers over the window's query blocks), pass 2 over query blocks (dQ over
 key blocks), so a program owns its window's gradients and needs no atomics
@@ -80,7 +84,7 @@ def window_grid(batch_heads: int, n_windows: int) -> tuple:
 
 
 def preprocess_grid(batch_heads: int, tokens: int, block: int) -> tuple:
-    """Grid of ``_window_attention_bwd_preprocess``: blocks of ``block`` tokens
+    """Grid of ``window_attention_bwd_preprocess_kernel``: blocks of ``block`` tokens
     of each (batch * head)."""
     return (batch_heads * triton.cdiv(tokens, block),)
 
@@ -138,7 +142,9 @@ def _to_storage(x, DTYPE: tl.constexpr):
 @triton.jit
 def _bias_index(ri_q, ci_q, ri_k, ci_k, WINDOW: tl.constexpr):
     """Swin's relative position index of each (query, key) pair of a tile."""
-    return (ri_q[:, None] - ri_k[None, :] + WINDOW - 1) * (2 * WINDOW - 1) + (ci_q[:, None] - ci_k[None, :] + WINDOW - 1)
+    dr = ri_q[:, None] - ri_k[None, :] + WINDOW - 1
+    dc = ci_q[:, None] - ci_k[None, :] + WINDOW - 1
+    return dr * (2 * WINDOW - 1) + dc
 
 
 @triton.jit
@@ -146,7 +152,9 @@ def _scores(q, k, scale, bias_head, stride_bt, ri_q, ci_q, reg_q, valid_q, ri_k,
             WINDOW: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, ACC: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores ``q k^T * scale + bias``, -inf for padded
     keys and, with a shift, for pairs from different regions."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+    # scale is a float64 argument (float64 inputs keep its precision); the
+    # product is brought back to the accumulation dtype.
+    s = (tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale).to(ACC)
     if HAS_BIAS:
         idx = _bias_index(ri_q, ci_q, ri_k, ci_k, WINDOW)
         pair = valid_q[:, None] & valid_k[None, :]
@@ -181,7 +189,7 @@ def _load_pair(start, a_base, sa_r, sa_c, sa_d, b_base, sb_r, sb_c, sb_d, offs_d
 # --- forward ------------------------------------------------------------------
 
 @triton.jit
-def _window_attention_fwd_kernel(
+def window_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
         sq_b, sq_h, sq_r, sq_c, sq_d,
         sk_b, sk_h, sk_r, sk_c, sk_d,
@@ -189,7 +197,7 @@ def _window_attention_fwd_kernel(
         sb_t, sb_h,
         so_b, so_h, so_r, so_c, so_d,
         sl_b, sl_h, sl_r, sl_c,
-        heads, H, W, head_dim, n_windows, n_win_cols, shift, scale,
+        heads, H, W, head_dim, n_windows, n_win_cols, shift, scale: tl.float64,
         WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr):
     """out (B, heads, H, W, head_dim) in out's dtype and lse (B, heads, H, W)
@@ -237,7 +245,7 @@ def _window_attention_fwd_kernel(
 # --- backward -------------------------------------------------------------------
 
 @triton.jit
-def _window_attention_bwd_preprocess(
+def window_attention_bwd_preprocess_kernel(
         out_ptr, do_ptr, delta_ptr,
         so_b, so_h, so_r, so_c, so_d,
         sg_b, sg_h, sg_r, sg_c, sg_d,
@@ -298,7 +306,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, scale, bias_head, sb_t, ri_q, ci
 
 
 @triton.jit
-def _window_attention_bwd_kernel(
+def window_attention_bwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
         sq_b, sq_h, sq_r, sq_c, sq_d,
@@ -307,7 +315,7 @@ def _window_attention_bwd_kernel(
         sb_t, sb_h,
         sg_b, sg_h, sg_r, sg_c, sg_d,
         sl_b, sl_h, sl_r, sl_c,
-        heads, H, W, head_dim, n_windows, n_win_cols, shift, scale,
+        heads, H, W, head_dim, n_windows, n_win_cols, shift, scale: tl.float64,
         WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DETERMINISTIC_BIAS: tl.constexpr):
     """grad_q, grad_k, grad_v: contiguous (B, heads, H, W, head_dim) in their
@@ -376,4 +384,5 @@ def _window_attention_bwd_kernel(
                                        ri_k, ci_k, reg_k, valid_k, WINDOW, HAS_BIAS, SHIFTED, ACC)
             dq += tl.dot(ds, k, input_precision="ieee", out_dtype=ACC)
         q_out = out_base + (row_q * W + col_q)[:, None] * head_dim + offs_d[None, :]
-        tl.store(dq_ptr + q_out, _to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
+        q_mask = valid_q[:, None] & d_mask[None, :]
+        tl.store(dq_ptr + q_out, _to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)

@@ -66,6 +66,14 @@ def _kernel_module():
 _kernels = _kernel_module()
 
 
+def _bias_args(bias_table: Optional[torch.Tensor], q: torch.Tensor):
+    """(tensor, its two strides) for the kernels' bias arguments; without a
+    table any tensor stands in (HAS_BIAS=False never reads it)."""
+    if bias_table is None:
+        return q, (0, 0)
+    return bias_table, tuple(bias_table.stride())
+
+
 def _grid_shape(q: torch.Tensor, window_size: int):
     B, heads, H, W, d = q.shape
     return B, heads, H, W, d, (H // window_size) * (W // window_size), W // window_size
@@ -81,15 +89,13 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     lse = torch.empty((B, heads, H, W), dtype=accumulation_dtype(q.dtype), device=q.device)
     if lse.numel() == 0:
         return out, lse
-    has_bias = bias_table is not None
-    bias = bias_table if has_bias else q  # never read without a bias table
-    bias_strides = tuple(bias_table.stride()) if has_bias else (0, 0)
+    bias, bias_strides = _bias_args(bias_table, q)
     meta = _kernels.block_sizes(window_size, d)
-    wrap_triton(_kernels._window_attention_fwd_kernel)[_kernels.window_grid(B * heads, n_windows)](
+    wrap_triton(_kernels.window_attention_fwd_kernel)[_kernels.window_grid(B * heads, n_windows)](
         q, k, v, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(), *lse.stride(),
         heads, H, W, d, n_windows, n_win_cols, shift, scale,
-        WINDOW=window_size, HAS_BIAS=has_bias, SHIFTED=shift > 0, **meta)
+        WINDOW=window_size, HAS_BIAS=bias_table is not None, SHIFTED=shift > 0, **meta)
     return out, lse
 
 
@@ -111,13 +117,13 @@ def _window_attention_triton_backward(
         meta = _kernels.block_sizes(window_size, d)
         delta = torch.empty((B * heads, H * W), dtype=acc, device=q.device)
         block = _kernels.PREPROCESS_BLOCK
-        wrap_triton(_kernels._window_attention_bwd_preprocess)[_kernels.preprocess_grid(B * heads, H * W, block)](
+        grid = _kernels.preprocess_grid(B * heads, H * W, block)
+        wrap_triton(_kernels.window_attention_bwd_preprocess_kernel)[grid](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, W, H * W, d,
             BLOCK=block, BLOCK_D=meta["BLOCK_D"], num_warps=4)
         deterministic = has_bias and torch.are_deterministic_algorithms_enabled()
-        bias = bias_table if has_bias else q
-        bias_strides = tuple(bias_table.stride()) if has_bias else (0, 0)
-        wrap_triton(_kernels._window_attention_bwd_kernel)[_kernels.window_grid(B * heads, n_windows)](
+        bias, bias_strides = _bias_args(bias_table, q)
+        wrap_triton(_kernels.window_attention_bwd_kernel)[_kernels.window_grid(B * heads, n_windows)](
             q, k, v, bias, grad_out, lse, delta, grads[0], grads[1], grads[2], partial if has_bias else delta,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *lse.stride(),
             heads, H, W, d, n_windows, n_win_cols, shift, scale,
