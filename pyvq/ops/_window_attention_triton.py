@@ -60,6 +60,7 @@ def _kernel_module():
             sys.modules[name] = package
             sys.modules.pop(name + ".window_attention", None)
             spec.loader.exec_module(package)
+            setattr(importlib.import_module("pyvq"), "triton_kernels", package)
     return importlib.import_module(name + ".window_attention")
 
 
