@@ -26,10 +26,6 @@ program it uses atomics unless ``torch.use_deterministic_algorithms(True)``
 is on (see triton_kernels/window_attention.py).
 """
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,33 +34,7 @@ from torch.library import triton_op, wrap_triton
 
 from pyvq._checks import accumulation_dtype
 from pyvq.ops.window_attention import backward_fake, forward_fake, register_autograd
-
-
-def _kernel_module():
-    """``pyvq.triton_kernels.window_attention``. An installed pyvq has the
-    package (setup.py maps triton_kernels/ to it). In a source checkout (this
-    file's tree holds setup.py and triton_kernels/) the checkout's folder is
-    loaded under the package's name whatever an editable install elsewhere
-    maps that name to, so the kernels always come from the tree the ops
-    come from (never as a top-level ``triton_kernels``, a name Triton and a
-    PyPI package already use)."""
-    name = "pyvq.triton_kernels"
-    root = Path(__file__).resolve().parents[2]
-    source = root / "triton_kernels"
-    if (root / "setup.py").is_file() and (source / "__init__.py").is_file():
-        package = sys.modules.get(name)
-        if package is None or Path(getattr(package, "__file__", "") or "").resolve().parent != source:
-            spec = importlib.util.spec_from_file_location(name, source / "__init__.py",
-                                                          submodule_search_locations=[str(source)])
-            package = importlib.util.module_from_spec(spec)
-            sys.modules[name] = package
-            sys.modules.pop(name + ".window_attention", None)
-            spec.loader.exec_module(package)
-            setattr(importlib.import_module("pyvq"), "triton_kernels", package)
-    return importlib.import_module(name + ".window_attention")
-
-
-_kernels = _kernel_module()
+from pyvq.triton_kernels import window_attention as _kernels
 
 
 def _bias_args(bias_table: Optional[torch.Tensor], q: torch.Tensor):
