@@ -103,3 +103,13 @@ def test_cli_info_text_and_json():
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ops"].keys() == pyvq.info()["ops"].keys()
+
+
+def test_triton_column_names_the_ops_with_triton_kernels():
+    pytest.importorskip("triton", reason="triton is not installed")
+    info = pyvq.info()
+    assert {name for name, impl in info["ops"].items() if impl["triton"]} == {"window_attention"}
+    out = subprocess.run([sys.executable, "-m", "pyvq.cli", "info"], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("window_attention"))
+    header = next(line for line in out.splitlines() if line.startswith("op "))
+    assert "triton" in header.split() and row.split()[header.split().index("triton")] == "yes"
