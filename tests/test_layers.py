@@ -34,7 +34,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 ALLOWED = {
     "_checks": set(),
     "reference": {"_checks"},
-    "ops": {"_checks", "_backend", "_C", "reference"},
+    "ops": {"_checks", "_backend", "_C", "reference", "triton_kernels"},
     "nn": {"_checks", "ops", "reference"},
     "models": {"_checks", "nn", "ops", "reference"},
     "losses": {"_checks", "_weights", "nn", "ops", "reference"},

@@ -112,4 +112,4 @@ def _window_attention_triton_backward(
 # the kernel on fake tensors; the shared fakes give the same shapes without it.
 window_attention_triton.register_fake(forward_fake)
 _window_attention_triton_backward.register_fake(backward_fake)
-register_autograd("pyvq::window_attention_triton", "_window_attention_triton_backward")
+register_autograd("pyvq::window_attention_triton", "_window_attention_triton_backward", 4)

@@ -20,13 +20,12 @@ grad_bias)``. Reference: pyvq/reference/window_attention.py (the definition).
 
 from __future__ import annotations
 
-import importlib.util
-import math
-
 import torch
 
-from pyvq import _backend, reference
-from pyvq._checks import accumulation_dtype, check_float, check_floating, check_int
+from pyvq import reference
+from pyvq._checks import check_floating, check_int
+from pyvq.ops._attention import (backward_fake_for, check_qkv, forward_fake, register_autograd, resolve_scale,
+                                 use_triton)
 from pyvq.ops._common import use_kernel
 
 _OP = "pyvq.window_attention"
@@ -38,19 +37,7 @@ MAX_HEAD_DIM = 256
 
 def _check(q, k, v, window_size, shift, bias_table, scale) -> float:
     """Validate the arguments; returns the scale to use."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_floating(t, name, _OP)
-        if t.dim() != 5:
-            raise ValueError(
-                f"{_OP}: argument '{name}' must be 5-D (B, heads, H, W, head_dim), got shape {tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{_OP}: argument '{name}' must have the shape of 'q' {tuple(q.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_OP}: argument '{name}' must have the dtype of 'q' ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: argument '{name}' must be on the device of 'q' ({q.device}), got {t.device}")
+    check_qkv(q, k, v, _OP)
     B, heads, H, W, d = q.shape
     w = check_int("window_size", window_size, where=_OP, minimum=1, maximum=MAX_WINDOW)
     check_int("shift", shift, where=_OP, minimum=0)
@@ -72,18 +59,7 @@ def _check(q, k, v, window_size, shift, bias_table, scale) -> float:
         if bias_table.device != q.device:
             raise ValueError(
                 f"{_OP}: argument 'bias_table' must be on the device of 'q' ({q.device}), got {bias_table.device}")
-    if scale is None:
-        return d ** -0.5 if d > 0 else 1.0
-    scale = check_float("scale", scale, where=_OP)
-    if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: argument 'scale' must be finite, got {scale}")
-    return scale
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    """CUDA tensors take the Triton kernels when Triton is installed."""
-    return (t.device.type == "cuda" and _backend.backend() == "kernel"
-            and importlib.util.find_spec("triton") is not None)
+    return resolve_scale(scale, d, _OP)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int, shift: int = 0,
@@ -109,7 +85,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     """
     scale = _check(q, k, v, window_size, shift, bias_table, scale)
     w, shift = int(window_size), int(shift)
-    if _use_triton(q):
+    if use_triton(q):
         from pyvq.ops import _window_attention_triton  # noqa: F401  (registers the Triton ops)
 
         return torch.ops.pyvq.window_attention_triton(q, k, v, bias_table, w, shift, scale)[0]
@@ -120,48 +96,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
 
 # --- fake kernels and autograd, shared by the C++ and the Triton ops --------
 
-def forward_fake(q, k, v, bias_table, window_size, shift, scale):
-    """(out, lse) of either forward op on fake / meta tensors."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:4], dtype=accumulation_dtype(q.dtype), device=q.device)
-    return out, lse
-
-
-def backward_fake(grad_out, q, k, v, bias_table, out, lse, window_size, shift, scale):
-    """(grad_q, grad_k, grad_v, grad_bias) of either backward op on fake tensors."""
-    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    if bias_table is None:
-        grad_bias = torch.empty((0,), dtype=q.dtype, device=q.device)
-    else:
-        grad_bias = torch.empty(bias_table.shape, dtype=bias_table.dtype, device=bias_table.device)
-    return (*grads, grad_bias)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, bias_table, window_size, shift, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, bias_table, out, lse)
-    ctx.window = (window_size, shift, scale)
-
-
-def register_autograd(op: str, backward_op: str) -> None:
-    """Autograd of the forward op ``op`` ("pyvq::name") through the backward
-    op ``backward_op`` (its name under ``torch.ops.pyvq``); the gradient of
-    lse is ignored (it is marked non-differentiable)."""
-
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, bias_table, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        gq, gk, gv, gb = getattr(torch.ops.pyvq, backward_op)(grad_out, q, k, v, bias_table, out, lse, *ctx.window)
-        need = ctx.needs_input_grad
-        return (gq if need[0] else None, gk if need[1] else None, gv if need[2] else None,
-                gb if bias_table is not None and need[3] else None, None, None, None)
-
-    torch.library.register_autograd(op, backward, setup_context=_setup)
-
+# The forward takes 4 tensors (q, k, v, bias_table or None).
+backward_fake = backward_fake_for(4)
 
 torch.library.register_fake("pyvq::window_attention")(forward_fake)
 torch.library.register_fake("pyvq::_window_attention_backward")(backward_fake)
-register_autograd("pyvq::window_attention", "_window_attention_backward")
+register_autograd("pyvq::window_attention", "_window_attention_backward", 4)
