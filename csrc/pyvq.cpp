@@ -56,4 +56,17 @@ TORCH_LIBRARY(pyvq, m) {
       "_window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias_table, "
       "Tensor out, Tensor lse, int window_size, int shift, float scale) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
+  // Multi-grained attention (Efficient-VQGAN Sec. 3.2): q, k, v (B, heads,
+  // H, W, head_dim) with H, W multiples of block_size; the query at (i, j)
+  // attends, in one softmax, to the keys of its block's extended window
+  // (rows [bi*Ws - halo, (bi+1)*Ws + halo) and the same for columns,
+  // intersected with the grid) and to all G global keys global_k / global_v
+  // (B, heads, G, head_dim). Returns (out in q's shape and dtype, lse
+  // (B, heads, H, W) in the accumulation dtype).
+  m.def("multigrained_attention(Tensor q, Tensor k, Tensor v, Tensor global_k, Tensor global_v, "
+        "int block_size, int halo, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_multigrained_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor global_k, "
+      "Tensor global_v, Tensor out, Tensor lse, int block_size, int halo, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_global_k, Tensor grad_global_v)");
 }
