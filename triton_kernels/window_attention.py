@@ -52,6 +52,10 @@ differ in its last bits between runs (q, k, v gradients never do).
 ``torch.use_deterministic_algorithms(True)``) sums each table entry with a
 masked reduction in a fixed order instead: exact run to run, about
 (2w - 1)^2 tile reductions more per tile.
+
+Tile sizes, tile loads, the rounding store, the query statistics and the D
+preprocessing kernel are shared with the multi-grained attention kernels
+(triton_kernels/_attention_common.py).
 """
 
 from __future__ import annotations
@@ -59,37 +63,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Largest query / key block: a 64 x 64 score tile plus the q, k, v, acc tiles
-# of head_dim <= 64 stay in registers; wider heads take 32-token blocks.
-_MAX_BLOCK = 64
-_MAX_BLOCK_WIDE_HEAD = 32
-_MIN_BLOCK = 16  # tl.dot's smallest M, N and K
+from ._attention_common import (PREPROCESS_BLOCK, load_tile, preprocess_grid, query_stats,  # noqa: F401
+                                tile_sizes, to_storage)
+from ._attention_common import attention_bwd_preprocess_kernel as window_attention_bwd_preprocess_kernel  # noqa: F401
 
 
 def block_sizes(window_size: int, head_dim: int) -> dict:
     """Launch meta-parameters: BLOCK_M, BLOCK_N (tokens of a window per query /
-    key block), BLOCK_D (head_dim padded to a power of two) and num_warps."""
+    key block, equal), BLOCK_D (head_dim padded to a power of two) and
+    num_warps."""
     tokens = window_size * window_size
-    block_d = max(_MIN_BLOCK, triton.next_power_of_2(max(head_dim, 1)))
-    cap = _MAX_BLOCK if block_d <= 64 else _MAX_BLOCK_WIDE_HEAD
-    block = max(_MIN_BLOCK, min(triton.next_power_of_2(tokens), cap))
-    num_warps = 4 if block * block_d <= 64 * 64 else 8
-    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": num_warps}
+    return tile_sizes(tokens, tokens, head_dim)
 
 
 def window_grid(batch_heads: int, n_windows: int) -> tuple:
     """One program per (batch * head, window), flattened on grid axis 0 (the
     only axis allowed more than 65535 programs)."""
     return (batch_heads * n_windows,)
-
-
-def preprocess_grid(batch_heads: int, tokens: int, block: int) -> tuple:
-    """Grid of ``window_attention_bwd_preprocess_kernel``: blocks of ``block`` tokens
-    of each (batch * head)."""
-    return (batch_heads * triton.cdiv(tokens, block),)
-
-
-PREPROCESS_BLOCK = 64
 
 
 # --- shared pieces ----------------------------------------------------------
@@ -118,25 +108,6 @@ def _window_tokens(offs, wr, wc, H, W, shift, WINDOW: tl.constexpr, SHIFTED: tl.
         row = r
         col = c
     return ri, ci, region, row.to(tl.int64), col.to(tl.int64), valid
-
-
-@triton.jit
-def _load_tile(base, row, col, stride_r, stride_c, offs_d, stride_d, valid, d_mask, ACC: tl.constexpr):
-    """(tokens, BLOCK_D) tile of a (H, W, head_dim) slice, zero where masked."""
-    ptrs = base + row[:, None] * stride_r + col[:, None] * stride_c + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0).to(ACC)
-
-
-@triton.jit
-def _to_storage(x, DTYPE: tl.constexpr):
-    """Cast to the storage dtype, rounding to nearest even. Triton's
-    interpreter truncates float32 -> bfloat16, so the bits are rounded first
-    (the cast is then exact; on a GPU the result is that of cvt.rn)."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -181,8 +152,8 @@ def _load_pair(start, a_base, sa_r, sa_c, sa_d, b_base, sb_r, sb_c, sb_d, offs_d
     """Tokens [start, start + BLOCK) of the window (as ``_window_tokens``) and
     the tiles of two tensors there (k and v, or q and dO)."""
     ri, ci, reg, row, col, valid = _window_tokens(start + tl.arange(0, BLOCK), wr, wc, H, W, shift, WINDOW, SHIFTED)
-    a = _load_tile(a_base, row, col, sa_r, sa_c, offs_d, sa_d, valid, d_mask, ACC)
-    b = _load_tile(b_base, row, col, sb_r, sb_c, offs_d, sb_d, valid, d_mask, ACC)
+    a = load_tile(a_base, row, col, sa_r, sa_c, offs_d, sa_d, valid, d_mask, ACC)
+    b = load_tile(b_base, row, col, sb_r, sb_c, offs_d, sb_d, valid, d_mask, ACC)
     return ri, ci, reg, row, col, valid, a, b
 
 
@@ -216,7 +187,7 @@ def window_attention_fwd_kernel(
     for m0 in range(0, WINDOW * WINDOW, BLOCK_M):
         ri_q, ci_q, reg_q, row_q, col_q, valid_q = _window_tokens(
             m0 + tl.arange(0, BLOCK_M), wr, wc, H, W, shift, WINDOW, SHIFTED)
-        q = _load_tile(q_base, row_q, col_q, sq_r, sq_c, offs_d, sq_d, valid_q, d_mask, ACC)
+        q = load_tile(q_base, row_q, col_q, sq_r, sq_c, offs_d, sq_d, valid_q, d_mask, ACC)
         m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
         l_i = tl.zeros((BLOCK_M,), ACC)
         acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
@@ -238,37 +209,11 @@ def window_attention_fwd_kernel(
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         o_ptrs = o_base + row_q[:, None] * so_r + col_q[:, None] * so_c + offs_d[None, :] * so_d
-        tl.store(o_ptrs, _to_storage(out, out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
+        tl.store(o_ptrs, to_storage(out, out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
         tl.store(l_base + row_q * sl_r + col_q * sl_c, m_i + tl.log(l_safe), mask=valid_q)
 
 
 # --- backward -------------------------------------------------------------------
-
-@triton.jit
-def window_attention_bwd_preprocess_kernel(
-        out_ptr, do_ptr, delta_ptr,
-        so_b, so_h, so_r, so_c, so_d,
-        sg_b, sg_h, sg_r, sg_c, sg_d,
-        heads, W, tokens, head_dim,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta (B * heads, H * W) contiguous, accumulation dtype (delta's):
-    ``D = sum_d dO * O`` per token, in token (not window) order."""
-    ACC: tl.constexpr = delta_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(tokens, BLOCK)
-    bh = pid // n_blocks
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < tokens
-    row = (offs // W).to(tl.int64)
-    col = (offs % W).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    o = _load_tile(out_ptr + b * so_b + h * so_h, row, col, so_r, so_c, offs_d, so_d, valid, d_mask, ACC)
-    g = _load_tile(do_ptr + b * sg_b + h * sg_h, row, col, sg_r, sg_c, offs_d, sg_d, valid, d_mask, ACC)
-    tl.store(delta_ptr + bh.to(tl.int64) * tokens + offs, tl.sum(o * g, axis=1), mask=valid)
-
 
 @triton.jit
 def _accumulate_bias_grad(acc_t, offs_t, ds, idx, pair, row_ptr, T: tl.constexpr, DETERMINISTIC_BIAS: tl.constexpr):
@@ -282,15 +227,6 @@ def _accumulate_bias_grad(acc_t, offs_t, ds, idx, pair, row_ptr, T: tl.constexpr
     else:
         tl.atomic_add(row_ptr + idx, ds, mask=pair)
     return acc_t
-
-
-@triton.jit
-def _query_stats(l_base, sl_r, sl_c, d_base, W, row, col, valid, ACC: tl.constexpr):
-    """lse and D of a query block; padded rows get lse = +inf (so P = 0
-    there) and D = 0."""
-    lse = tl.load(l_base + row * sl_r + col * sl_c, mask=valid, other=float("inf")).to(ACC)
-    delta = tl.load(d_base + row * W + col, mask=valid, other=0.0)
-    return lse, delta
 
 
 @triton.jit
@@ -352,7 +288,7 @@ def window_attention_bwd_kernel(
             ri_q, ci_q, reg_q, row_q, col_q, valid_q, q, do = _load_pair(
                 m0, q_base, sq_r, sq_c, sq_d, g_base, sg_r, sg_c, sg_d, offs_d, d_mask, wr, wc, H, W, shift,
                 WINDOW, SHIFTED, BLOCK_M, ACC)
-            lse, delta = _query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
+            lse, delta = query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
             p, ds = _probs_and_dscores(q, k, v, do, lse, delta, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q,
                                        ri_k, ci_k, reg_k, valid_k, WINDOW, HAS_BIAS, SHIFTED, ACC)
             dv += tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=ACC)
@@ -363,8 +299,8 @@ def window_attention_bwd_kernel(
                 acc_t = _accumulate_bias_grad(acc_t, offs_t, ds, idx, pair, dbias_row, T, DETERMINISTIC_BIAS)
         k_out = out_base + (row_k * W + col_k)[:, None] * head_dim + offs_d[None, :]
         kv_mask = valid_k[:, None] & d_mask[None, :]
-        tl.store(dk_ptr + k_out, _to_storage(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + k_out, _to_storage(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dk_ptr + k_out, to_storage(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + k_out, to_storage(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
     if HAS_BIAS:
         if DETERMINISTIC_BIAS:
             tl.store(dbias_row + offs_t, acc_t, mask=offs_t < T)
@@ -374,7 +310,7 @@ def window_attention_bwd_kernel(
         ri_q, ci_q, reg_q, row_q, col_q, valid_q, q, do = _load_pair(
             m0, q_base, sq_r, sq_c, sq_d, g_base, sg_r, sg_c, sg_d, offs_d, d_mask, wr, wc, H, W, shift,
             WINDOW, SHIFTED, BLOCK_M, ACC)
-        lse, delta = _query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
+        lse, delta = query_stats(l_base, sl_r, sl_c, d_base, W, row_q, col_q, valid_q, ACC)
         dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
         for n0 in range(0, WINDOW * WINDOW, BLOCK_N):
             ri_k, ci_k, reg_k, row_k, col_k, valid_k, k, v = _load_pair(
@@ -385,4 +321,4 @@ def window_attention_bwd_kernel(
             dq += tl.dot(ds, k, input_precision="ieee", out_dtype=ACC)
         q_out = out_base + (row_q * W + col_q)[:, None] * head_dim + offs_d[None, :]
         q_mask = valid_q[:, None] & d_mask[None, :]
-        tl.store(dq_ptr + q_out, _to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(dq_ptr + q_out, to_storage(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)

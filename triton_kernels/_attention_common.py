@@ -1,0 +1,102 @@
+"""Pieces shared by the attention kernels (triton_kernels/window_attention.py,
+triton_kernels/multigrained_attention.py): tile sizes, tile loads, the
+rounding store, the query statistics of backward and its ``D = rowsum(dO *
+O)`` preprocessing kernel.
+
+Precision convention of every attention kernel: tiles are cast to the
+accumulation dtype ``ACC`` (float32, float64 for float64 inputs) right after
+loading, every ``tl.dot`` runs with ``input_precision="ieee"``, and results
+are stored through ``to_storage`` (round to nearest even for bfloat16).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Largest query / key tile: a 64 x 64 score tile plus the q, k, v, acc tiles
+# of head_dim <= 64 stay in registers; wider heads take 32-token tiles.
+MAX_BLOCK = 64
+MAX_BLOCK_WIDE_HEAD = 32
+MIN_BLOCK = 16  # tl.dot's smallest M, N and K
+
+
+def tile_sizes(query_tokens: int, key_tokens: int, head_dim: int) -> dict:
+    """Launch meta-parameters for programs that loop over ``query_tokens``
+    queries and up to ``key_tokens`` keys: BLOCK_M, BLOCK_N (power-of-two
+    tiles, at least MIN_BLOCK, at most MAX_BLOCK), BLOCK_D (head_dim padded to
+    a power of two) and num_warps."""
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(max(head_dim, 1)))
+    cap = MAX_BLOCK if block_d <= 64 else MAX_BLOCK_WIDE_HEAD
+
+    def tile(tokens):
+        return max(MIN_BLOCK, min(triton.next_power_of_2(max(tokens, 1)), cap))
+
+    block_m, block_n = tile(query_tokens), tile(key_tokens)
+    num_warps = 4 if max(block_m, block_n) * block_d <= 64 * 64 else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+
+
+PREPROCESS_BLOCK = 64
+
+
+def preprocess_grid(batch_heads: int, tokens: int, block: int) -> tuple:
+    """Grid of ``attention_bwd_preprocess_kernel``: blocks of ``block`` tokens
+    of each (batch * head)."""
+    return (batch_heads * triton.cdiv(tokens, block),)
+
+
+@triton.jit
+def load_tile(base, row, col, stride_r, stride_c, offs_d, stride_d, valid, d_mask, ACC: tl.constexpr):
+    """(tokens, BLOCK_D) tile of a (H, W, head_dim) slice, zero where masked.
+    ``row`` and ``col`` are int64 so that large strides cannot overflow."""
+    ptrs = base + row[:, None] * stride_r + col[:, None] * stride_c + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """Cast to the storage dtype, rounding to nearest even. Triton's
+    interpreter truncates float32 -> bfloat16, so the bits are rounded first
+    (the cast is then exact; on a GPU the result is that of cvt.rn)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def query_stats(l_base, sl_r, sl_c, d_base, W, row, col, valid, ACC: tl.constexpr):
+    """lse (strided (H, W) slice) and D (contiguous (H, W) slice) of a query
+    tile; padded rows get lse = +inf (so P = 0 there) and D = 0."""
+    lse = tl.load(l_base + row * sl_r + col * sl_c, mask=valid, other=float("inf")).to(ACC)
+    delta = tl.load(d_base + row * W + col, mask=valid, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+        out_ptr, do_ptr, delta_ptr,
+        so_b, so_h, so_r, so_c, so_d,
+        sg_b, sg_h, sg_r, sg_c, sg_d,
+        heads, W, tokens, head_dim,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta (B * heads, H * W) contiguous, accumulation dtype (delta's):
+    ``D = sum_d dO * O`` per token, in row-major token order; out and dO
+    (B, heads, H, W, head_dim) with their own strides."""
+    ACC: tl.constexpr = delta_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(tokens, BLOCK)
+    bh = pid // n_blocks
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < tokens
+    row = (offs // W).to(tl.int64)
+    col = (offs % W).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    o = load_tile(out_ptr + b * so_b + h * so_h, row, col, so_r, so_c, offs_d, so_d, valid, d_mask, ACC)
+    g = load_tile(do_ptr + b * sg_b + h * sg_h, row, col, sg_r, sg_c, offs_d, sg_d, valid, d_mask, ACC)
+    tl.store(delta_ptr + bh.to(tl.int64) * tokens + offs, tl.sum(o * g, axis=1), mask=valid)
