@@ -1,7 +1,8 @@
 """Pieces shared by the attention kernels (triton_kernels/window_attention.py,
 triton_kernels/multigrained_attention.py): tile sizes, tile loads, the
-rounding store, the query statistics of backward and its ``D = rowsum(dO *
-O)`` preprocessing kernel.
+rounding store, the online-softmax step and the final store of forward, the
+query statistics of backward and its ``D = rowsum(dO * O)`` preprocessing
+kernel.
 
 Precision convention of every attention kernel: tiles are cast to the
 accumulation dtype ``ACC`` (float32, float64 for float64 inputs) right after
@@ -67,6 +68,40 @@ def to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def split_program(n_per_head, heads):
+    """For a grid of ``n_per_head`` programs per (batch * head): this
+    program's index among them, b * heads + h, and b and h (int64)."""
+    pid = tl.program_id(0)
+    bh = pid // n_per_head
+    return pid % n_per_head, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+
+
+@triton.jit
+def online_step(m_i, l_i, acc, s, v, ACC: tl.constexpr):
+    """One online-softmax step over a key tile with scores ``s`` (-inf where
+    masked) and values ``v``: the new running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A query whose keys in this tile are all masked keeps m = -inf;
+    # subtracting 0 instead keeps exp() at 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=ACC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_out_lse(o_base, so_r, so_c, so_d, l_base, sl_r, sl_c, row, col, offs_d, valid, d_mask, acc, m_i, l_i):
+    """Normalise the online softmax of a query tile and store out (in out's
+    dtype) and lse = m + log(l) at grid positions (row, col)."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_ptrs = o_base + row[:, None] * so_r + col[:, None] * so_c + offs_d[None, :] * so_d
+    tl.store(o_ptrs, to_storage(acc / l_safe[:, None], o_base.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
+    tl.store(l_base + row * sl_r + col * sl_c, m_i + tl.log(l_safe), mask=valid)
+
+
+@triton.jit
 def query_stats(l_base, sl_r, sl_c, d_base, W, row, col, valid, ACC: tl.constexpr):
     """lse (strided (H, W) slice) and D (contiguous (H, W) slice) of a query
     tile; padded rows get lse = +inf (so P = 0 there) and D = 0."""
@@ -86,12 +121,8 @@ def attention_bwd_preprocess_kernel(
     ``D = sum_d dO * O`` per token, in row-major token order; out and dO
     (B, heads, H, W, head_dim) with their own strides."""
     ACC: tl.constexpr = delta_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(tokens, BLOCK)
-    bh = pid // n_blocks
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    blk, bh, b, h = split_program(tl.cdiv(tokens, BLOCK), heads)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < tokens
     row = (offs // W).to(tl.int64)
     col = (offs % W).to(tl.int64)

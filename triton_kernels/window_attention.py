@@ -53,8 +53,9 @@ differ in its last bits between runs (q, k, v gradients never do).
 masked reduction in a fixed order instead: exact run to run, about
 (2w - 1)^2 tile reductions more per tile.
 
-Tile sizes, tile loads, the rounding store, the query statistics and the D
-preprocessing kernel are shared with the multi-grained attention kernels
+Tile sizes, tile loads, the rounding store, the online-softmax step and the
+final store of forward, the query statistics and the D preprocessing kernel
+are shared with the multi-grained attention kernels
 (triton_kernels/_attention_common.py).
 """
 
@@ -63,8 +64,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import (PREPROCESS_BLOCK, load_tile, preprocess_grid, query_stats,  # noqa: F401
-                                tile_sizes, to_storage)
+from ._attention_common import (PREPROCESS_BLOCK, load_tile, online_step, preprocess_grid,  # noqa: F401
+                                query_stats, store_out_lse, tile_sizes, to_storage)
 from ._attention_common import attention_bwd_preprocess_kernel as window_attention_bwd_preprocess_kernel  # noqa: F401
 
 
@@ -197,20 +198,9 @@ def window_attention_fwd_kernel(
                 WINDOW, SHIFTED, BLOCK_N, ACC)
             s = _scores(q, k, scale, bias_head, sb_t, ri_q, ci_q, reg_q, valid_q, ri_k, ci_k, reg_k, valid_k,
                         WINDOW, HAS_BIAS, SHIFTED, ACC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A query whose keys in this block are all masked keeps m = -inf;
-            # subtracting 0 instead keeps exp() at 0 rather than NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=ACC)
-            m_i = m_new
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_ptrs = o_base + row_q[:, None] * so_r + col_q[:, None] * so_c + offs_d[None, :] * so_d
-        tl.store(o_ptrs, to_storage(out, out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
-        tl.store(l_base + row_q * sl_r + col_q * sl_c, m_i + tl.log(l_safe), mask=valid_q)
+            m_i, l_i, acc = online_step(m_i, l_i, acc, s, v, ACC)
+        store_out_lse(o_base, so_r, so_c, so_d, l_base, sl_r, sl_c, row_q, col_q, offs_d, valid_q, d_mask, acc, m_i,
+                      l_i)
 
 
 # --- backward -------------------------------------------------------------------
