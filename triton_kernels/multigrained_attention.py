@@ -55,7 +55,8 @@ import triton
 import triton.language as tl
 
 from ._attention_common import (PREPROCESS_BLOCK, attention_bwd_preprocess_kernel, load_tile,  # noqa: F401
-                                preprocess_grid, query_stats, tile_sizes, to_storage)
+                                online_step, preprocess_grid, query_stats, split_program, store_out_lse,
+                                tile_sizes, to_storage)
 
 
 def block_sizes(block_size: int, halo: int, H: int, W: int, G: int, head_dim: int) -> dict:
@@ -87,10 +88,8 @@ def global_grid(batch_heads: int, n_global: int, block_g: int) -> tuple:
 def _program_block(n_blocks, heads, n_blk_cols):
     """b * heads + h, b and h (int64) and the block row / column of this
     program (one per (batch * head, block))."""
-    pid = tl.program_id(0)
-    blk = pid % n_blocks
-    bh = pid // n_blocks
-    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), blk // n_blk_cols, blk % n_blk_cols
+    blk, bh, b, h = split_program(n_blocks, heads)
+    return bh, b, h, blk // n_blk_cols, blk % n_blk_cols
 
 
 @triton.jit
@@ -163,20 +162,6 @@ def _scores(q, k, scale, keep, ACC: tl.constexpr):
 
 
 @triton.jit
-def _online_step(m_i, l_i, acc, s, v, ACC: tl.constexpr):
-    """One online-softmax step over a key tile with scores ``s``."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A query whose keys in this tile are all masked keeps m = -inf;
-    # subtracting 0 instead keeps exp() at 0 rather than NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=ACC)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _probs_and_dscores(q, k, v, do, lse, delta, scale, keep, ACC: tl.constexpr):
     """P = exp(S - lse) and dS = P * (dO v^T - D) of a (query, key) tile."""
     p = tl.exp(_scores(q, k, scale, keep, ACC) - lse[:, None])
@@ -232,16 +217,13 @@ def multigrained_attention_fwd_kernel(
             row_k, col_k, valid_k = _window_keys(n0 + tl.arange(0, BLOCK_N), r0, c0, nc, n_keys)
             k, v = _load_kv(k_base, sk_r, sk_c, sk_d, v_base, sv_r, sv_c, sv_d, row_k, col_k, offs_d, valid_k,
                             d_mask, ACC)
-            m_i, l_i, acc = _online_step(m_i, l_i, acc, _scores(q, k, scale, valid_k, ACC), v, ACC)
+            m_i, l_i, acc = online_step(m_i, l_i, acc, _scores(q, k, scale, valid_k, ACC), v, ACC)
         for g0 in range(0, G, BLOCK_G):
             offs_g, valid_g, gk, gv = _load_globals(g0, gk_base, sgk_g, sgk_d, gv_base, sgv_g, sgv_d, G, offs_d,
                                                     d_mask, BLOCK_G, ACC)
-            m_i, l_i, acc = _online_step(m_i, l_i, acc, _scores(q, gk, scale, valid_g, ACC), gv, ACC)
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_ptrs = o_base + row_q[:, None] * so_r + col_q[:, None] * so_c + offs_d[None, :] * so_d
-        tl.store(o_ptrs, to_storage(out, out_ptr.dtype.element_ty), mask=valid_q[:, None] & d_mask[None, :])
-        tl.store(l_base + row_q * sl_r + col_q * sl_c, m_i + tl.log(l_safe), mask=valid_q)
+            m_i, l_i, acc = online_step(m_i, l_i, acc, _scores(q, gk, scale, valid_g, ACC), gv, ACC)
+        store_out_lse(o_base, so_r, so_c, so_d, l_base, sl_r, sl_c, row_q, col_q, offs_d, valid_q, d_mask, acc, m_i,
+                      l_i)
 
 
 # --- backward -------------------------------------------------------------------
@@ -361,11 +343,7 @@ def multigrained_attention_bwd_global_kernel(
     their dtypes: one program per (batch * head, tile of BLOCK_G globals),
     over all H * W queries of its (b, h) in row-major tiles of BLOCK_M."""
     ACC: tl.constexpr = delta_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(G, BLOCK_G)
-    bh = pid // n_tiles
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    tile, bh, b, h = split_program(tl.cdiv(G, BLOCK_G), heads)
     q_base = q_ptr + b * sq_b + h * sq_h
     g_base = do_ptr + b * sg_b + h * sg_h
     l_base = lse_ptr + b * sl_b + h * sl_h
@@ -373,7 +351,7 @@ def multigrained_attention_bwd_global_kernel(
     out_off = bh.to(tl.int64) * G * head_dim
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    offs_g, valid_g, gk, gv = _load_globals((pid % n_tiles) * BLOCK_G, gk_ptr + b * sgk_b + h * sgk_h, sgk_g, sgk_d,
+    offs_g, valid_g, gk, gv = _load_globals(tile * BLOCK_G, gk_ptr + b * sgk_b + h * sgk_h, sgk_g, sgk_d,
                                             gv_ptr + b * sgv_b + h * sgv_h, sgv_g, sgv_d, G, offs_d, d_mask,
                                             BLOCK_G, ACC)
     dgk = tl.zeros((BLOCK_G, BLOCK_D), ACC)
