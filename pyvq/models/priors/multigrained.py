@@ -328,9 +328,11 @@ class MultiGrainedTransformer(PretrainedModel, Prior):
     ``head`` (width -> K; called once per forward pass, so a forward hook on
     it counts passes). ``mask_id`` is K.
 
-    Parameter counts: ``mgt_f16_16x16`` 39,162,880 (K = 1024, width 512,
-    depth 12, heads 8, MLP x4), ``mgt_32x32`` 39,561,216, ``mgt_64x64``
-    41,134,080 (larger position embeddings), ``mgt_tiny`` (K = 256) 180,480.
+    Parameter counts: ``mgt_f16_16x16`` 81,011,712 (K = 1024, width 512,
+    depth 12, heads 8, MLP x4: 62.9M in the layers, whose local and global
+    MLPs are separate, 16.8M in the 8 x 8 global conv), ``mgt_32x32``
+    81,411,072, ``mgt_64x64`` 83,008,512 (larger position embeddings),
+    ``mgt_tiny`` (K = 256) 155,392.
 
     ``forward(codes, generator=None)`` is ``training_loss``; ``sample``,
     ``inpaint``, ``outpaint`` and ``edit_box`` run in eval mode without
@@ -691,8 +693,9 @@ class MultiGrainedTransformer(PretrainedModel, Prior):
 
 # The paper's f = 16 setting: 16 x 16 codes of a K = 1024 tokenizer, blocks
 # of Ws = 8 (2 x 2 blocks, G = 4), halo Es = 2. The paper does not list the
-# transformer's width; 512 x 12 layers, 8 heads, MLP x4 (39.2M parameters)
-# is MaskGIT-base-like at half the width. Unconditional (codes folders carry
+# transformer's width; 512 x 12 layers, 8 heads, MLP x4 (81.0M parameters
+# with the separate global MLPs and the global conv) is MaskGIT-base-like
+# at two thirds of its width. Unconditional (codes folders carry
 # no labels): set num_classes (e.g. 1000 for ImageNet) for class-conditional
 # training.
 register_preset("mgt_f16_16x16", MultiGrainedTransformerConfig())
