@@ -389,17 +389,16 @@ class MultiGrainedTransformer(PretrainedModel, Prior):
             return None
         if labels is None:
             return torch.full((batch,), n, dtype=torch.int64, device=self._device)
-        if is_int(labels):
-            labels = torch.tensor(int(labels))
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool:
-            got = f"dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        given = torch.tensor(int(labels)) if is_int(labels) else labels
+        integer = isinstance(given, torch.Tensor) and not (given.is_floating_point() or given.is_complex()
+                                                           or given.dtype == torch.bool)
+        if not integer:
+            got = f"dtype {given.dtype}" if isinstance(given, torch.Tensor) else type(given).__name__
             raise ArgumentTypeError(f"{where}: argument 'labels' must be None, an int or an integer tensor, got {got}")
-        if labels.dim() == 0:
-            labels = labels.expand(batch)
-        if labels.shape != (batch,):
+        if given.dim() > 1 or given.numel() not in (1, batch):
             raise ValueError(f"{where}: argument 'labels' must be an int or have shape ({batch},), "
-                             f"got {tuple(labels.shape)}")
+                             f"got {tuple(given.shape)}")
+        labels = given.reshape(-1).expand(batch)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > n):
             raise ValueError(f"{where}: argument 'labels' must hold classes in [0, {n}] ({n} = the null class), "
                              f"got values in [{int(labels.min())}, {int(labels.max())}]")
