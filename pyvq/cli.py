@@ -9,9 +9,11 @@
     pyvq eval-inpaint ...  Asymmetric VQGAN decoder vs vanilla on inpainting masks
     pyvq demo-inpaint ...  train the tiny asymmetric decoder on the demo's VQGAN, evaluate
     pyvq encode ...        cache a tokenizer's codes of a dataset (for training a prior)
-    pyvq train --codes ... train a prior (vqddm_*, keycode_diffusion_*) on cached codes
+    pyvq train --codes ... train a prior (vqddm_*, keycode_diffusion_*, mgt_*) on cached codes
     pyvq sample ...        sample codes from a prior, decode them, write a PNG grid
     pyvq inpaint ...       complete the masked region of an image through a prior
+                           (--mask FILE), outpaint it (--outpaint N) or
+                           regenerate a box, optionally of a class (--box ... --label C)
 """
 
 from __future__ import annotations
@@ -193,6 +195,29 @@ def _encode(args) -> int:
     return 0
 
 
+# Sampling flags that only some priors take (MultiGrainedTransformer): flag -> keyword of sample / inpaint.
+_PRIOR_FLAGS = {"label": "labels", "temperature": "temperature", "guidance": "guidance_scale", "order": "order"}
+
+
+def _prior_kwargs(prior, args, command: str, method: str, defaults: dict | None = None) -> dict:
+    """The keyword arguments of ``prior.<method>`` set by the optional
+    sampling flags; a flag the prior does not take is an error naming it."""
+    import inspect
+
+    takes = inspect.signature(getattr(prior, method)).parameters
+    kwargs = {}
+    for flag, key in _PRIOR_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            if defaults and key in defaults and key in takes:
+                kwargs[key] = defaults[key]
+            continue
+        if key not in takes:
+            raise SystemExit(f"pyvq {command}: --{flag} is not an option of a {type(prior).__name__} prior")
+        kwargs[key] = value
+    return kwargs
+
+
 def _sample(args) -> int:
     import os
 
@@ -200,7 +225,12 @@ def _sample(args) -> int:
 
     prior = _load(args.prior, "--prior", "sample")
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
-    images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True)
+    kwargs = _prior_kwargs(prior, args, "sample", "sample")
+    try:
+        images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
+                                  **kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"pyvq sample: {exc}") from None
     out = args.out or os.path.join(args.prior, "samples.png")
     save_image_grid(out, images, nrow=args.nrow or max(1, int(args.n**0.5 + 0.5)))
     print(f"wrote {out}")
@@ -212,16 +242,37 @@ def _inpaint(args) -> int:
 
     import torch
 
-    from pyvq.train.generate import inpaint_image, read_image, read_mask, save_image_grid
+    from pyvq.train.generate import (box_mask, inpaint_image, outpaint_canvas, read_image, read_mask,
+                                     save_image_grid)
 
     prior = _load(args.prior, "--prior", "inpaint")
     tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
-    size = prior.config.code_size * tokenizer.downsample_factor  # the image size the prior's codes come from
-    for path, flag in ((args.image, "--image"), (args.mask, "--mask")):
+    f = tokenizer.downsample_factor
+    size = prior.code_shape[-1] * f  # the image size the prior's codes come from
+    files = [(args.image, "--image")] + ([(args.mask, "--mask")] if args.mask else [])
+    for path, flag in files:
         if not os.path.isfile(path):
             raise SystemExit(f"pyvq inpaint: {flag} {path} is not a file")
-    image, mask = read_image(args.image, size), read_mask(args.mask, size)
-    out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste)
+    image = read_image(args.image, size)
+    defaults = None
+    try:
+        if args.mask:
+            mask = read_mask(args.mask, size)
+        elif args.outpaint is not None:
+            image, mask = outpaint_canvas(image, args.outpaint * f)
+            defaults = {"order": "center_out"}  # grow the image outwards from the known centre
+        else:
+            mask = box_mask(size, args.box)
+    except ValueError as exc:
+        flag = "--mask" if args.mask else "--outpaint" if args.outpaint is not None else "--box"
+        raise SystemExit(f"pyvq inpaint: {flag}: {exc} (the image is {size} x {size} pixels, "
+                         f"{size // f} x {size // f} codes)") from None
+    kwargs = _prior_kwargs(prior, args, "inpaint", "inpaint", defaults)
+    try:
+        out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
+                            **kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"pyvq inpaint: {exc}") from None
     target = args.out or os.path.join(args.prior, "inpaint.png")
     save_image_grid(target, out["completion"][None], nrow=1)
     panel = os.path.splitext(target)[0] + "_panel.png"
@@ -230,6 +281,21 @@ def _inpaint(args) -> int:
     print(f"wrote {target} and {panel} (input, masked, decoded codes, completion); "
           f"{int((~out['keep']).sum())} of {out['keep'].numel()} codes generated")
     return 0
+
+
+_STEPS_HELP = ("sampling steps: a diffusion prior's strided reverse steps (default: all); a "
+               "MultiGrainedTransformer's decoding steps per block (default: its config's)")
+
+
+def _add_prior_flags(parser) -> None:
+    """The flags of ``_PRIOR_FLAGS`` (MultiGrainedTransformer priors)."""
+    from pyvq.models.priors.multigrained import ORDERS
+
+    g = parser.add_argument_group("MultiGrainedTransformer priors")
+    g.add_argument("--label", type=int, help="class label (a class-conditional prior; default: the null class)")
+    g.add_argument("--temperature", type=float, help="token temperature (0: argmax; default: the config's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none, the default)")
+    g.add_argument("--order", choices=ORDERS, help="block order (default raster)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--data", help="'builtin' or an image folder")
     p_train.add_argument("--base", help="trained tokenizer run (asymmetric presets: train only a new decoder)")
     p_train.add_argument("--codes", help="codes folder from `pyvq encode` (prior presets: vqddm_*, "
-                         "keycode_diffusion_*)")
+                         "keycode_diffusion_*, mgt_*)")
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -313,21 +379,31 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--prior", required=True, help="prior run directory")
     p_sample.add_argument("--tokenizer", required=True, help="the tokenizer run whose codes the prior models")
     p_sample.add_argument("--n", type=int, default=16, help="number of samples")
-    p_sample.add_argument("--steps", type=int, help="strided reverse steps (default: all)")
+    p_sample.add_argument("--steps", type=int, help=_STEPS_HELP)
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--nrow", type=int, help="images per row (default: about sqrt(n))")
     p_sample.add_argument("--out", help="PNG path (default PRIOR/samples.png)")
+    _add_prior_flags(p_sample)
 
     p_inpt = sub.add_parser("inpaint", help="complete the masked region of an image through a prior")
     p_inpt.add_argument("--prior", required=True, help="prior run directory")
     p_inpt.add_argument("--tokenizer", required=True, help="the tokenizer run whose codes the prior models")
     p_inpt.add_argument("--image", required=True, help="image file (its centre square is used)")
-    p_inpt.add_argument("--mask", required=True, help="mask image: white (> 127) = region to generate")
-    p_inpt.add_argument("--steps", type=int, help="strided reverse steps (default: all)")
+    region = p_inpt.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", help="inpaint: mask image, white (> 127) = region to generate")
+    region.add_argument("--outpaint", type=int, metavar="N",
+                        help="outpaint: shrink the image into the centre and generate a frame N codes wide "
+                        "(N x the tokenizer's factor in pixels) around it; --order defaults to center_out")
+    region.add_argument("--box", type=int, nargs=4, metavar=("Y0", "X0", "Y1", "X1"),
+                        help="box edit: regenerate the pixel box rows Y0..Y1-1, columns X0..X1-1 of the image "
+                        "resized to the prior's resolution (every code it touches); with --label, as that "
+                        "class (a class-conditional prior)")
+    p_inpt.add_argument("--steps", type=int, help=_STEPS_HELP)
     p_inpt.add_argument("--seed", type=int, default=0)
     p_inpt.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
                         help="put the known pixels back after decoding")
     p_inpt.add_argument("--out", help="PNG path (default PRIOR/inpaint.png; a _panel.png is written beside it)")
+    _add_prior_flags(p_inpt)
 
     args = parser.parse_args(argv)
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,

@@ -1,9 +1,11 @@
 """Images from a prior and a tokenizer: what ``pyvq encode``, ``pyvq sample``
 and ``pyvq inpaint`` run.
 
-A prior (``MultinomialDiffusion`` over VQ indices, ``GaussianDiffusion``
-over BRICS key codes) samples or completes code maps; the tokenizer that
-made its training codes decodes them.
+A prior (``MultinomialDiffusion`` or ``MultiGrainedTransformer`` over VQ
+indices, ``GaussianDiffusion`` over BRICS key codes) samples or completes
+code maps; the tokenizer that made its training codes decodes them. Keyword
+arguments a prior's own ``sample`` / ``inpaint`` take (e.g. the
+transformer's ``labels`` or ``temperature``) pass through ``prior_kwargs``.
 """
 
 from __future__ import annotations
@@ -44,21 +46,23 @@ def _generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: int = 0, batch_size: int = 16,
-                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool = False, **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, H, W) in [-1, 1], codes) sampled from ``prior`` and
-    decoded by ``tokenizer``; ``steps`` strided reverse steps (default: all)."""
+    decoded by ``tokenizer``; ``steps`` strided reverse steps (default: all;
+    the prior's meaning of ``steps``); ``prior_kwargs`` go to ``prior.sample``."""
     check_int("n", n, where="sample_images", minimum=1)
     _check_pair(prior, tokenizer)
     prior.eval(), tokenizer.eval()
     g = _generator(seed)
-    codes = torch.cat([prior.sample(min(batch_size, n - i), steps=steps, generator=g, progress=progress)
+    codes = torch.cat([prior.sample(min(batch_size, n - i), steps=steps, generator=g, progress=progress,
+                                    **prior_kwargs)
                        for i in range(0, n, batch_size)])
     return torch.cat([decode_codes(tokenizer, codes[i:i + batch_size]) for i in range(0, n, batch_size)]), codes
 
 
 @torch.no_grad()
 def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, steps: int | None = None,
-                  seed: int = 0, paste: bool = True, progress: bool = False) -> dict:
+                  seed: int = 0, paste: bool = True, progress: bool = False, **prior_kwargs) -> dict:
     """Complete the masked region of one image through the prior.
 
     Args:
@@ -66,6 +70,7 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         mask: (1, H, W) or (H, W), 1 = region to generate.
         paste: put the known pixels back after decoding (the tokenizer's
             reconstruction of them is lossy).
+        prior_kwargs: further keyword arguments of ``prior.inpaint``.
 
     A code is kept (re-imposed from the image at every reverse step) when
     its f x f block of pixels (f the tokenizer's downsampling factor) has no
@@ -92,10 +97,39 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
     f = image.shape[-1] // w
     keep = F.max_pool2d(mask[None], kernel_size=f, stride=f)[0, 0] == 0  # (h, w)
     keep_arg = keep[None] if codes.dtype == torch.int64 else keep[None, None].expand_as(codes)
-    out = prior.inpaint(codes, keep_arg, steps=steps, generator=_generator(seed), progress=progress)
+    out = prior.inpaint(codes, keep_arg, steps=steps, generator=_generator(seed), progress=progress,
+                        **prior_kwargs)
     decoded = decode_codes(tokenizer, out)[0]
     completion = mask * decoded + (1 - mask) * image if paste else decoded
     return {"completion": completion, "decoded": decoded, "keep": keep, "codes": out[0]}
+
+
+def outpaint_canvas(image: torch.Tensor, border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outpainting's input: ``image`` (3, S, S) shrunk into the centre of an
+    S x S mid-grey canvas, leaving a frame ``border`` pixels wide, and the
+    (1, S, S) mask of that frame (1 = region to generate)."""
+    S = image.shape[-1]
+    check_int("border", border, where="outpaint_canvas", minimum=1, maximum=(S - 1) // 2)
+    inner = S - 2 * border
+    small = F.interpolate(image[None].float(), size=(inner, inner), mode="bicubic", antialias=True,
+                          align_corners=False)[0].clamp(-1, 1)
+    canvas = torch.zeros(3, S, S)
+    canvas[:, border:S - border, border:S - border] = small
+    mask = torch.ones(1, S, S)
+    mask[:, border:S - border, border:S - border] = 0
+    return canvas, mask
+
+
+def box_mask(size: int, box) -> torch.Tensor:
+    """(1, size, size) mask, 1 inside the pixel box (y0, x0, y1, x1), rows
+    y0 .. y1 - 1 and columns x0 .. x1 - 1."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    if not (0 <= y0 < y1 <= size and 0 <= x0 < x1 <= size):
+        raise ValueError(f"box_mask: argument 'box' (y0, x0, y1, x1) must satisfy 0 <= y0 < y1 <= {size} and "
+                         f"0 <= x0 < x1 <= {size}, got {(y0, x0, y1, x1)}")
+    mask = torch.zeros(1, size, size)
+    mask[:, y0:y1, x0:x1] = 1
+    return mask
 
 
 def _centre_square(img, size: int, resample):

@@ -1,11 +1,12 @@
-"""The prior trainer: a diffusion prior on cached tokenizer codes.
+"""The prior trainer: a prior (diffusion or masked-token) on cached tokenizer codes.
 
 Same run layout, checkpoints, resume, DDP, logs and warm-up + cosine
 schedule as the tokenizer ``Trainer`` (both are ``BaseTrainer``s); per step
 one optimizer step on the prior's own objective, the recipe's
 ``loss(model, codes) -> (loss, logs)`` (``pyvq.train.recipes.PriorRecipe``:
 the VLB for ``MultinomialDiffusion``, the min-SNR-weighted epsilon MSE for
-``GaussianDiffusion``), with the recipe's optimiser defaults.
+``GaussianDiffusion``, the masked-token cross-entropy for
+``MultiGrainedTransformer``), with the recipe's optimiser defaults.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from pyvq.train.base import BaseTrainer
 from pyvq.train.config import TrainConfig
 from pyvq.train.recipes import PriorRecipe
 
-# The field a prior config takes from the codes' metadata.
-_CODE_FIELDS = {"num_classes": lambda m: m.get("num_classes"), "code_size": lambda m: m["shape"][-1],
+# What a prior config takes from the codes' metadata, by value name; a
+# config field of that name receives it unless the prior class maps its own
+# field names to these values in ``code_config_fields`` ({field: value}).
+_CODE_VALUES = {"num_classes": lambda m: m.get("num_classes"), "code_size": lambda m: m["shape"][-1],
                 "channels": lambda m: m["shape"][0] if m["kind"] == "keys" else None}
 
 
 def build_prior(name: str, meta: dict, overrides: dict | None = None):
     """A prior from a registered preset, sized for codes described by
     ``meta`` (a ``codes.json``): code size, number of classes (indices) or
-    channels (key codes); ``overrides`` set further config fields."""
+    channels (key codes), into the config fields of those names or those
+    the prior class names in ``code_config_fields`` (e.g.
+    ``MultiGrainedTransformer``: ``num_codes``, ``latent_size``);
+    ``overrides`` set further config fields."""
     from pyvq.models import get_preset, model_class_for  # importing pyvq.models registers the presets
 
     config = get_preset(name)
@@ -40,7 +46,9 @@ def build_prior(name: str, meta: dict, overrides: dict | None = None):
     if H != W:
         raise ValueError(f"build_prior: priors model square code maps, the codes are {H} x {W}")
     fields = {f.name for f in dataclasses.fields(config)}
-    sized = {k: get(meta) for k, get in _CODE_FIELDS.items() if k in fields and get(meta) is not None}
+    names = getattr(cls, "code_config_fields", None) or {k: k for k in _CODE_VALUES}
+    values = {field: _CODE_VALUES[value](meta) for field, value in names.items() if field in fields}
+    sized = {k: v for k, v in values.items() if v is not None}
     return cls(dataclasses.replace(config, **{**sized, **(overrides or {})}))
 
 

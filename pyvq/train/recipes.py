@@ -23,7 +23,7 @@ adds one, e.g. for a new tokenizer. The built-in recipes: ``VQGAN``
 with the paper's L2 pixel loss), ``AutoencoderKL`` (``KLRecipe``),
 ``AsymmetricVQGAN`` (``AsymmetricRecipe``), ``BRICS`` (``BRICSRecipe``),
 ``MultinomialDiffusion`` and ``GaussianDiffusion`` (``MultinomialRecipe``,
-``GaussianRecipe``).
+``GaussianRecipe``), ``MultiGrainedTransformer`` (``MultiGrainedRecipe``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pyvq.models import (
     AutoencoderKL,
     EfficientVQGAN,
     GaussianDiffusion,
+    MultiGrainedTransformer,
     MultinomialDiffusion,
 )
 from pyvq.models.outputs import TokenizerOutput, VQAux
@@ -48,6 +49,7 @@ __all__ = [
     "EfficientVQRecipe",
     "GaussianRecipe",
     "KLRecipe",
+    "MultiGrainedRecipe",
     "MultinomialRecipe",
     "PriorRecipe",
     "Recipe",
@@ -280,6 +282,26 @@ class GaussianRecipe(PriorRecipe):
         }
 
 
+class MultiGrainedRecipe(PriorRecipe):
+    """Efficient-VQGAN's multi-grained transformer: masked visual token
+    modelling (the prior's ``training_loss``), MaskGIT's optimiser."""
+
+    def train_defaults(self, model):
+        """AdamW betas (0.9, 0.96), weight decay 0.045 (MaskGIT's),
+        gradient norm clipped at 1, a short warm-up, EMA off (short runs
+        cannot warm it up). The learning rate is MaskGIT's 1e-4 for
+        paper-sized transformers (width >= 256) and 1e-3 for the small ones,
+        which are trained for few steps."""
+        return {
+            "lr": 1e-4 if model.config.width >= 256 else 1e-3,
+            "betas": (0.9, 0.96),
+            "weight_decay": 0.045,
+            "warmup_steps": 20,
+            "grad_clip": 1.0,
+            "ema_decay": 0.0,
+        }
+
+
 # ------------------------------------------------------------------ registry
 _RECIPES: dict[type, Recipe] = {}
 
@@ -320,3 +342,4 @@ register_recipe(AsymmetricVQGAN, AsymmetricRecipe())
 register_recipe(BRICS, BRICSRecipe())
 register_recipe(MultinomialDiffusion, MultinomialRecipe())
 register_recipe(GaussianDiffusion, GaussianRecipe())
+register_recipe(MultiGrainedTransformer, MultiGrainedRecipe())

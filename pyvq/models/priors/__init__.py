@@ -1,6 +1,8 @@
 """Priors over a tokenizer's codes: multinomial diffusion over code indices
 (VQ-DDM) and Gaussian diffusion over BRICS key codes, on one UNet and one
-schedule toolkit.
+schedule toolkit; and Efficient-VQGAN's multi-grained transformer over code
+indices (``MultiGrainedTransformer``: masked visual token modelling,
+block-by-block parallel decoding, editing).
 
 The prior contract (``base.Prior``; ``PriorTrainer``, ``pyvq sample`` and
 ``pyvq inpaint`` rely on nothing else):
@@ -23,6 +25,13 @@ distribution and the progress bar.
 
 from pyvq.models.priors.base import DiffusionPrior, Prior
 from pyvq.models.priors.gaussian import GaussianDiffusion, GaussianDiffusionConfig
+from pyvq.models.priors.multigrained import (
+    MultiGrainedTransformer,
+    MultiGrainedTransformerConfig,
+    box_keep,
+    mask_schedule,
+    outpaint_keep,
+)
 from pyvq.models.priors.multinomial import MultinomialDiffusion, MultinomialDiffusionConfig
 from pyvq.models.priors.schedules import Schedule, make_schedule, min_snr_weight
 
@@ -30,10 +39,15 @@ __all__ = [
     "DiffusionPrior",
     "GaussianDiffusion",
     "GaussianDiffusionConfig",
+    "MultiGrainedTransformer",
+    "MultiGrainedTransformerConfig",
     "MultinomialDiffusion",
     "MultinomialDiffusionConfig",
     "Prior",
     "Schedule",
+    "box_keep",
     "make_schedule",
+    "mask_schedule",
     "min_snr_weight",
+    "outpaint_keep",
 ]

@@ -55,7 +55,8 @@ class Prior(nn.Module, metaclass=abc.ABCMeta):
 
     Helpers for implementations: ``_check_codes`` (for a prior with a
     ``code_shape``, the shape of one code map: (H, W) of indices or
-    (C, H, W) of keys, and for indices ``num_classes``), ``_check_keep``,
+    (C, H, W) of keys, and for indices the codebook size K, ``num_codes``
+    or, as the diffusion priors call it, ``num_classes``), ``_check_keep``,
     ``_device`` / ``_dtype`` (those of the first parameter), ``_progress``
     (an optional tqdm bar) and ``_where(method)`` (``"Class.method"``, the
     prefix of error messages; the helpers take the calling method's name).
@@ -149,9 +150,10 @@ class Prior(nn.Module, metaclass=abc.ABCMeta):
                              f"got {tuple(codes.shape)}")
         if not indices:
             return codes
+        K = getattr(self, "num_codes", None) or self.num_classes  # the codebook size
         lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"{where}: argument {name!r} must hold codes in [0, {self.num_classes}), "
+        if lo < 0 or hi >= K:
+            raise ValueError(f"{where}: argument {name!r} must hold codes in [0, {K}), "
                              f"got values in [{lo}, {hi}]")
         return codes.to(self._device, torch.int64)
 
