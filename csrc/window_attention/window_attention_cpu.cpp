@@ -1,0 +1,712 @@
+// CPU launcher of pyvq::window_attention and pyvq::_window_attention_backward.
+//
+// Work: tasks ("chunks") of up to kChunk consecutive windows of one (batch, head); at::parallel_for
+// runs the chunks, each on one thread. Per window, the window's tokens are gathered from their
+// original positions (any strides, index math of window_attention.h) into small contiguous tiles
+// in the accumulation type (float for float16 / bfloat16 / float32, double for float64), the
+// window is computed on the tiles, and its results are written back at the tokens' original
+// positions. Nothing of the size of the partition, the rolled grid, the mask or the
+// (windows, N, N) attention matrix is built; a thread's tiles are a few tens of KiB at Swin's
+// sizes (N = w * w tokens of head_dim d), within L1 / L2.
+//
+// Tile layout (row-major, 64-byte aligned; NP = N and DP = d rounded up to a 64-byte vector):
+//   q, k, v, dout, o, dq, dk, dv   N x DP   token rows (q pre-multiplied by scale)
+//   kt, vt                         d x NP   transposed: row t holds component t of every key
+//   s, dp, bias, dbias             N x NP   scores / probabilities, their gradients, the head's
+//                                           expanded bias (once per chunk), dbias partial sums
+// Every product is one register-blocked micro-kernel, C = [C0 +] A B with A read through
+// arbitrary strides (so transposed operands need no copy) and B's rows contiguous:
+//   S  = bias + q kt      (a score row is an axpy over the keys: vectorises over keys)
+//   O  = P v              (an axpy over head_dim)
+//   dP = dout vt,  dS = P * (dP - D),  dq = scale dS k,  dk = dS^T q_scaled,  dv = P^T dout.
+// The softmax is fused per row (max, exp, sum; logsumexp saved); backward recomputes P from the
+// saved logsumexp. The mask is applied from region ids only in windows that mix regions (the
+// last window row and column of a shifted grid).
+//
+// Deterministic: a chunk owns its windows' outputs; the bias-table gradient is summed per chunk
+// (windows in order) into its own partial table, and the partial tables are added in chunk order
+// after the parallel loop, so no result depends on the thread count.
+//
+// Instruction sets: the per-window compute (micro-kernel, softmax) is compiled twice from one
+// template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4) and for the baseline, and each call runs
+// the one cpu_isa_for() names (common/cpu_isa.h). Gathers and scatters (dtype conversions,
+// strided reads) stay in baseline code, where c10's float16 / bfloat16 conversions inline.
+// Trapping math is off so that the compiler may turn branches into selects; nothing here reads
+// the floating-point exception flags.
+#pragma GCC optimize("no-trapping-math")
+
+#include "common/build_facts.h"
+#include "common/checks.h"
+#include "common/cpu_isa.h"
+#include "posterior/posterior.h"  // fast_exp: the vectorisable float exp of the CPU kernels
+#include "window_attention/window_attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pyvq {
+namespace window_attention {
+namespace {
+
+constexpr int64_t kMaxWindow = 32;  // pyvq/ops/window_attention.py MAX_WINDOW
+constexpr int64_t kChunk = 16;      // windows per task (fixed: results must not depend on threads)
+
+#define PYVQ_WA_INLINE inline __attribute__((always_inline))
+
+// --- per-window compute: inlined into the two ISA builds below -----------------------------------
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename T>
+PYVQ_WA_INLINE typename VecOf<T>::type* vec_at(T* p) {
+  return reinterpret_cast<typename VecOf<T>::type*>(p);
+}
+template <typename T>
+PYVQ_WA_INLINE const typename VecOf<T>::type* vec_at(const T* p) {
+  return reinterpret_cast<const typename VecOf<T>::type*>(p);
+}
+
+// One R x (V vectors) block of C = [C0 +] A B: C[r][l] = C0[r][l] + sum_t A[r * ars + t * acs] *
+// B[t * ldb + l]. The R x V accumulators stay in registers; per t it loads V vectors of B and
+// broadcasts R scalars of A.
+template <typename T, int R, int V, bool kInit>
+PYVQ_WA_INLINE void mk_block(const T* __restrict A, int64_t ars, int64_t acs,
+                             const T* __restrict B, int64_t ldb, int64_t nt,
+                             const T* __restrict C0, T* __restrict C, int64_t ldc) {
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  vec acc[R][V];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if constexpr (kInit)
+        acc[r][v] = *vec_at(C0 + r * ldc + v * L);
+      else
+        acc[r][v] = vec{};
+    }
+  for (int64_t t = 0; t < nt; ++t) {
+    vec b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = *vec_at(B + t * ldb + v * L);
+    const T* a = A + t * acs;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T ar = a[r * ars];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] += ar * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) *vec_at(C + r * ldc + v * L) = acc[r][v];
+}
+
+// Rows [0, M) (rounded up to R: tiles have NP >= that many rows) of one column block.
+template <typename T, int R, int V, bool kInit>
+PYVQ_WA_INLINE void mk_rows(int64_t M, const T* A, int64_t ars, int64_t acs, const T* B,
+                            int64_t ldb, int64_t nt, const T* C0, T* C, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < M; i0 += R)
+    mk_block<T, R, V, kInit>(A + i0 * ars, ars, acs, B, ldb, nt, kInit ? C0 + i0 * ldc : nullptr,
+                             C + i0 * ldc, ldc);
+}
+
+// C[i][0:ncols] = [C0[i][0:ncols] +] sum_{t < nt} A(i, t) B[t][0:ncols] for i < M, with
+// A(i, t) = A[i * ars + t * acs]; ncols, ldb and ldc multiples of a vector, B, C, C0 aligned.
+// Row blocks: R x V accumulators, R * V = 16 vector registers (of 32 with AVX-512).
+template <typename T, bool kInit>
+PYVQ_WA_INLINE void matmul(int64_t M, int64_t ncols, int64_t nt, const T* A, int64_t ars,
+                           int64_t acs, const T* B, int64_t ldb, const T* C0, T* C, int64_t ldc) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t nv = ncols / L;
+  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+    const int64_t rem = nv - v0;
+    const T* Bv = B + v0 * L;
+    const T* C0v = kInit ? C0 + v0 * L : nullptr;
+    T* Cv = C + v0 * L;
+    if (rem >= 4)
+      mk_rows<T, 4, 4, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+    else if (rem == 3)
+      mk_rows<T, 4, 3, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+    else if (rem == 2)
+      mk_rows<T, 8, 2, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+    else
+      mk_rows<T, 8, 1, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+  }
+}
+
+PYVQ_WA_INLINE float wa_exp(float x) { return posterior::fast_exp(x); }
+PYVQ_WA_INLINE double wa_exp(double x) { return ::exp(x); }
+PYVQ_WA_INLINE float wa_log(float x) { return ::logf(x); }
+PYVQ_WA_INLINE double wa_log(double x) { return ::log(x); }
+
+template <typename T>
+PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {  // n a multiple of a vector, n > 0
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  vec m = *vec_at(p);
+  for (int64_t j = L; j < n; j += L) {
+    const vec x = *vec_at(p + j);
+    m = x > m ? x : m;
+  }
+  T r = m[0];
+  for (int64_t l = 1; l < L; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+template <typename T>
+PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {  // lane sums, then the lanes in order
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  vec s = vec{};
+  for (int64_t j = 0; j < n; j += L) s += *vec_at(p + j);
+  T r = s[0];
+  for (int64_t l = 1; l < L; ++l) r += s[l];
+  return r;
+}
+
+// One thread's tiles (see the header comment) and the current window's facts.
+template <typename T>
+struct Tiles {
+  int64_t N, NP, d, DP;
+  T *q, *k, *kt, *v, *vt, *dout, *o, *dq, *dk, *dv;
+  T *s, *dp, *bias, *dbias;
+  T *lse, *rowinfo;  // per query: logsumexp; forward 1 / sum, backward D = dout . out
+  int* region;       // per token of a mixed window: its region id
+  bool has_bias, mixed;
+};
+
+// Row i of the scores: masked and padded keys to -inf.
+template <typename T>
+PYVQ_WA_INLINE void mask_row(const Tiles<T>& t, int64_t i, T* s) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (t.mixed) {
+    const int ri = t.region[i];
+    for (int64_t j = 0; j < t.N; ++j) s[j] = t.region[j] == ri ? s[j] : ninf;
+  }
+  for (int64_t j = t.N; j < t.NP; ++j) s[j] = ninf;
+}
+
+// S = bias + q kt (q already scaled).
+template <typename T>
+PYVQ_WA_INLINE void scores(const Tiles<T>& t) {
+  if (t.has_bias)
+    matmul<T, true>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, t.bias, t.s, t.NP);
+  else
+    matmul<T, false>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, nullptr, t.s, t.NP);
+}
+
+template <typename T>
+PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
+  scores(t);
+  for (int64_t i = 0; i < t.N; ++i) {
+    T* s = t.s + i * t.NP;
+    mask_row(t, i, s);
+    const T m = vec_max(s, t.NP);  // finite: a query always sees itself
+    for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - m);
+    const T l = vec_sum(s, t.NP);
+    t.lse[i] = m + wa_log(l);
+    t.rowinfo[i] = T(1) / l;
+  }
+  // O = P v, unnormalised: the scatter multiplies row i by 1 / l_i.
+  matmul<T, false>(t.N, t.DP, t.N, t.s, t.NP, 1, t.v, t.DP, nullptr, t.o, t.DP);
+}
+
+template <typename T>
+PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
+  scores(t);
+  for (int64_t i = 0; i < t.N; ++i) {  // P = exp(S - lse)
+    T* s = t.s + i * t.NP;
+    mask_row(t, i, s);
+    const T lse = t.lse[i];
+    for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - lse);
+  }
+  // dP = dout vt, then dS = P * (dP - D) in place.
+  matmul<T, false>(t.N, t.NP, t.d, t.dout, t.DP, 1, t.vt, t.NP, nullptr, t.dp, t.NP);
+  for (int64_t i = 0; i < t.N; ++i) {
+    const T* p = t.s + i * t.NP;
+    T* ds = t.dp + i * t.NP;
+    const T D = t.rowinfo[i];
+    for (int64_t j = 0; j < t.NP; ++j) ds[j] = p[j] * (ds[j] - D);
+  }
+  if (t.has_bias) {
+    const int64_t n = t.N * t.NP;
+    for (int64_t e = 0; e < n; ++e) t.dbias[e] += t.dp[e];
+  }
+  // dq = dS k (scaled in the scatter), dk = dS^T q_scaled, dv = P^T dout.
+  matmul<T, false>(t.N, t.DP, t.N, t.dp, t.NP, 1, t.k, t.DP, nullptr, t.dq, t.DP);
+  matmul<T, false>(t.N, t.DP, t.N, t.dp, 1, t.NP, t.q, t.DP, nullptr, t.dk, t.DP);
+  matmul<T, false>(t.N, t.DP, t.N, t.s, 1, t.NP, t.dout, t.DP, nullptr, t.dv, t.DP);
+}
+
+// The two builds of each. Not inlined into the launchers, so each is one function compiled for
+// exactly one target.
+constexpr CpuIsa kWindowAttentionIsa =
+    PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512 : CpuIsa::kGeneric;
+
+template <typename T>
+__attribute__((noinline)) PYVQ_TARGET_AVX512 void forward_window_avx512(const Tiles<T>& t) {
+  forward_window(t);
+}
+template <typename T>
+__attribute__((noinline)) void forward_window_generic(const Tiles<T>& t) {
+  forward_window(t);
+}
+template <typename T>
+__attribute__((noinline)) PYVQ_TARGET_AVX512 void backward_window_avx512(const Tiles<T>& t) {
+  backward_window(t);
+}
+template <typename T>
+__attribute__((noinline)) void backward_window_generic(const Tiles<T>& t) {
+  backward_window(t);
+}
+
+// --- tiles, gathers and scatters (baseline code) -------------------------------------------------
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// One thread's 64-byte aligned, zeroed scratch.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes) : bytes_(round_up(static_cast<int64_t>(bytes) + 64, 64)) {
+    ptr_ = std::aligned_alloc(64, bytes_);
+    TORCH_CHECK(ptr_ != nullptr, "pyvq.window_attention: cannot allocate ", bytes_,
+                " bytes of scratch");
+    std::memset(ptr_, 0, bytes_);
+  }
+  ~Scratch() { std::free(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  char* data() const { return static_cast<char*>(ptr_); }
+
+ private:
+  size_t bytes_;
+  void* ptr_;
+};
+
+// Carves aligned arrays out of a Scratch (or, with base == nullptr, counts their bytes).
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename U>
+  U* take(int64_t n) {
+    const size_t at = used_;
+    used_ += static_cast<size_t>(round_up(n * static_cast<int64_t>(sizeof(U)), 64));
+    return base_ ? reinterpret_cast<U*>(base_ + at) : nullptr;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+template <typename T>
+Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias) {
+  Tiles<T> t{};
+  t.N = g.N;
+  t.NP = round_up(g.N, kLanes<T>);
+  t.d = g.d;
+  t.DP = round_up(g.d, kLanes<T>);
+  const int64_t rows = t.NP * t.DP, cols = t.DP * t.NP, sq = t.NP * t.NP;
+  t.q = c.template take<T>(rows);
+  t.kt = c.template take<T>(cols);
+  t.v = c.template take<T>(rows);
+  t.s = c.template take<T>(sq);
+  t.o = c.template take<T>(rows);
+  t.lse = c.template take<T>(t.NP);
+  t.rowinfo = c.template take<T>(t.NP);
+  t.region = c.template take<int>(t.NP);
+  if (has_bias) t.bias = c.template take<T>(sq);
+  if (backward) {
+    t.k = c.template take<T>(rows);
+    t.vt = c.template take<T>(cols);
+    t.dout = c.template take<T>(rows);
+    t.dp = c.template take<T>(sq);
+    t.dq = c.template take<T>(rows);
+    t.dk = c.template take<T>(rows);
+    t.dv = c.template take<T>(rows);
+    if (has_bias) t.dbias = c.template take<T>(sq);
+  }
+  t.has_bias = has_bias;
+  return t;
+}
+
+// A (B, heads, H, W[, d]) tensor's data and strides.
+template <typename S>
+struct View {
+  S* p;
+  int64_t sb, sh, sr, sc, sd;
+};
+
+template <typename S>
+View<S> view_of(const at::Tensor& x) {
+  View<S> v{static_cast<S*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2), x.stride(3), 0};
+  if (x.dim() == 5) v.sd = x.stride(4);
+  return v;
+}
+
+template <typename S>
+PYVQ_WA_INLINE S* token_ptr(const View<S>& v, int64_t b, int64_t h, int64_t r, int64_t c) {
+  return v.p + b * v.sb + h * v.sh + r * v.sr + c * v.sc;
+}
+
+// The per-window data both passes gather: token positions and, in a mixed window, region ids.
+struct WindowTokens {
+  std::vector<int64_t> row, col;
+};
+
+inline void locate_window(const Geometry& g, int64_t win, WindowTokens& wt, int* region,
+                          bool* mixed) {
+  const int64_t wr = win / g.nwc, wc = win - wr * g.nwc;
+  for (int64_t i = 0; i < g.N; ++i) token_source(g, wr, wc, i, &wt.row[i], &wt.col[i]);
+  *mixed = window_is_mixed(wr, wc, g.nwr, g.nwc, g.shift);
+  if (*mixed)
+    for (int64_t i = 0; i < g.N; ++i) region[i] = token_region(g, wr, wc, i);
+}
+
+// Row i of a token-row tile from one token of x (converted, times mul).
+template <typename S, typename T>
+PYVQ_WA_INLINE void load_row(const S* src, int64_t sd, int64_t d, T mul, T* dst) {
+  if (sd == 1)
+    for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c]) * mul;
+  else
+    for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c * sd]) * mul;
+}
+
+// Column j of a transposed tile (row stride ld) from one token of x.
+template <typename S, typename T>
+PYVQ_WA_INLINE void load_col(const S* src, int64_t sd, int64_t d, int64_t ld, T* dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c * ld] = static_cast<T>(src[c * sd]);
+}
+
+// The head's expanded bias (N x NP, padding columns zero) from the (rows, heads) table in T.
+template <typename T>
+void expand_bias(const T* table, int64_t heads, int64_t h, int64_t w, const Tiles<T>& t) {
+  const int64_t span = 2 * w - 1;
+  for (int64_t ri = 0; ri < w; ++ri)
+    for (int64_t ci = 0; ci < w; ++ci) {
+      T* row = t.bias + (ri * w + ci) * t.NP;
+      for (int64_t rj = 0; rj < w; ++rj) {
+        const int64_t base = (ri - rj + w - 1) * span + ci + w - 1;  // bias_index at cj = 0
+        for (int64_t cj = 0; cj < w; ++cj) row[rj * w + cj] = table[(base - cj) * heads + h];
+      }
+    }
+}
+
+// partial[bias_index(i, j)] += dbias[i][j] over the window's N x N pairs, in order.
+template <typename T>
+void fold_bias(const Tiles<T>& t, int64_t w, T* partial) {
+  const int64_t span = 2 * w - 1;
+  for (int64_t ri = 0; ri < w; ++ri)
+    for (int64_t ci = 0; ci < w; ++ci) {
+      const T* row = t.dbias + (ri * w + ci) * t.NP;
+      for (int64_t rj = 0; rj < w; ++rj) {
+        const int64_t base = (ri - rj + w - 1) * span + ci + w - 1;
+        for (int64_t cj = 0; cj < w; ++cj) partial[base - cj] += row[rj * w + cj];
+      }
+    }
+}
+
+// Everything one call of either op shares.
+struct Call {
+  Geometry g;
+  int64_t chunks_per_head;  // ceil(windows / kChunk)
+  int64_t num_chunks;       // B * heads * chunks_per_head
+  at::Tensor table;         // (rows, heads) bias table in the accumulation dtype, contiguous
+  double scale;
+};
+
+inline Call make_call(const Geometry& g, const std::optional<at::Tensor>& bias_table,
+                      at::ScalarType acc, double scale) {
+  Call c{g, 0, 0, at::Tensor(), scale};
+  const int64_t windows = g.nwr * g.nwc;
+  c.chunks_per_head = (windows + kChunk - 1) / kChunk;
+  c.num_chunks = g.B * g.heads * c.chunks_per_head;
+  if (bias_table.has_value()) c.table = bias_table->to(acc).contiguous();
+  return c;
+}
+
+template <typename Fn>
+PYVQ_WA_INLINE void for_chunk_windows(const Call& c, int64_t chunk, Fn&& fn) {
+  const int64_t bh = chunk / c.chunks_per_head, blk = chunk - bh * c.chunks_per_head;
+  const int64_t windows = c.g.nwr * c.g.nwc;
+  const int64_t w0 = blk * kChunk, w1 = w0 + kChunk < windows ? w0 + kChunk : windows;
+  for (int64_t win = w0; win < w1; ++win) fn(bh / c.g.heads, bh % c.g.heads, win);
+}
+
+template <typename scalar_t, typename T>
+void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, bool avx512) {
+  const Geometry& g = c.g;
+  const bool has_bias = c.table.defined();
+  const View<const scalar_t> vq = view_of<const scalar_t>(q), vk = view_of<const scalar_t>(k),
+                             vv = view_of<const scalar_t>(v);
+  const View<scalar_t> vo = view_of<scalar_t>(out);
+  const View<T> vl = view_of<T>(lse);
+  const T* table = has_bias ? c.table.data_ptr<T>() : nullptr;
+  const T scale = static_cast<T>(c.scale);
+  Carver count(nullptr);
+  carve_tiles<T>(count, g, false, has_bias);
+  const size_t bytes = count.used();
+
+  at::parallel_for(0, c.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    Scratch scratch(bytes);
+    Carver carver(scratch.data());
+    Tiles<T> t = carve_tiles<T>(carver, g, false, has_bias);
+    WindowTokens wt{std::vector<int64_t>(g.N), std::vector<int64_t>(g.N)};
+    int64_t bias_head = -1;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      for_chunk_windows(c, chunk, [&](int64_t b, int64_t h, int64_t win) {
+        if (has_bias && h != bias_head) {
+          expand_bias(table, g.heads, h, g.w, t);
+          bias_head = h;
+        }
+        locate_window(g, win, wt, t.region, &t.mixed);
+        for (int64_t i = 0; i < g.N; ++i) {
+          const int64_t r = wt.row[i], cc = wt.col[i];
+          load_row(token_ptr(vq, b, h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+          load_col(token_ptr(vk, b, h, r, cc), vk.sd, g.d, t.NP, t.kt + i);
+          load_row(token_ptr(vv, b, h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
+        }
+        if (avx512)
+          forward_window_avx512(t);
+        else
+          forward_window_generic(t);
+        for (int64_t i = 0; i < g.N; ++i) {
+          const int64_t r = wt.row[i], cc = wt.col[i];
+          scalar_t* dst = token_ptr(vo, b, h, r, cc);  // contiguous: sd == 1
+          const T* o = t.o + i * t.DP;
+          const T inv = t.rowinfo[i];
+          for (int64_t e = 0; e < g.d; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
+          *token_ptr(vl, b, h, r, cc) = t.lse[i];
+        }
+      });
+    }
+  });
+}
+
+template <typename scalar_t, typename T>
+void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                     const at::Tensor& lse, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                     const at::Tensor& grad_v, T* partials, bool avx512) {
+  const Geometry& g = c.g;
+  const bool has_bias = c.table.defined();
+  const View<const scalar_t> vq = view_of<const scalar_t>(q), vk = view_of<const scalar_t>(k),
+                             vv = view_of<const scalar_t>(v), vg = view_of<const scalar_t>(grad_out),
+                             vo = view_of<const scalar_t>(out);
+  const View<const T> vl = view_of<const T>(lse);
+  const View<scalar_t> gq = view_of<scalar_t>(grad_q), gk = view_of<scalar_t>(grad_k),
+                       gv = view_of<scalar_t>(grad_v);
+  const T* table = has_bias ? c.table.data_ptr<T>() : nullptr;
+  const T scale = static_cast<T>(c.scale);
+  const int64_t table_rows = (2 * g.w - 1) * (2 * g.w - 1);
+  Carver count(nullptr);
+  carve_tiles<T>(count, g, true, has_bias);
+  const size_t bytes = count.used();
+
+  at::parallel_for(0, c.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    Scratch scratch(bytes);
+    Carver carver(scratch.data());
+    Tiles<T> t = carve_tiles<T>(carver, g, true, has_bias);
+    WindowTokens wt{std::vector<int64_t>(g.N), std::vector<int64_t>(g.N)};
+    int64_t bias_head = -1;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      if (has_bias) std::memset(t.dbias, 0, sizeof(T) * t.N * t.NP);
+      for_chunk_windows(c, chunk, [&](int64_t b, int64_t h, int64_t win) {
+        if (has_bias && h != bias_head) {
+          expand_bias(table, g.heads, h, g.w, t);
+          bias_head = h;
+        }
+        locate_window(g, win, wt, t.region, &t.mixed);
+        for (int64_t i = 0; i < g.N; ++i) {
+          const int64_t r = wt.row[i], cc = wt.col[i];
+          const scalar_t* kp = token_ptr(vk, b, h, r, cc);
+          const scalar_t* vp = token_ptr(vv, b, h, r, cc);
+          load_row(token_ptr(vq, b, h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+          load_row(kp, vk.sd, g.d, T(1), t.k + i * t.DP);
+          load_col(kp, vk.sd, g.d, t.NP, t.kt + i);
+          load_col(vp, vv.sd, g.d, t.NP, t.vt + i);
+          T* dout = t.dout + i * t.DP;
+          load_row(token_ptr(vg, b, h, r, cc), vg.sd, g.d, T(1), dout);
+          const scalar_t* op = token_ptr(vo, b, h, r, cc);
+          T D = 0;
+          for (int64_t e = 0; e < g.d; ++e) D += dout[e] * static_cast<T>(op[e * vo.sd]);
+          t.rowinfo[i] = D;
+          t.lse[i] = *token_ptr(vl, b, h, r, cc);
+        }
+        if (avx512)
+          backward_window_avx512(t);
+        else
+          backward_window_generic(t);
+        for (int64_t i = 0; i < g.N; ++i) {
+          const int64_t r = wt.row[i], cc = wt.col[i];
+          scalar_t* dq = token_ptr(gq, b, h, r, cc);  // contiguous outputs
+          scalar_t* dk = token_ptr(gk, b, h, r, cc);
+          scalar_t* dv = token_ptr(gv, b, h, r, cc);
+          const T *sq = t.dq + i * t.DP, *sk = t.dk + i * t.DP, *sv = t.dv + i * t.DP;
+          for (int64_t e = 0; e < g.d; ++e) {
+            dq[e] = static_cast<scalar_t>(sq[e] * scale);
+            dk[e] = static_cast<scalar_t>(sk[e]);
+            dv[e] = static_cast<scalar_t>(sv[e]);
+          }
+        }
+      });
+      if (has_bias) fold_bias(t, g.w, partials + chunk * table_rows);
+    }
+  });
+}
+
+// --- checks and the ops ----------------------------------------------------------------------------
+
+constexpr const char* kOp = "pyvq.window_attention";
+
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_floating(q, "q");
+  check_dim(q, "q", 5);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}}) {
+    TORCH_CHECK(t.sizes() == q.sizes(), kOp, ": argument '", name, "' must have the shape of 'q' ",
+                q.sizes(), ", got ", t.sizes());
+    check_same_dtype(t, name, q, "q");
+    check_same_device(t, name, q, "q");
+  }
+}
+
+inline Geometry check_window(const at::Tensor& q, const std::optional<at::Tensor>& bias_table,
+                             int64_t window_size, int64_t shift, double scale) {
+  TORCH_CHECK(window_size >= 1 && window_size <= kMaxWindow, kOp,
+              ": argument 'window_size' must be in [1, ", kMaxWindow, "], got ", window_size);
+  TORCH_CHECK(shift >= 0 && shift < window_size, kOp,
+              ": argument 'shift' must be in [0, window_size) = [0, ", window_size, "), got ", shift);
+  const int64_t H = q.size(2), W = q.size(3), heads = q.size(1);
+  TORCH_CHECK(H % window_size == 0 && W % window_size == 0, kOp,
+              ": the grid H x W (q.shape[2:4]) must be a multiple of window_size ", window_size,
+              " in both axes, got ", H, " x ", W);
+  TORCH_CHECK(std::isfinite(scale), kOp, ": argument 'scale' must be finite, got ", scale);
+  if (bias_table.has_value()) {
+    const at::Tensor& b = *bias_table;
+    check_floating(b, "bias_table");
+    check_same_device(b, "bias_table", q, "q");
+    const int64_t rows = (2 * window_size - 1) * (2 * window_size - 1);
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == rows && b.size(1) == heads, kOp,
+                ": argument 'bias_table' must have shape ((2 * window_size - 1)^2, heads) = (",
+                rows, ", ", heads, "), got ", b.sizes());
+  }
+  return make_geometry(q.size(0), heads, H, W, q.size(4), window_size, shift);
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& bias_table,
+                                                        int64_t window_size, int64_t shift,
+                                                        double scale) {
+  check_qkv(q, k, v);
+  const Geometry g = check_window(q, bias_table, window_size, shift, scale);
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({g.B, g.heads, g.H, g.W}, q.options().dtype(acc));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const Call c = make_call(g, bias_table, acc, scale);
+  const bool avx512 = cpu_isa_for(kWindowAttentionIsa) >= CpuIsa::kAvx512;  // once per call
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention", [&] {
+    forward_chunks<scalar_t, at::opmath_type<scalar_t>>(c, q, k, v, out, lse, avx512);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias_table, const at::Tensor& out, const at::Tensor& lse,
+    int64_t window_size, int64_t shift, double scale) {
+  check_qkv(q, k, v);
+  const Geometry g = check_window(q, bias_table, window_size, shift, scale);
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    TORCH_CHECK(t.sizes() == q.sizes(), kOp, ": argument '", name, "' must have the shape of 'q' ",
+                q.sizes(), ", got ", t.sizes());
+    check_same_dtype(t, name, q, "q");
+    check_same_device(t, name, q, "q");
+  }
+  TORCH_CHECK(lse.dim() == 4 && lse.sizes() == q.sizes().slice(0, 4), kOp,
+              ": argument 'lse' must have shape (B, heads, H, W) = ", q.sizes().slice(0, 4),
+              ", got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == acc, kOp, ": argument 'lse' must have dtype ", acc,
+              " (the accumulation dtype of ", q.scalar_type(), "), got ", lse.scalar_type());
+  check_same_device(lse, "lse", q, "q");
+
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(q.sizes(), q.options());
+  at::Tensor grad_v = at::empty(q.sizes(), q.options());
+  const Call c = make_call(g, bias_table, acc, scale);
+  const bool has_bias = c.table.defined();
+  const int64_t table_rows = (2 * g.w - 1) * (2 * g.w - 1);
+  // Per-chunk partial bias gradients, added in chunk order below.
+  at::Tensor partials =
+      at::zeros({has_bias ? c.num_chunks : 0, table_rows}, q.options().dtype(acc));
+  const bool avx512 = cpu_isa_for(kWindowAttentionIsa) >= CpuIsa::kAvx512;
+  if (q.numel() > 0 || lse.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, q.scalar_type(), "_window_attention_backward", [&] {
+          using T = at::opmath_type<scalar_t>;
+          backward_chunks<scalar_t, T>(c, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v,
+                                       has_bias ? partials.data_ptr<T>() : nullptr, avx512);
+        });
+  }
+  if (!has_bias) return {grad_q, grad_k, grad_v, at::empty({0}, q.options())};
+  // (B, heads, chunks, rows) -> (rows, heads): for each head, the chunks of every batch in order.
+  at::Tensor reduced = at::zeros({table_rows, g.heads}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "_window_attention_backward", [&] {
+    const scalar_t* p = partials.data_ptr<scalar_t>();
+    scalar_t* r = reduced.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.heads; ++h)
+        for (int64_t blk = 0; blk < c.chunks_per_head; ++blk) {
+          const scalar_t* part = p + ((b * g.heads + h) * c.chunks_per_head + blk) * table_rows;
+          for (int64_t e = 0; e < table_rows; ++e) r[e * g.heads + h] += part[e];
+        }
+  });
+  return {grad_q, grad_k, grad_v, reduced.to(bias_table->scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvq, CPU, m) {
+  m.impl("window_attention", &window_attention_cpu);
+  m.impl("_window_attention_backward", &window_attention_backward_cpu);
+}
+
+PYVQ_REGISTER_CPU_OP("window_attention", kWindowAttentionIsa);
+
+}  // namespace window_attention
+}  // namespace pyvq
