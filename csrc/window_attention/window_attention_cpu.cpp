@@ -34,11 +34,14 @@
 // Trapping math is off so that the compiler may turn branches into selects; nothing here reads
 // the floating-point exception flags.
 #pragma GCC optimize("no-trapping-math")
+// 64-byte vectors pass between always-inline helpers only (never across a real call), so the
+// ABI note GCC gives for them in baseline code does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common/build_facts.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
-#include "posterior/posterior.h"  // fast_exp: the vectorisable float exp of the CPU kernels
+#include "posterior/posterior.h"  // fast_exp, fast_log: the vectorisable float exp and log
 #include "window_attention/window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -55,6 +58,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace pyvq {
@@ -62,7 +66,7 @@ namespace window_attention {
 namespace {
 
 constexpr int64_t kMaxWindow = 32;  // pyvq/ops/window_attention.py MAX_WINDOW
-constexpr int64_t kChunk = 16;      // windows per task (fixed: results must not depend on threads)
+constexpr int64_t kChunk = 4;  // windows per task (fixed: results must not depend on threads)
 
 #define PYVQ_WA_INLINE inline __attribute__((always_inline))
 
@@ -73,10 +77,12 @@ struct VecOf;
 template <>
 struct VecOf<float> {
   typedef float type __attribute__((vector_size(64)));
+  typedef int32_t index __attribute__((vector_size(64)));  // a shuffle mask of `type`
 };
 template <>
 struct VecOf<double> {
   typedef double type __attribute__((vector_size(64)));
+  typedef int64_t index __attribute__((vector_size(64)));
 };
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
@@ -162,11 +168,26 @@ PYVQ_WA_INLINE void matmul(int64_t M, int64_t ncols, int64_t nt, const T* A, int
 
 PYVQ_WA_INLINE float wa_exp(float x) { return posterior::fast_exp(x); }
 PYVQ_WA_INLINE double wa_exp(double x) { return ::exp(x); }
-PYVQ_WA_INLINE float wa_log(float x) { return ::logf(x); }
+PYVQ_WA_INLINE float wa_log(float x) { return posterior::fast_log(x); }
 PYVQ_WA_INLINE double wa_log(double x) { return ::log(x); }
 
+// Lane l of the result holds lane l ^ half of v (swaps blocks of `half` lanes).
+template <typename T, int half>
+PYVQ_WA_INLINE typename VecOf<T>::type swap_lanes(const typename VecOf<T>::type& v) {
+  using index = typename VecOf<T>::index;
+  if constexpr (kLanes<T> == 16)
+    return __builtin_shuffle(v, index{0 ^ half, 1 ^ half, 2 ^ half, 3 ^ half, 4 ^ half, 5 ^ half,
+                                      6 ^ half, 7 ^ half, 8 ^ half, 9 ^ half, 10 ^ half, 11 ^ half,
+                                      12 ^ half, 13 ^ half, 14 ^ half, 15 ^ half});
+  else
+    return __builtin_shuffle(v, index{0 ^ half, 1 ^ half, 2 ^ half, 3 ^ half, 4 ^ half, 5 ^ half,
+                                      6 ^ half, 7 ^ half});
+}
+
+// Max and sum over p[0:n] (n a positive multiple of a vector): lane-wise, then a fixed tree over
+// the lanes (the same order on every call).
 template <typename T>
-PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {  // n a multiple of a vector, n > 0
+PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {
   using vec = typename VecOf<T>::type;
   constexpr int64_t L = kLanes<T>;
   vec m = *vec_at(p);
@@ -174,20 +195,25 @@ PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {  // n a multiple of a vector, 
     const vec x = *vec_at(p + j);
     m = x > m ? x : m;
   }
-  T r = m[0];
-  for (int64_t l = 1; l < L; ++l) r = m[l] > r ? m[l] : r;
-  return r;
+  vec x;
+  if constexpr (L == 16) x = swap_lanes<T, 8>(m), m = x > m ? x : m;
+  x = swap_lanes<T, 4>(m), m = x > m ? x : m;
+  x = swap_lanes<T, 2>(m), m = x > m ? x : m;
+  x = swap_lanes<T, 1>(m), m = x > m ? x : m;
+  return m[0];
 }
 
 template <typename T>
-PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {  // lane sums, then the lanes in order
+PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {
   using vec = typename VecOf<T>::type;
   constexpr int64_t L = kLanes<T>;
-  vec s = vec{};
-  for (int64_t j = 0; j < n; j += L) s += *vec_at(p + j);
-  T r = s[0];
-  for (int64_t l = 1; l < L; ++l) r += s[l];
-  return r;
+  vec s = *vec_at(p);
+  for (int64_t j = L; j < n; j += L) s += *vec_at(p + j);
+  if constexpr (L == 16) s += swap_lanes<T, 8>(s);
+  s += swap_lanes<T, 4>(s);
+  s += swap_lanes<T, 2>(s);
+  s += swap_lanes<T, 1>(s);
+  return s[0];
 }
 
 // One thread's tiles (see the header comment) and the current window's facts.
@@ -199,7 +225,17 @@ struct Tiles {
   T *lse, *rowinfo;  // per query: logsumexp; forward 1 / sum, backward D = dout . out
   int* region;       // per token of a mixed window: its region id
   bool has_bias, mixed;
+  // Cache lines of the next window's tokens, prefetched a slice per query row (see queue_window).
+  const char** prefetch;
+  int64_t num_prefetch;
 };
+
+// Prefetches the share of row i (of N) of the queued lines.
+template <typename T>
+PYVQ_WA_INLINE void prefetch_share(const Tiles<T>& t, int64_t i) {
+  const int64_t lo = i * t.num_prefetch / t.N, hi = (i + 1) * t.num_prefetch / t.N;
+  for (int64_t e = lo; e < hi; ++e) __builtin_prefetch(t.prefetch[e], 0, 3);
+}
 
 // Row i of the scores: masked and padded keys to -inf.
 template <typename T>
@@ -226,11 +262,16 @@ PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
   scores(t);
   for (int64_t i = 0; i < t.N; ++i) {
     T* s = t.s + i * t.NP;
+    prefetch_share(t, i);
     mask_row(t, i, s);
     const T m = vec_max(s, t.NP);  // finite: a query always sees itself
     for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - m);
-    const T l = vec_sum(s, t.NP);
-    t.lse[i] = m + wa_log(l);
+    t.lse[i] = m;  // max and sum for now; logsumexp and 1 / sum below, vectorised
+    t.rowinfo[i] = vec_sum(s, t.NP);
+  }
+  for (int64_t i = 0; i < t.N; ++i) {
+    const T l = t.rowinfo[i];
+    t.lse[i] += wa_log(l);
     t.rowinfo[i] = T(1) / l;
   }
   // O = P v, unnormalised: the scatter multiplies row i by 1 / l_i.
@@ -242,6 +283,7 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
   scores(t);
   for (int64_t i = 0; i < t.N; ++i) {  // P = exp(S - lse)
     T* s = t.s + i * t.NP;
+    prefetch_share(t, i);
     mask_row(t, i, s);
     const T lse = t.lse[i];
     for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - lse);
@@ -343,6 +385,7 @@ Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias)
   t.rowinfo = c.template take<T>(t.NP);
   t.region = c.template take<int>(t.NP);
   if (has_bias) t.bias = c.template take<T>(sq);
+  t.prefetch = c.template take<const char*>((backward ? 5 : 3) * t.N * (t.d * 8 / 64 + 2));
   if (backward) {
     t.k = c.template take<T>(rows);
     t.vt = c.template take<T>(cols);
@@ -374,20 +417,6 @@ View<S> view_of(const at::Tensor& x) {
 template <typename S>
 PYVQ_WA_INLINE S* token_ptr(const View<S>& v, int64_t b, int64_t h, int64_t r, int64_t c) {
   return v.p + b * v.sb + h * v.sh + r * v.sr + c * v.sc;
-}
-
-// The per-window data both passes gather: token positions and, in a mixed window, region ids.
-struct WindowTokens {
-  std::vector<int64_t> row, col;
-};
-
-inline void locate_window(const Geometry& g, int64_t win, WindowTokens& wt, int* region,
-                          bool* mixed) {
-  const int64_t wr = win / g.nwc, wc = win - wr * g.nwc;
-  for (int64_t i = 0; i < g.N; ++i) token_source(g, wr, wc, i, &wt.row[i], &wt.col[i]);
-  *mixed = window_is_mixed(wr, wc, g.nwr, g.nwc, g.shift);
-  if (*mixed)
-    for (int64_t i = 0; i < g.N; ++i) region[i] = token_region(g, wr, wc, i);
 }
 
 // Row i of a token-row tile from one token of x (converted, times mul).
@@ -437,7 +466,7 @@ void fold_bias(const Tiles<T>& t, int64_t w, T* partial) {
 struct Call {
   Geometry g;
   int64_t chunks_per_head;  // ceil(windows / kChunk)
-  int64_t num_chunks;       // B * heads * chunks_per_head
+  int64_t num_chunks;       // B * chunks_per_head * heads, heads fastest (see locate)
   at::Tensor table;         // (rows, heads) bias table in the accumulation dtype, contiguous
   double scale;
 };
@@ -452,12 +481,77 @@ inline Call make_call(const Geometry& g, const std::optional<at::Tensor>& bias_t
   return c;
 }
 
+// One window of one (batch, head) and the original positions of its tokens.
+struct Window {
+  int64_t chunk, b, h, win;
+  bool mixed;                     // holds tokens of more than one region
+  std::vector<int64_t> row, col;  // per local token
+};
+
+// The k-th window of `chunk` into w (tokens located); false past the chunk's end.
+inline bool locate(const Call& c, int64_t chunk, int64_t k, Window& w) {
+  const Geometry& g = c.g;
+  // chunk = (b * chunks_per_head + blk) * heads + h
+  const int64_t bblk = chunk / g.heads, blk = bblk % c.chunks_per_head;
+  const int64_t win = blk * kChunk + k;
+  if (k >= kChunk || win >= g.nwr * g.nwc) return false;
+  w.chunk = chunk;
+  w.b = bblk / c.chunks_per_head;
+  w.h = chunk - bblk * g.heads;
+  w.win = win;
+  const int64_t wr = win / g.nwc, wc = win - wr * g.nwc;
+  w.mixed = window_is_mixed(wr, wc, g.nwr, g.nwc, g.shift);
+  for (int64_t li = 0, i = 0; li < g.w; ++li) {
+    const int64_t r = source_coord(wr * g.w + li, g.shift, g.H);
+    for (int64_t lj = 0; lj < g.w; ++lj, ++i) {
+      w.row[i] = r;
+      w.col[i] = source_coord(wc * g.w + lj, g.shift, g.W);
+    }
+  }
+  return true;
+}
+
+// Region ids of a mixed window's tokens.
+inline void window_regions(const Geometry& g, const Window& w, int* region) {
+  const int64_t wr = w.win / g.nwc, wc = w.win - wr * g.nwc;
+  for (int64_t i = 0; i < g.N; ++i) region[i] = token_region(g, wr, wc, i);
+}
+
+// Windows are gathered from memory the caches have not seen, in runs too short for the hardware
+// prefetchers, so the next window's token rows are prefetched while one window computes: queued
+// here, issued a share per query row (prefetch_share) rather than all at once, which would
+// overflow the core's outstanding-miss queue.
+template <typename S, typename T>
+inline void queue_window(const View<S>& v, const Window& w, int64_t N, int64_t d, Tiles<T>& t) {
+  const int64_t bytes = (v.sd == 1 ? d : 1) * static_cast<int64_t>(sizeof(S));
+  for (int64_t i = 0; i < N; ++i) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(token_ptr(v, w.b, w.h, w.row[i], w.col[i]));
+    for (uintptr_t line = p & ~uintptr_t(63); line < p + bytes; line += 64)
+      t.prefetch[t.num_prefetch++] = reinterpret_cast<const char*>(line);
+  }
+}
+
+// Calls fn(cur, next) for every window of chunks [c0, c1) in order, with next the window after
+// it in the range (for prefetching) or nullptr for the last one; fn(nullptr, chunk) ends each
+// chunk.
 template <typename Fn>
-PYVQ_WA_INLINE void for_chunk_windows(const Call& c, int64_t chunk, Fn&& fn) {
-  const int64_t bh = chunk / c.chunks_per_head, blk = chunk - bh * c.chunks_per_head;
-  const int64_t windows = c.g.nwr * c.g.nwc;
-  const int64_t w0 = blk * kChunk, w1 = w0 + kChunk < windows ? w0 + kChunk : windows;
-  for (int64_t win = w0; win < w1; ++win) fn(bh / c.g.heads, bh % c.g.heads, win);
+inline void for_windows(const Call& c, int64_t c0, int64_t c1, Fn&& fn) {
+  const int64_t N = c.g.N;
+  Window cur{0, 0, 0, 0, false, std::vector<int64_t>(N), std::vector<int64_t>(N)};
+  Window nxt = cur;
+  bool have = c0 < c1 && locate(c, c0, 0, cur);
+  int64_t k = 0;
+  while (have) {
+    bool more = locate(c, cur.chunk, k + 1, nxt);
+    const bool ends_chunk = !more;
+    if (more)
+      ++k;
+    else if (cur.chunk + 1 < c1 && locate(c, cur.chunk + 1, 0, nxt))
+      more = true, k = 0;
+    fn(&cur, more ? &nxt : nullptr, ends_chunk);
+    std::swap(cur, nxt);
+    have = more;
+  }
 }
 
 template <typename scalar_t, typename T>
@@ -479,35 +573,39 @@ void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, con
     Scratch scratch(bytes);
     Carver carver(scratch.data());
     Tiles<T> t = carve_tiles<T>(carver, g, false, has_bias);
-    WindowTokens wt{std::vector<int64_t>(g.N), std::vector<int64_t>(g.N)};
     int64_t bias_head = -1;
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      for_chunk_windows(c, chunk, [&](int64_t b, int64_t h, int64_t win) {
-        if (has_bias && h != bias_head) {
-          expand_bias(table, g.heads, h, g.w, t);
-          bias_head = h;
-        }
-        locate_window(g, win, wt, t.region, &t.mixed);
-        for (int64_t i = 0; i < g.N; ++i) {
-          const int64_t r = wt.row[i], cc = wt.col[i];
-          load_row(token_ptr(vq, b, h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-          load_col(token_ptr(vk, b, h, r, cc), vk.sd, g.d, t.NP, t.kt + i);
-          load_row(token_ptr(vv, b, h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
-        }
-        if (avx512)
-          forward_window_avx512(t);
-        else
-          forward_window_generic(t);
-        for (int64_t i = 0; i < g.N; ++i) {
-          const int64_t r = wt.row[i], cc = wt.col[i];
-          scalar_t* dst = token_ptr(vo, b, h, r, cc);  // contiguous: sd == 1
-          const T* o = t.o + i * t.DP;
-          const T inv = t.rowinfo[i];
-          for (int64_t e = 0; e < g.d; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
-          *token_ptr(vl, b, h, r, cc) = t.lse[i];
-        }
-      });
-    }
+    for_windows(c, c0, c1, [&](const Window* w, const Window* next, bool /*ends_chunk*/) {
+      if (has_bias && w->h != bias_head) {
+        expand_bias(table, g.heads, w->h, g.w, t);
+        bias_head = w->h;
+      }
+      t.mixed = w->mixed;
+      if (w->mixed) window_regions(g, *w, t.region);
+      for (int64_t i = 0; i < g.N; ++i) {
+        const int64_t r = w->row[i], cc = w->col[i];
+        load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+        load_col(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, t.NP, t.kt + i);
+        load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
+      }
+      t.num_prefetch = 0;
+      if (next) {
+        queue_window(vq, *next, g.N, g.d, t);
+        queue_window(vk, *next, g.N, g.d, t);
+        queue_window(vv, *next, g.N, g.d, t);
+      }
+      if (avx512)
+        forward_window_avx512(t);
+      else
+        forward_window_generic(t);
+      for (int64_t i = 0; i < g.N; ++i) {
+        const int64_t r = w->row[i], cc = w->col[i];
+        scalar_t* dst = token_ptr(vo, w->b, w->h, r, cc);  // contiguous: sd == 1
+        const T* o = t.o + i * t.DP;
+        const T inv = t.rowinfo[i];
+        for (int64_t e = 0; e < g.d; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
+        *token_ptr(vl, w->b, w->h, r, cc) = t.lse[i];
+      }
+    });
   });
 }
 
@@ -535,51 +633,60 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
     Scratch scratch(bytes);
     Carver carver(scratch.data());
     Tiles<T> t = carve_tiles<T>(carver, g, true, has_bias);
-    WindowTokens wt{std::vector<int64_t>(g.N), std::vector<int64_t>(g.N)};
     int64_t bias_head = -1;
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      if (has_bias) std::memset(t.dbias, 0, sizeof(T) * t.N * t.NP);
-      for_chunk_windows(c, chunk, [&](int64_t b, int64_t h, int64_t win) {
-        if (has_bias && h != bias_head) {
-          expand_bias(table, g.heads, h, g.w, t);
-          bias_head = h;
+    // dbias starts zeroed (Scratch) and is zeroed again after each chunk's fold.
+    for_windows(c, c0, c1, [&](const Window* w, const Window* next, bool ends_chunk) {
+      if (has_bias && w->h != bias_head) {
+        expand_bias(table, g.heads, w->h, g.w, t);
+        bias_head = w->h;
+      }
+      t.mixed = w->mixed;
+      if (w->mixed) window_regions(g, *w, t.region);
+      for (int64_t i = 0; i < g.N; ++i) {
+        const int64_t r = w->row[i], cc = w->col[i];
+        const scalar_t* kp = token_ptr(vk, w->b, w->h, r, cc);
+        const scalar_t* vp = token_ptr(vv, w->b, w->h, r, cc);
+        load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+        load_row(kp, vk.sd, g.d, T(1), t.k + i * t.DP);
+        load_col(kp, vk.sd, g.d, t.NP, t.kt + i);
+        load_col(vp, vv.sd, g.d, t.NP, t.vt + i);
+        T* dout = t.dout + i * t.DP;
+        load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), dout);
+        const scalar_t* op = token_ptr(vo, w->b, w->h, r, cc);
+        T D = 0;
+        for (int64_t e = 0; e < g.d; ++e) D += dout[e] * static_cast<T>(op[e * vo.sd]);
+        t.rowinfo[i] = D;
+        t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
+      }
+      t.num_prefetch = 0;
+      if (next) {
+        queue_window(vq, *next, g.N, g.d, t);
+        queue_window(vk, *next, g.N, g.d, t);
+        queue_window(vv, *next, g.N, g.d, t);
+        queue_window(vg, *next, g.N, g.d, t);
+        queue_window(vo, *next, g.N, g.d, t);
+      }
+      if (avx512)
+        backward_window_avx512(t);
+      else
+        backward_window_generic(t);
+      for (int64_t i = 0; i < g.N; ++i) {
+        const int64_t r = w->row[i], cc = w->col[i];
+        scalar_t* dq = token_ptr(gq, w->b, w->h, r, cc);  // contiguous outputs
+        scalar_t* dk = token_ptr(gk, w->b, w->h, r, cc);
+        scalar_t* dv = token_ptr(gv, w->b, w->h, r, cc);
+        const T *sq = t.dq + i * t.DP, *sk = t.dk + i * t.DP, *sv = t.dv + i * t.DP;
+        for (int64_t e = 0; e < g.d; ++e) {
+          dq[e] = static_cast<scalar_t>(sq[e] * scale);
+          dk[e] = static_cast<scalar_t>(sk[e]);
+          dv[e] = static_cast<scalar_t>(sv[e]);
         }
-        locate_window(g, win, wt, t.region, &t.mixed);
-        for (int64_t i = 0; i < g.N; ++i) {
-          const int64_t r = wt.row[i], cc = wt.col[i];
-          const scalar_t* kp = token_ptr(vk, b, h, r, cc);
-          const scalar_t* vp = token_ptr(vv, b, h, r, cc);
-          load_row(token_ptr(vq, b, h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-          load_row(kp, vk.sd, g.d, T(1), t.k + i * t.DP);
-          load_col(kp, vk.sd, g.d, t.NP, t.kt + i);
-          load_col(vp, vv.sd, g.d, t.NP, t.vt + i);
-          T* dout = t.dout + i * t.DP;
-          load_row(token_ptr(vg, b, h, r, cc), vg.sd, g.d, T(1), dout);
-          const scalar_t* op = token_ptr(vo, b, h, r, cc);
-          T D = 0;
-          for (int64_t e = 0; e < g.d; ++e) D += dout[e] * static_cast<T>(op[e * vo.sd]);
-          t.rowinfo[i] = D;
-          t.lse[i] = *token_ptr(vl, b, h, r, cc);
-        }
-        if (avx512)
-          backward_window_avx512(t);
-        else
-          backward_window_generic(t);
-        for (int64_t i = 0; i < g.N; ++i) {
-          const int64_t r = wt.row[i], cc = wt.col[i];
-          scalar_t* dq = token_ptr(gq, b, h, r, cc);  // contiguous outputs
-          scalar_t* dk = token_ptr(gk, b, h, r, cc);
-          scalar_t* dv = token_ptr(gv, b, h, r, cc);
-          const T *sq = t.dq + i * t.DP, *sk = t.dk + i * t.DP, *sv = t.dv + i * t.DP;
-          for (int64_t e = 0; e < g.d; ++e) {
-            dq[e] = static_cast<scalar_t>(sq[e] * scale);
-            dk[e] = static_cast<scalar_t>(sk[e]);
-            dv[e] = static_cast<scalar_t>(sv[e]);
-          }
-        }
-      });
-      if (has_bias) fold_bias(t, g.w, partials + chunk * table_rows);
-    }
+      }
+      if (has_bias && ends_chunk) {
+        fold_bias(t, g.w, partials + w->chunk * table_rows);
+        std::memset(t.dbias, 0, sizeof(T) * t.N * t.NP);
+      }
+    });
   });
 }
 
@@ -684,17 +791,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_back
         });
   }
   if (!has_bias) return {grad_q, grad_k, grad_v, at::empty({0}, q.options())};
-  // (B, heads, chunks, rows) -> (rows, heads): for each head, the chunks of every batch in order.
+  // (chunks, rows) -> (rows, heads): each chunk's partial into its head's column, in chunk order.
   at::Tensor reduced = at::zeros({table_rows, g.heads}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "_window_attention_backward", [&] {
     const scalar_t* p = partials.data_ptr<scalar_t>();
     scalar_t* r = reduced.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < g.B; ++b)
-      for (int64_t h = 0; h < g.heads; ++h)
-        for (int64_t blk = 0; blk < c.chunks_per_head; ++blk) {
-          const scalar_t* part = p + ((b * g.heads + h) * c.chunks_per_head + blk) * table_rows;
-          for (int64_t e = 0; e < table_rows; ++e) r[e * g.heads + h] += part[e];
-        }
+    for (int64_t chunk = 0; chunk < c.num_chunks; ++chunk) {
+      const int64_t h = chunk % g.heads;
+      const scalar_t* part = p + chunk * table_rows;
+      for (int64_t e = 0; e < table_rows; ++e) r[e * g.heads + h] += part[e];
+    }
   });
   return {grad_q, grad_k, grad_v, reduced.to(bias_table->scalar_type())};
 }
