@@ -216,6 +216,19 @@ PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {
   return s[0];
 }
 
+template <typename T>
+PYVQ_WA_INLINE T vec_dot(const T* a, const T* b, int64_t n) {  // n a multiple of a vector
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  vec s = vec{};
+  for (int64_t j = 0; j < n; j += L) s += *vec_at(a + j) * *vec_at(b + j);
+  if constexpr (L == 16) s += swap_lanes<T, 8>(s);
+  s += swap_lanes<T, 4>(s);
+  s += swap_lanes<T, 2>(s);
+  s += swap_lanes<T, 1>(s);
+  return s[0];
+}
+
 // One thread's tiles (see the header comment) and the current window's facts.
 template <typename T>
 struct Tiles {
@@ -223,6 +236,7 @@ struct Tiles {
   T *q, *k, *kt, *v, *vt, *dout, *o, *dq, *dk, *dv;
   T *s, *dp, *bias, *dbias;
   T *lse, *rowinfo;  // per query: logsumexp; forward 1 / sum, backward D = dout . out
+  // o: forward, the unnormalised output; backward, the saved output
   int* region;       // per token of a mixed window: its region id
   bool has_bias, mixed;
   // Cache lines of the next window's tokens, prefetched a slice per query row (see queue_window).
@@ -288,7 +302,8 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
     const T lse = t.lse[i];
     for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - lse);
   }
-  // dP = dout vt, then dS = P * (dP - D) in place.
+  for (int64_t i = 0; i < t.N; ++i) t.rowinfo[i] = vec_dot(t.dout + i * t.DP, t.o + i * t.DP, t.DP);
+  // dP = dout vt, then dS = P * (dP - D) in place, D_i = dout_i . out_i.
   matmul<T, false>(t.N, t.NP, t.d, t.dout, t.DP, 1, t.vt, t.NP, nullptr, t.dp, t.NP);
   for (int64_t i = 0; i < t.N; ++i) {
     const T* p = t.s + i * t.NP;
@@ -426,6 +441,12 @@ PYVQ_WA_INLINE void load_row(const S* src, int64_t sd, int64_t d, T mul, T* dst)
     for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c]) * mul;
   else
     for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c * sd]) * mul;
+}
+
+// One token of a contiguous output from row i of a tile (times mul, converted).
+template <typename T, typename S>
+PYVQ_WA_INLINE void store_row(const T* __restrict src, T mul, int64_t d, S* __restrict dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<S>(src[c] * mul);
 }
 
 // Column j of a transposed tile (row stride ld) from one token of x.
@@ -597,12 +618,9 @@ void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, con
         forward_window_avx512(t);
       else
         forward_window_generic(t);
-      for (int64_t i = 0; i < g.N; ++i) {
+      for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
         const int64_t r = w->row[i], cc = w->col[i];
-        scalar_t* dst = token_ptr(vo, w->b, w->h, r, cc);  // contiguous: sd == 1
-        const T* o = t.o + i * t.DP;
-        const T inv = t.rowinfo[i];
-        for (int64_t e = 0; e < g.d; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
+        store_row(t.o + i * t.DP, t.rowinfo[i], g.d, token_ptr(vo, w->b, w->h, r, cc));
         *token_ptr(vl, w->b, w->h, r, cc) = t.lse[i];
       }
     });
@@ -650,12 +668,8 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
         load_row(kp, vk.sd, g.d, T(1), t.k + i * t.DP);
         load_col(kp, vk.sd, g.d, t.NP, t.kt + i);
         load_col(vp, vv.sd, g.d, t.NP, t.vt + i);
-        T* dout = t.dout + i * t.DP;
-        load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), dout);
-        const scalar_t* op = token_ptr(vo, w->b, w->h, r, cc);
-        T D = 0;
-        for (int64_t e = 0; e < g.d; ++e) D += dout[e] * static_cast<T>(op[e * vo.sd]);
-        t.rowinfo[i] = D;
+        load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), t.dout + i * t.DP);
+        load_row(token_ptr(vo, w->b, w->h, r, cc), vo.sd, g.d, T(1), t.o + i * t.DP);
         t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
       }
       t.num_prefetch = 0;
@@ -670,17 +684,11 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
         backward_window_avx512(t);
       else
         backward_window_generic(t);
-      for (int64_t i = 0; i < g.N; ++i) {
+      for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
         const int64_t r = w->row[i], cc = w->col[i];
-        scalar_t* dq = token_ptr(gq, w->b, w->h, r, cc);  // contiguous outputs
-        scalar_t* dk = token_ptr(gk, w->b, w->h, r, cc);
-        scalar_t* dv = token_ptr(gv, w->b, w->h, r, cc);
-        const T *sq = t.dq + i * t.DP, *sk = t.dk + i * t.DP, *sv = t.dv + i * t.DP;
-        for (int64_t e = 0; e < g.d; ++e) {
-          dq[e] = static_cast<scalar_t>(sq[e] * scale);
-          dk[e] = static_cast<scalar_t>(sk[e]);
-          dv[e] = static_cast<scalar_t>(sv[e]);
-        }
+        store_row(t.dq + i * t.DP, scale, g.d, token_ptr(gq, w->b, w->h, r, cc));
+        store_row(t.dk + i * t.DP, T(1), g.d, token_ptr(gk, w->b, w->h, r, cc));
+        store_row(t.dv + i * t.DP, T(1), g.d, token_ptr(gv, w->b, w->h, r, cc));
       }
       if (has_bias && ends_chunk) {
         fold_bias(t, g.w, partials + w->chunk * table_rows);
