@@ -58,6 +58,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -133,13 +134,28 @@ PYVQ_WA_INLINE void mk_block(const T* __restrict A, int64_t ars, int64_t acs,
     for (int v = 0; v < V; ++v) *vec_at(C + r * ldc + v * L) = acc[r][v];
 }
 
-// Rows [0, M) (rounded up to R: tiles have NP >= that many rows) of one column block.
+// Rows [0, M) of one column block: full blocks of R rows, then one block of the M % R left.
+template <typename T, int R, int V, bool kInit, int Rem = R - 1>
+PYVQ_WA_INLINE void mk_rest(int64_t rem, const T* A, int64_t ars, int64_t acs, const T* B,
+                            int64_t ldb, int64_t nt, const T* C0, T* C, int64_t ldc) {
+  if constexpr (Rem >= 1) {
+    if (rem == Rem)
+      mk_block<T, Rem, V, kInit>(A, ars, acs, B, ldb, nt, C0, C, ldc);
+    else
+      mk_rest<T, R, V, kInit, Rem - 1>(rem, A, ars, acs, B, ldb, nt, C0, C, ldc);
+  }
+}
+
 template <typename T, int R, int V, bool kInit>
 PYVQ_WA_INLINE void mk_rows(int64_t M, const T* A, int64_t ars, int64_t acs, const T* B,
                             int64_t ldb, int64_t nt, const T* C0, T* C, int64_t ldc) {
-  for (int64_t i0 = 0; i0 < M; i0 += R)
+  int64_t i0 = 0;
+  for (; i0 + R <= M; i0 += R)
     mk_block<T, R, V, kInit>(A + i0 * ars, ars, acs, B, ldb, nt, kInit ? C0 + i0 * ldc : nullptr,
                              C + i0 * ldc, ldc);
+  if (i0 < M)
+    mk_rest<T, R, V, kInit>(M - i0, A + i0 * ars, ars, acs, B, ldb, nt,
+                            kInit ? C0 + i0 * ldc : nullptr, C + i0 * ldc, ldc);
 }
 
 // C[i][0:ncols] = [C0[i][0:ncols] +] sum_{t < nt} A(i, t) B[t][0:ncols] for i < M, with
@@ -229,6 +245,60 @@ PYVQ_WA_INLINE T vec_dot(const T* a, const T* b, int64_t n) {  // n a multiple o
   return s[0];
 }
 
+// Lane l of the result: lane l of a where bit s of l is clear, else lane l - s of b (lo); lane
+// l + s of a where the bit is clear, else lane l of b (hi). Applied to rows i and i + s of a block
+// for s = L/2, ..., 1 this swaps its off-diagonal s x s sub-blocks at every scale: a transpose.
+template <typename T, int s, int... l>
+PYVQ_WA_INLINE typename VecOf<T>::type shuffle_lo(const typename VecOf<T>::type& a,
+                                                  const typename VecOf<T>::type& b,
+                                                  std::integer_sequence<int, l...>) {
+  using index = typename VecOf<T>::index;
+  constexpr int L = static_cast<int>(kLanes<T>);
+  return __builtin_shuffle(a, b, index{((l & s) ? L + l - s : l)...});
+}
+template <typename T, int s, int... l>
+PYVQ_WA_INLINE typename VecOf<T>::type shuffle_hi(const typename VecOf<T>::type& a,
+                                                  const typename VecOf<T>::type& b,
+                                                  std::integer_sequence<int, l...>) {
+  using index = typename VecOf<T>::index;
+  constexpr int L = static_cast<int>(kLanes<T>);
+  return __builtin_shuffle(a, b, index{((l & s) ? L + l : l + s)...});
+}
+
+template <typename T, int s>
+PYVQ_WA_INLINE void transpose_level(typename VecOf<T>::type* v) {
+  constexpr int L = static_cast<int>(kLanes<T>);
+  const auto lanes = std::make_integer_sequence<int, L>{};
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i)
+    if ((i & s) == 0) {
+      const typename VecOf<T>::type a = v[i], b = v[i + s];
+      v[i] = shuffle_lo<T, s>(a, b, lanes);
+      v[i + s] = shuffle_hi<T, s>(a, b, lanes);
+    }
+}
+
+// dst (cols x ldd) = src (rows x lds) transposed, rows and cols multiples of a vector, in L x L
+// register blocks.
+template <typename T>
+PYVQ_WA_INLINE void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
+                              int64_t ldd) {
+  using vec = typename VecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += L)
+    for (int64_t c0 = 0; c0 < cols; c0 += L) {
+      vec v[L];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < L; ++i) v[i] = *vec_at(src + (r0 + i) * lds + c0);
+      if constexpr (L == 16) transpose_level<T, 8>(v);
+      transpose_level<T, 4>(v);
+      transpose_level<T, 2>(v);
+      transpose_level<T, 1>(v);
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < L; ++i) *vec_at(dst + (c0 + i) * ldd + r0) = v[i];
+    }
+}
+
 // One thread's tiles (see the header comment) and the current window's facts.
 template <typename T>
 struct Tiles {
@@ -273,6 +343,7 @@ PYVQ_WA_INLINE void scores(const Tiles<T>& t) {
 
 template <typename T>
 PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
+  transpose(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
   scores(t);
   for (int64_t i = 0; i < t.N; ++i) {
     T* s = t.s + i * t.NP;
@@ -294,6 +365,8 @@ PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
 
 template <typename T>
 PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
+  transpose(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
+  transpose(t.v, t.DP, t.NP, t.DP, t.vt, t.NP);
   scores(t);
   for (int64_t i = 0; i < t.N; ++i) {  // P = exp(S - lse)
     T* s = t.s + i * t.NP;
@@ -392,6 +465,7 @@ Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias)
   t.DP = round_up(g.d, kLanes<T>);
   const int64_t rows = t.NP * t.DP, cols = t.DP * t.NP, sq = t.NP * t.NP;
   t.q = c.template take<T>(rows);
+  t.k = c.template take<T>(rows);
   t.kt = c.template take<T>(cols);
   t.v = c.template take<T>(rows);
   t.s = c.template take<T>(sq);
@@ -402,7 +476,6 @@ Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias)
   if (has_bias) t.bias = c.template take<T>(sq);
   t.prefetch = c.template take<const char*>((backward ? 5 : 3) * t.N * (t.d * 8 / 64 + 2));
   if (backward) {
-    t.k = c.template take<T>(rows);
     t.vt = c.template take<T>(cols);
     t.dout = c.template take<T>(rows);
     t.dp = c.template take<T>(sq);
@@ -447,12 +520,6 @@ PYVQ_WA_INLINE void load_row(const S* src, int64_t sd, int64_t d, T mul, T* dst)
 template <typename T, typename S>
 PYVQ_WA_INLINE void store_row(const T* __restrict src, T mul, int64_t d, S* __restrict dst) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<S>(src[c] * mul);
-}
-
-// Column j of a transposed tile (row stride ld) from one token of x.
-template <typename S, typename T>
-PYVQ_WA_INLINE void load_col(const S* src, int64_t sd, int64_t d, int64_t ld, T* dst) {
-  for (int64_t c = 0; c < d; ++c) dst[c * ld] = static_cast<T>(src[c * sd]);
 }
 
 // The head's expanded bias (N x NP, padding columns zero) from the (rows, heads) table in T.
@@ -605,7 +672,7 @@ void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, con
       for (int64_t i = 0; i < g.N; ++i) {
         const int64_t r = w->row[i], cc = w->col[i];
         load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-        load_col(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, t.NP, t.kt + i);
+        load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
         load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
       }
       t.num_prefetch = 0;
@@ -662,12 +729,9 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
       if (w->mixed) window_regions(g, *w, t.region);
       for (int64_t i = 0; i < g.N; ++i) {
         const int64_t r = w->row[i], cc = w->col[i];
-        const scalar_t* kp = token_ptr(vk, w->b, w->h, r, cc);
-        const scalar_t* vp = token_ptr(vv, w->b, w->h, r, cc);
         load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-        load_row(kp, vk.sd, g.d, T(1), t.k + i * t.DP);
-        load_col(kp, vk.sd, g.d, t.NP, t.kt + i);
-        load_col(vp, vv.sd, g.d, t.NP, t.vt + i);
+        load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
+        load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
         load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), t.dout + i * t.DP);
         load_row(token_ptr(vo, w->b, w->h, r, cc), vo.sd, g.d, T(1), t.o + i * t.DP);
         t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
