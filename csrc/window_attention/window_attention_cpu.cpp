@@ -1,7 +1,9 @@
 // CPU launcher of pyvq::window_attention and pyvq::_window_attention_backward.
 //
-// Work: tasks ("chunks") of up to kChunk consecutive windows of one (batch, head); at::parallel_for
-// runs the chunks, each on one thread. Per window, the window's tokens are gathered from their
+// Work: tasks ("chunks") of up to kChunk consecutive windows of one (batch, head), numbered with
+// the heads fastest (the heads of a window block run one after another, so views of one qkv
+// projection are read while their cache lines are still near); at::parallel_for starts one worker
+// per thread and the workers claim chunks one at a time (run_chunks). Per window, the window's tokens are gathered from their
 // original positions (any strides, index math of window_attention.h) into small contiguous tiles
 // in the accumulation type (float for float16 / bfloat16 / float32, double for float64), the
 // window is computed on the tiles, and its results are written back at the tokens' original
@@ -52,10 +54,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -619,27 +624,42 @@ inline void queue_window(const View<S>& v, const Window& w, int64_t N, int64_t d
   }
 }
 
-// Calls fn(cur, next) for every window of chunks [c0, c1) in order, with next the window after
-// it in the range (for prefetching) or nullptr for the last one; fn(nullptr, chunk) ends each
-// chunk.
-template <typename Fn>
-inline void for_windows(const Call& c, int64_t c0, int64_t c1, Fn&& fn) {
-  const int64_t N = c.g.N;
-  Window cur{0, 0, 0, 0, false, std::vector<int64_t>(N), std::vector<int64_t>(N)};
-  Window nxt = cur;
-  bool have = c0 < c1 && locate(c, c0, 0, cur);
-  int64_t k = 0;
-  while (have) {
-    bool more = locate(c, cur.chunk, k + 1, nxt);
-    const bool ends_chunk = !more;
-    if (more)
-      ++k;
-    else if (cur.chunk + 1 < c1 && locate(c, cur.chunk + 1, 0, nxt))
-      more = true, k = 0;
-    fn(&cur, more ? &nxt : nullptr, ends_chunk);
-    std::swap(cur, nxt);
-    have = more;
-  }
+// Runs the chunks on at::get_num_threads() workers that claim them one at a time from a shared
+// counter (a core shared with another process then slows only the chunks it runs, not a fixed
+// half of the call). Each worker calls fn(cur, next, ends_chunk) for every window of its chunks
+// in order: next is the window it runs after cur (for prefetching; it claims its next chunk a
+// window early) or nullptr, ends_chunk says cur is its chunk's last window. setup() runs once per
+// worker first and returns its state (scratch tiles), passed to fn. Which worker runs a chunk
+// does not change the chunk's results.
+template <typename Setup, typename Fn>
+inline void run_chunks(const Call& c, Setup&& setup, Fn&& fn) {
+  std::atomic<int64_t> counter{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), c.num_chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    auto state = setup();
+    const int64_t N = c.g.N;
+    Window cur{0, 0, 0, 0, false, std::vector<int64_t>(N), std::vector<int64_t>(N)};
+    Window nxt = cur;
+    for (int64_t worker = w0; worker < w1; ++worker) {
+      const int64_t first = counter.fetch_add(1);
+      bool have = first < c.num_chunks && locate(c, first, 0, cur);
+      int64_t k = 0;
+      while (have) {
+        bool more = locate(c, cur.chunk, k + 1, nxt);
+        const bool ends_chunk = !more;
+        if (more) {
+          ++k;
+        } else {
+          const int64_t chunk = counter.fetch_add(1);
+          more = chunk < c.num_chunks && locate(c, chunk, 0, nxt);
+          k = 0;
+        }
+        fn(state, &cur, more ? &nxt : nullptr, ends_chunk);
+        std::swap(cur, nxt);
+        have = more;
+      }
+    }
+  });
 }
 
 template <typename scalar_t, typename T>
@@ -657,40 +677,47 @@ void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, con
   carve_tiles<T>(count, g, false, has_bias);
   const size_t bytes = count.used();
 
-  at::parallel_for(0, c.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    Scratch scratch(bytes);
-    Carver carver(scratch.data());
-    Tiles<T> t = carve_tiles<T>(carver, g, false, has_bias);
-    int64_t bias_head = -1;
-    for_windows(c, c0, c1, [&](const Window* w, const Window* next, bool /*ends_chunk*/) {
-      if (has_bias && w->h != bias_head) {
-        expand_bias(table, g.heads, w->h, g.w, t);
-        bias_head = w->h;
-      }
-      t.mixed = w->mixed;
-      if (w->mixed) window_regions(g, *w, t.region);
-      for (int64_t i = 0; i < g.N; ++i) {
-        const int64_t r = w->row[i], cc = w->col[i];
-        load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-        load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
-        load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
-      }
-      t.num_prefetch = 0;
-      if (next) {
-        queue_window(vq, *next, g.N, g.d, t);
-        queue_window(vk, *next, g.N, g.d, t);
-        queue_window(vv, *next, g.N, g.d, t);
-      }
-      if (avx512)
-        forward_window_avx512(t);
-      else
-        forward_window_generic(t);
-      for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
-        const int64_t r = w->row[i], cc = w->col[i];
-        store_row(t.o + i * t.DP, t.rowinfo[i], g.d, token_ptr(vo, w->b, w->h, r, cc));
-        *token_ptr(vl, w->b, w->h, r, cc) = t.lse[i];
-      }
-    });
+  struct State {
+    std::unique_ptr<Scratch> scratch;
+    Tiles<T> t;
+    int64_t bias_head;  // the head whose bias t.bias holds
+  };
+  auto setup = [&] {
+    State st{std::make_unique<Scratch>(bytes), Tiles<T>{}, -1};
+    Carver carver(st.scratch->data());
+    st.t = carve_tiles<T>(carver, g, false, has_bias);
+    return st;
+  };
+  run_chunks(c, setup, [&](State& st, const Window* w, const Window* next, bool /*ends_chunk*/) {
+    Tiles<T>& t = st.t;
+    int64_t& bias_head = st.bias_head;
+    if (has_bias && w->h != bias_head) {
+      expand_bias(table, g.heads, w->h, g.w, t);
+      bias_head = w->h;
+    }
+    t.mixed = w->mixed;
+    if (w->mixed) window_regions(g, *w, t.region);
+    for (int64_t i = 0; i < g.N; ++i) {
+      const int64_t r = w->row[i], cc = w->col[i];
+      load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+      load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
+      load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
+    }
+    t.num_prefetch = 0;
+    if (next) {
+      queue_window(vq, *next, g.N, g.d, t);
+      queue_window(vk, *next, g.N, g.d, t);
+      queue_window(vv, *next, g.N, g.d, t);
+    }
+    if (avx512)
+      forward_window_avx512(t);
+    else
+      forward_window_generic(t);
+    for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
+      const int64_t r = w->row[i], cc = w->col[i];
+      store_row(t.o + i * t.DP, t.rowinfo[i], g.d, token_ptr(vo, w->b, w->h, r, cc));
+      *token_ptr(vl, w->b, w->h, r, cc) = t.lse[i];
+    }
   });
 }
 
@@ -714,51 +741,58 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
   carve_tiles<T>(count, g, true, has_bias);
   const size_t bytes = count.used();
 
-  at::parallel_for(0, c.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    Scratch scratch(bytes);
-    Carver carver(scratch.data());
-    Tiles<T> t = carve_tiles<T>(carver, g, true, has_bias);
-    int64_t bias_head = -1;
-    // dbias starts zeroed (Scratch) and is zeroed again after each chunk's fold.
-    for_windows(c, c0, c1, [&](const Window* w, const Window* next, bool ends_chunk) {
-      if (has_bias && w->h != bias_head) {
-        expand_bias(table, g.heads, w->h, g.w, t);
-        bias_head = w->h;
-      }
-      t.mixed = w->mixed;
-      if (w->mixed) window_regions(g, *w, t.region);
-      for (int64_t i = 0; i < g.N; ++i) {
-        const int64_t r = w->row[i], cc = w->col[i];
-        load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-        load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
-        load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
-        load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), t.dout + i * t.DP);
-        load_row(token_ptr(vo, w->b, w->h, r, cc), vo.sd, g.d, T(1), t.o + i * t.DP);
-        t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
-      }
-      t.num_prefetch = 0;
-      if (next) {
-        queue_window(vq, *next, g.N, g.d, t);
-        queue_window(vk, *next, g.N, g.d, t);
-        queue_window(vv, *next, g.N, g.d, t);
-        queue_window(vg, *next, g.N, g.d, t);
-        queue_window(vo, *next, g.N, g.d, t);
-      }
-      if (avx512)
-        backward_window_avx512(t);
-      else
-        backward_window_generic(t);
-      for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
-        const int64_t r = w->row[i], cc = w->col[i];
-        store_row(t.dq + i * t.DP, scale, g.d, token_ptr(gq, w->b, w->h, r, cc));
-        store_row(t.dk + i * t.DP, T(1), g.d, token_ptr(gk, w->b, w->h, r, cc));
-        store_row(t.dv + i * t.DP, T(1), g.d, token_ptr(gv, w->b, w->h, r, cc));
-      }
-      if (has_bias && ends_chunk) {
-        fold_bias(t, g.w, partials + w->chunk * table_rows);
-        std::memset(t.dbias, 0, sizeof(T) * t.N * t.NP);
-      }
-    });
+  struct State {
+    std::unique_ptr<Scratch> scratch;
+    Tiles<T> t;
+    int64_t bias_head;  // the head whose bias t.bias holds
+  };
+  auto setup = [&] {
+    State st{std::make_unique<Scratch>(bytes), Tiles<T>{}, -1};
+    Carver carver(st.scratch->data());
+    st.t = carve_tiles<T>(carver, g, true, has_bias);
+    return st;
+  };
+  // dbias starts zeroed (Scratch) and is zeroed again after each chunk's fold.
+  run_chunks(c, setup, [&](State& st, const Window* w, const Window* next, bool ends_chunk) {
+    Tiles<T>& t = st.t;
+    int64_t& bias_head = st.bias_head;
+    if (has_bias && w->h != bias_head) {
+      expand_bias(table, g.heads, w->h, g.w, t);
+      bias_head = w->h;
+    }
+    t.mixed = w->mixed;
+    if (w->mixed) window_regions(g, *w, t.region);
+    for (int64_t i = 0; i < g.N; ++i) {
+      const int64_t r = w->row[i], cc = w->col[i];
+      load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
+      load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
+      load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
+      load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), t.dout + i * t.DP);
+      load_row(token_ptr(vo, w->b, w->h, r, cc), vo.sd, g.d, T(1), t.o + i * t.DP);
+      t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
+    }
+    t.num_prefetch = 0;
+    if (next) {
+      queue_window(vq, *next, g.N, g.d, t);
+      queue_window(vk, *next, g.N, g.d, t);
+      queue_window(vv, *next, g.N, g.d, t);
+      queue_window(vg, *next, g.N, g.d, t);
+      queue_window(vo, *next, g.N, g.d, t);
+    }
+    if (avx512)
+      backward_window_avx512(t);
+    else
+      backward_window_generic(t);
+    for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
+      const int64_t r = w->row[i], cc = w->col[i];
+      store_row(t.dq + i * t.DP, scale, g.d, token_ptr(gq, w->b, w->h, r, cc));
+      store_row(t.dk + i * t.DP, T(1), g.d, token_ptr(gk, w->b, w->h, r, cc));
+      store_row(t.dv + i * t.DP, T(1), g.d, token_ptr(gv, w->b, w->h, r, cc));
+    }
+    if (has_bias && ends_chunk) {
+      fold_bias(t, g.w, partials + w->chunk * table_rows);
+      std::memset(t.dbias, 0, sizeof(T) * t.N * t.NP);
+    }
   });
 }
 
