@@ -193,48 +193,54 @@ PYVQ_WA_INLINE float wa_log(float x) { return posterior::fast_log(x); }
 PYVQ_WA_INLINE double wa_log(double x) { return ::log(x); }
 
 // Lane l of the result holds lane l ^ half of v (swaps blocks of `half` lanes).
+template <typename T, int half, int... l>
+PYVQ_WA_INLINE typename VecOf<T>::type swap_lanes(const typename VecOf<T>::type& v,
+                                                  std::integer_sequence<int, l...>) {
+  return __builtin_shuffle(v, typename VecOf<T>::index{(l ^ half)...});
+}
 template <typename T, int half>
 PYVQ_WA_INLINE typename VecOf<T>::type swap_lanes(const typename VecOf<T>::type& v) {
-  using index = typename VecOf<T>::index;
-  if constexpr (kLanes<T> == 16)
-    return __builtin_shuffle(v, index{0 ^ half, 1 ^ half, 2 ^ half, 3 ^ half, 4 ^ half, 5 ^ half,
-                                      6 ^ half, 7 ^ half, 8 ^ half, 9 ^ half, 10 ^ half, 11 ^ half,
-                                      12 ^ half, 13 ^ half, 14 ^ half, 15 ^ half});
-  else
-    return __builtin_shuffle(v, index{0 ^ half, 1 ^ half, 2 ^ half, 3 ^ half, 4 ^ half, 5 ^ half,
-                                      6 ^ half, 7 ^ half});
+  return swap_lanes<T, half>(v, std::make_integer_sequence<int, static_cast<int>(kLanes<T>)>{});
 }
 
-// Max and sum over p[0:n] (n a positive multiple of a vector): lane-wise, then a fixed tree over
-// the lanes (the same order on every call).
-template <typename T>
-PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {
+// One step of a lane reduction: the lane-wise max (kMax) or sum of a and b.
+template <typename T, bool kMax>
+PYVQ_WA_INLINE typename VecOf<T>::type combine(const typename VecOf<T>::type& a,
+                                               const typename VecOf<T>::type& b) {
+  if constexpr (kMax)
+    return a > b ? a : b;
+  else
+    return a + b;
+}
+
+// The max or sum of the lanes of v, in a fixed tree (the same order on every call).
+template <typename T, bool kMax>
+PYVQ_WA_INLINE T reduce_lanes(typename VecOf<T>::type v) {
+  if constexpr (kLanes<T> == 16) v = combine<T, kMax>(v, swap_lanes<T, 8>(v));
+  v = combine<T, kMax>(v, swap_lanes<T, 4>(v));
+  v = combine<T, kMax>(v, swap_lanes<T, 2>(v));
+  v = combine<T, kMax>(v, swap_lanes<T, 1>(v));
+  return v[0];
+}
+
+// Max and sum over p[0:n] (n a positive multiple of a vector): lane-wise, then over the lanes.
+template <typename T, bool kMax>
+PYVQ_WA_INLINE T vec_reduce(const T* p, int64_t n) {
   using vec = typename VecOf<T>::type;
   constexpr int64_t L = kLanes<T>;
   vec m = *vec_at(p);
-  for (int64_t j = L; j < n; j += L) {
-    const vec x = *vec_at(p + j);
-    m = x > m ? x : m;
-  }
-  vec x;
-  if constexpr (L == 16) x = swap_lanes<T, 8>(m), m = x > m ? x : m;
-  x = swap_lanes<T, 4>(m), m = x > m ? x : m;
-  x = swap_lanes<T, 2>(m), m = x > m ? x : m;
-  x = swap_lanes<T, 1>(m), m = x > m ? x : m;
-  return m[0];
+  for (int64_t j = L; j < n; j += L) m = combine<T, kMax>(m, *vec_at(p + j));
+  return reduce_lanes<T, kMax>(m);
+}
+
+template <typename T>
+PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {
+  return vec_reduce<T, true>(p, n);
 }
 
 template <typename T>
 PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {
-  using vec = typename VecOf<T>::type;
-  constexpr int64_t L = kLanes<T>;
-  vec s = *vec_at(p);
-  for (int64_t j = L; j < n; j += L) s += *vec_at(p + j);
-  if constexpr (L == 16) s += swap_lanes<T, 8>(s);
-  s += swap_lanes<T, 4>(s);
-  s += swap_lanes<T, 2>(s);
-  s += swap_lanes<T, 1>(s);
-  return s[0];
+  return vec_reduce<T, false>(p, n);
 }
 
 template <typename T>
@@ -243,31 +249,22 @@ PYVQ_WA_INLINE T vec_dot(const T* a, const T* b, int64_t n) {  // n a multiple o
   constexpr int64_t L = kLanes<T>;
   vec s = vec{};
   for (int64_t j = 0; j < n; j += L) s += *vec_at(a + j) * *vec_at(b + j);
-  if constexpr (L == 16) s += swap_lanes<T, 8>(s);
-  s += swap_lanes<T, 4>(s);
-  s += swap_lanes<T, 2>(s);
-  s += swap_lanes<T, 1>(s);
-  return s[0];
+  return reduce_lanes<T, false>(s);
 }
 
 // Lane l of the result: lane l of a where bit s of l is clear, else lane l - s of b (lo); lane
 // l + s of a where the bit is clear, else lane l of b (hi). Applied to rows i and i + s of a block
 // for s = L/2, ..., 1 this swaps its off-diagonal s x s sub-blocks at every scale: a transpose.
-template <typename T, int s, int... l>
-PYVQ_WA_INLINE typename VecOf<T>::type shuffle_lo(const typename VecOf<T>::type& a,
+template <typename T, int s, bool kHi, int... l>
+PYVQ_WA_INLINE typename VecOf<T>::type interleave(const typename VecOf<T>::type& a,
                                                   const typename VecOf<T>::type& b,
                                                   std::integer_sequence<int, l...>) {
-  using index = typename VecOf<T>::index;
   constexpr int L = static_cast<int>(kLanes<T>);
-  return __builtin_shuffle(a, b, index{((l & s) ? L + l - s : l)...});
-}
-template <typename T, int s, int... l>
-PYVQ_WA_INLINE typename VecOf<T>::type shuffle_hi(const typename VecOf<T>::type& a,
-                                                  const typename VecOf<T>::type& b,
-                                                  std::integer_sequence<int, l...>) {
   using index = typename VecOf<T>::index;
-  constexpr int L = static_cast<int>(kLanes<T>);
-  return __builtin_shuffle(a, b, index{((l & s) ? L + l : l + s)...});
+  if constexpr (kHi)
+    return __builtin_shuffle(a, b, index{((l & s) ? L + l : l + s)...});
+  else
+    return __builtin_shuffle(a, b, index{((l & s) ? L + l - s : l)...});
 }
 
 template <typename T, int s>
@@ -278,8 +275,8 @@ PYVQ_WA_INLINE void transpose_level(typename VecOf<T>::type* v) {
   for (int i = 0; i < L; ++i)
     if ((i & s) == 0) {
       const typename VecOf<T>::type a = v[i], b = v[i + s];
-      v[i] = shuffle_lo<T, s>(a, b, lanes);
-      v[i + s] = shuffle_hi<T, s>(a, b, lanes);
+      v[i] = interleave<T, s, false>(a, b, lanes);
+      v[i + s] = interleave<T, s, true>(a, b, lanes);
     }
 }
 
@@ -404,21 +401,27 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
 constexpr CpuIsa kWindowAttentionIsa =
     PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512 : CpuIsa::kGeneric;
 
-template <typename T>
-__attribute__((noinline)) PYVQ_TARGET_AVX512 void forward_window_avx512(const Tiles<T>& t) {
-  forward_window(t);
+template <bool kBackward, typename T>
+PYVQ_WA_INLINE void compute_window(const Tiles<T>& t) {
+  if constexpr (kBackward)
+    backward_window(t);
+  else
+    forward_window(t);
 }
-template <typename T>
-__attribute__((noinline)) void forward_window_generic(const Tiles<T>& t) {
-  forward_window(t);
+template <bool kBackward, typename T>
+__attribute__((noinline)) PYVQ_TARGET_AVX512 void window_avx512(const Tiles<T>& t) {
+  compute_window<kBackward>(t);
 }
-template <typename T>
-__attribute__((noinline)) PYVQ_TARGET_AVX512 void backward_window_avx512(const Tiles<T>& t) {
-  backward_window(t);
+template <bool kBackward, typename T>
+__attribute__((noinline)) void window_generic(const Tiles<T>& t) {
+  compute_window<kBackward>(t);
 }
-template <typename T>
-__attribute__((noinline)) void backward_window_generic(const Tiles<T>& t) {
-  backward_window(t);
+template <bool kBackward, typename T>
+inline void run_window(const Tiles<T>& t, bool avx512) {
+  if (avx512)
+    window_avx512<kBackward>(t);
+  else
+    window_generic<kBackward>(t);
 }
 
 // --- tiles, gathers and scatters (baseline code) -------------------------------------------------
@@ -629,7 +632,7 @@ inline void queue_window(const View<S>& v, const Window& w, int64_t N, int64_t d
 // half of the call). Each worker calls fn(cur, next, ends_chunk) for every window of its chunks
 // in order: next is the window it runs after cur (for prefetching; it claims its next chunk a
 // window early) or nullptr, ends_chunk says cur is its chunk's last window. setup() runs once per
-// worker first and returns its state (scratch tiles), passed to fn. Which worker runs a chunk
+// worker first and returns its state (a Worker), passed to fn. Which worker runs a chunk
 // does not change the chunk's results.
 template <typename Setup, typename Fn>
 inline void run_chunks(const Call& c, Setup&& setup, Fn&& fn) {
@@ -662,57 +665,81 @@ inline void run_chunks(const Call& c, Setup&& setup, Fn&& fn) {
   });
 }
 
+// One worker's tiles and the window set-up both passes share.
+template <typename T>
+struct Worker {
+  std::unique_ptr<Scratch> scratch;
+  Tiles<T> t;
+  int64_t bias_head = -1;  // the head whose expanded bias t.bias holds
+
+  Worker(const Geometry& g, bool backward, bool has_bias) {
+    Carver count(nullptr);
+    carve_tiles<T>(count, g, backward, has_bias);
+    scratch = std::make_unique<Scratch>(count.used());
+    Carver carver(scratch->data());
+    t = carve_tiles<T>(carver, g, backward, has_bias);
+  }
+
+  // The head's bias (expanded when the head changes) and the window's region ids.
+  void start(const Geometry& g, const Window& w, const T* table) {
+    if (t.has_bias && w.h != bias_head) {
+      expand_bias(table, g.heads, w.h, g.w, t);
+      bias_head = w.h;
+    }
+    t.mixed = w.mixed;
+    if (w.mixed) window_regions(g, w, t.region);
+  }
+};
+
+// q, k, v of one call.
+template <typename S>
+struct Qkv {
+  View<const S> q, k, v;
+};
+
+template <typename S>
+Qkv<S> qkv_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {view_of<const S>(q), view_of<const S>(k), view_of<const S>(v)};
+}
+
+// The window's q (times scale), k and v rows into their tiles.
+template <typename S, typename T>
+inline void gather_qkv(const Qkv<S>& x, const Geometry& g, const Window& w, T scale, Tiles<T>& t) {
+  for (int64_t i = 0; i < g.N; ++i) {
+    const int64_t r = w.row[i], c = w.col[i];
+    load_row(token_ptr(x.q, w.b, w.h, r, c), x.q.sd, g.d, scale, t.q + i * t.DP);
+    load_row(token_ptr(x.k, w.b, w.h, r, c), x.k.sd, g.d, T(1), t.k + i * t.DP);
+    load_row(token_ptr(x.v, w.b, w.h, r, c), x.v.sd, g.d, T(1), t.v + i * t.DP);
+  }
+}
+
+// Restarts the prefetch queue with the next window's q, k, v lines (none after the last).
+template <typename S, typename T>
+inline void queue_qkv(const Qkv<S>& x, const Geometry& g, const Window* next, Tiles<T>& t) {
+  t.num_prefetch = 0;
+  if (!next) return;
+  queue_window(x.q, *next, g.N, g.d, t);
+  queue_window(x.k, *next, g.N, g.d, t);
+  queue_window(x.v, *next, g.N, g.d, t);
+}
+
 template <typename scalar_t, typename T>
 void forward_chunks(const Call& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& out, const at::Tensor& lse, bool avx512) {
   const Geometry& g = c.g;
   const bool has_bias = c.table.defined();
-  const View<const scalar_t> vq = view_of<const scalar_t>(q), vk = view_of<const scalar_t>(k),
-                             vv = view_of<const scalar_t>(v);
+  const Qkv<scalar_t> x = qkv_of<scalar_t>(q, k, v);
   const View<scalar_t> vo = view_of<scalar_t>(out);
   const View<T> vl = view_of<T>(lse);
   const T* table = has_bias ? c.table.data_ptr<T>() : nullptr;
   const T scale = static_cast<T>(c.scale);
-  Carver count(nullptr);
-  carve_tiles<T>(count, g, false, has_bias);
-  const size_t bytes = count.used();
-
-  struct State {
-    std::unique_ptr<Scratch> scratch;
-    Tiles<T> t;
-    int64_t bias_head;  // the head whose bias t.bias holds
-  };
-  auto setup = [&] {
-    State st{std::make_unique<Scratch>(bytes), Tiles<T>{}, -1};
-    Carver carver(st.scratch->data());
-    st.t = carve_tiles<T>(carver, g, false, has_bias);
-    return st;
-  };
-  run_chunks(c, setup, [&](State& st, const Window* w, const Window* next, bool /*ends_chunk*/) {
-    Tiles<T>& t = st.t;
-    int64_t& bias_head = st.bias_head;
-    if (has_bias && w->h != bias_head) {
-      expand_bias(table, g.heads, w->h, g.w, t);
-      bias_head = w->h;
-    }
-    t.mixed = w->mixed;
-    if (w->mixed) window_regions(g, *w, t.region);
-    for (int64_t i = 0; i < g.N; ++i) {
-      const int64_t r = w->row[i], cc = w->col[i];
-      load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-      load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
-      load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
-    }
-    t.num_prefetch = 0;
-    if (next) {
-      queue_window(vq, *next, g.N, g.d, t);
-      queue_window(vk, *next, g.N, g.d, t);
-      queue_window(vv, *next, g.N, g.d, t);
-    }
-    if (avx512)
-      forward_window_avx512(t);
-    else
-      forward_window_generic(t);
+  auto setup = [&] { return Worker<T>(g, false, has_bias); };
+  run_chunks(c, setup, [&](Worker<T>& wk, const Window* w, const Window* next, bool) {
+    Tiles<T>& t = wk.t;
+    wk.start(g, *w, table);
+    gather_qkv(x, g, *w, scale, t);
+    queue_qkv(x, g, next, t);
+    run_window<false>(t, avx512);
     for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
       const int64_t r = w->row[i], cc = w->col[i];
       store_row(t.o + i * t.DP, t.rowinfo[i], g.d, token_ptr(vo, w->b, w->h, r, cc));
@@ -728,61 +755,32 @@ void backward_chunks(const Call& c, const at::Tensor& grad_out, const at::Tensor
                      const at::Tensor& grad_v, T* partials, bool avx512) {
   const Geometry& g = c.g;
   const bool has_bias = c.table.defined();
-  const View<const scalar_t> vq = view_of<const scalar_t>(q), vk = view_of<const scalar_t>(k),
-                             vv = view_of<const scalar_t>(v), vg = view_of<const scalar_t>(grad_out),
-                             vo = view_of<const scalar_t>(out);
+  const Qkv<scalar_t> x = qkv_of<scalar_t>(q, k, v);
+  const View<const scalar_t> vg = view_of<const scalar_t>(grad_out), vo = view_of<const scalar_t>(out);
   const View<const T> vl = view_of<const T>(lse);
   const View<scalar_t> gq = view_of<scalar_t>(grad_q), gk = view_of<scalar_t>(grad_k),
                        gv = view_of<scalar_t>(grad_v);
   const T* table = has_bias ? c.table.data_ptr<T>() : nullptr;
   const T scale = static_cast<T>(c.scale);
   const int64_t table_rows = (2 * g.w - 1) * (2 * g.w - 1);
-  Carver count(nullptr);
-  carve_tiles<T>(count, g, true, has_bias);
-  const size_t bytes = count.used();
-
-  struct State {
-    std::unique_ptr<Scratch> scratch;
-    Tiles<T> t;
-    int64_t bias_head;  // the head whose bias t.bias holds
-  };
-  auto setup = [&] {
-    State st{std::make_unique<Scratch>(bytes), Tiles<T>{}, -1};
-    Carver carver(st.scratch->data());
-    st.t = carve_tiles<T>(carver, g, true, has_bias);
-    return st;
-  };
+  auto setup = [&] { return Worker<T>(g, true, has_bias); };
   // dbias starts zeroed (Scratch) and is zeroed again after each chunk's fold.
-  run_chunks(c, setup, [&](State& st, const Window* w, const Window* next, bool ends_chunk) {
-    Tiles<T>& t = st.t;
-    int64_t& bias_head = st.bias_head;
-    if (has_bias && w->h != bias_head) {
-      expand_bias(table, g.heads, w->h, g.w, t);
-      bias_head = w->h;
-    }
-    t.mixed = w->mixed;
-    if (w->mixed) window_regions(g, *w, t.region);
+  run_chunks(c, setup, [&](Worker<T>& wk, const Window* w, const Window* next, bool ends_chunk) {
+    Tiles<T>& t = wk.t;
+    wk.start(g, *w, table);
+    gather_qkv(x, g, *w, scale, t);
     for (int64_t i = 0; i < g.N; ++i) {
       const int64_t r = w->row[i], cc = w->col[i];
-      load_row(token_ptr(vq, w->b, w->h, r, cc), vq.sd, g.d, scale, t.q + i * t.DP);
-      load_row(token_ptr(vk, w->b, w->h, r, cc), vk.sd, g.d, T(1), t.k + i * t.DP);
-      load_row(token_ptr(vv, w->b, w->h, r, cc), vv.sd, g.d, T(1), t.v + i * t.DP);
       load_row(token_ptr(vg, w->b, w->h, r, cc), vg.sd, g.d, T(1), t.dout + i * t.DP);
       load_row(token_ptr(vo, w->b, w->h, r, cc), vo.sd, g.d, T(1), t.o + i * t.DP);
       t.lse[i] = *token_ptr(vl, w->b, w->h, r, cc);
     }
-    t.num_prefetch = 0;
+    queue_qkv(x, g, next, t);
     if (next) {
-      queue_window(vq, *next, g.N, g.d, t);
-      queue_window(vk, *next, g.N, g.d, t);
-      queue_window(vv, *next, g.N, g.d, t);
       queue_window(vg, *next, g.N, g.d, t);
       queue_window(vo, *next, g.N, g.d, t);
     }
-    if (avx512)
-      backward_window_avx512(t);
-    else
-      backward_window_generic(t);
+    run_window<true>(t, avx512);
     for (int64_t i = 0; i < g.N; ++i) {  // contiguous outputs
       const int64_t r = w->row[i], cc = w->col[i];
       store_row(t.dq + i * t.DP, scale, g.d, token_ptr(gq, w->b, w->h, r, cc));
