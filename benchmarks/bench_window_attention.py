@@ -31,6 +31,7 @@ recompute, dP, dq, dk, dv), and each column's peak extra memory (MiB).
     python benchmarks/bench_window_attention.py            # Swin-T and tokenizer shapes
     python benchmarks/bench_window_attention.py --quick    # B = 2, half the grid, one timed run
     python benchmarks/bench_window_attention.py --columns pyvq,timm --no-forward-only
+    python benchmarks/bench_window_attention.py --threads 1   # on a loaded machine
 """
 
 from __future__ import annotations
@@ -264,8 +265,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each column")
     p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated subset of {','.join(COLUMNS)}")
     p.add_argument("--no-forward-only", action="store_true", help="skip the forward-only table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default torch's; 1 keeps a shared machine's other load out of "
+                        "the OpenMP barriers)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "window_attention.json"))
     args = p.parse_args()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     # Each section is a function of the parsed arguments returning its tables;
     # the op section below writes --out, a further section writes its own
