@@ -49,7 +49,7 @@ def test_each_op_reports_its_cpu_isa(monkeypatch):
     info = pyvq.info()
     level = LEVELS.index(info["cpu_isa"])
     best = {"nearest_code": "avx512-bf16", "grid_encode": "generic",
-            "multinomial_posterior": "avx512", "multinomial_kl": "avx512"}
+            "multinomial_posterior": "avx512", "multinomial_kl": "avx512", "window_attention": "avx512"}
     assert set(best) == set(info["ops"])
     for name, impl in info["ops"].items():
         assert impl["cpu_isa"] == LEVELS[min(level, LEVELS.index(best[name]))], name

@@ -1,0 +1,287 @@
+"""Windowed (shifted) attention: pyvq against its reference and the public peers.
+
+The attention core of a Swin block, float32, all cores. Every column starts
+from the same tensor, ``qkv`` (B, H, W, 3C) as the qkv linear writes it, and
+returns (B, H, W, C) as the proj linear reads it, so the linears themselves
+are excluded for every column alike, while each column's own layout work
+(views, partition / roll copies, permutes) is included:
+
+  pyvq    pyvq.ops.window_attention on strided q, k, v views of qkv
+          (B, heads, H, W, d), then a permute to (B, H, W, C)
+  ref     pyvq.reference.window_attention, same views and permute
+  comp    torch.compile(pyvq.reference.window_attention), same
+  timm    timm's core: torch.roll, timm.models.swin_transformer.window_partition
+          of qkv, the attention exactly as timm's WindowAttention.forward
+          computes it on (nW * B, N, C) (its default, non-fused path: q * scale,
+          q @ k^T, + its relative position bias, + its block's shift mask,
+          softmax, @ v), window_reverse, torch.roll back
+  flex    torch.nn.attention.flex_attention, compiled, on the grid's tokens in
+          place: a block mask for "same window of the rolled grid and same
+          region", a score_mod adding the bias; forward only (its CPU backward
+          is not supported: "FlexAttention does not support backward on CPU"),
+          the block mask built once per shape outside the timing
+
+Two tables, each per shape and shift: forward + backward (the gradients of
+qkv and the bias table for a given grad_out) and forward only (no_grad).
+Columns: median ms, the ratios peer/pyvq (above 1: pyvq faster), pyvq's
+GFLOP/s over the window products it computes (2 of N x N x d per window
+forward, 7 forward + backward: the forward's two, and the backward's score
+recompute, dP, dq, dk, dv), and each column's peak extra memory (MiB).
+
+    python benchmarks/bench_window_attention.py            # Swin-T and tokenizer shapes
+    python benchmarks/bench_window_attention.py --quick    # B = 2, half the grid, one timed run
+    python benchmarks/bench_window_attention.py --columns pyvq,timm --no-forward-only
+    python benchmarks/bench_window_attention.py --threads 1   # on a loaded machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import (  # noqa: E402
+    Table,
+    ratio,
+    reexec_with_mmap_threshold,
+    time_and_memory,
+)
+
+# name, B, H, W, C, heads, window, shifts
+SHAPES = [
+    ("swin-t", 8, 56, 56, 96, 3, 7, (0, 3)),       # Swin-T stage 1
+    ("tokenizer", 8, 64, 64, 128, 4, 8, (0, 4)),   # EfficientVQGAN's first stage
+]
+QUICK_SHAPES = [
+    ("swin-t", 2, 28, 28, 96, 3, 7, (0, 3)),
+    ("tokenizer", 2, 32, 32, 128, 4, 8, (0, 4)),
+]
+COLUMNS = ("pyvq", "ref", "comp", "timm", "flex")
+BUDGET_S = 60.0  # most seconds of timed runs per column and row
+
+
+def _split(qkv, B, H, W, heads, d):
+    """q, k, v (B, heads, H, W, d): strided views of qkv (B, H, W, 3C)."""
+    return qkv.view(B, H, W, 3, heads, d).permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+
+def _op_core(fn, B, H, W, heads, d, w, shift):
+    """qkv, table -> (B, H, W, C) through an op of pyvq's signature."""
+
+    def core(qkv, table):
+        q, k, v = _split(qkv, B, H, W, heads, d)
+        out = fn(q, k, v, window_size=w, shift=shift, bias_table=table)
+        return out.permute(0, 2, 3, 1, 4).reshape(B, H, W, heads * d)
+
+    return core
+
+
+def _timm_core(B, H, W, heads, d, w, shift):
+    """timm's window-attention core and the bias table it reads (see the module docstring)."""
+    import torch
+    from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+
+    C = heads * d
+    block = SwinTransformerBlock(C, (H, W), heads, window_size=w, shift_size=shift)
+    attn, mask = block.attn, block.attn_mask  # mask: (nW, N, N) 0 / -100, or None
+    N = w * w
+
+    def core(qkv, table):
+        del table  # attn.relative_position_bias_table, through attn._get_rel_pos_bias()
+        x = torch.roll(qkv, (-shift, -shift), (1, 2)) if shift else qkv
+        x = window_partition(x, (w, w)).view(-1, N, 3 * C)
+        B_ = x.shape[0]
+        q, k, v = x.reshape(B_, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * attn.scale
+        a = q @ k.transpose(-2, -1)
+        a = a + attn._get_rel_pos_bias()
+        if mask is not None:
+            nw = mask.shape[0]
+            a = a.view(-1, nw, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            a = a.view(-1, heads, N, N)
+        a = attn.softmax(a)
+        o = (a @ v).transpose(1, 2).reshape(B_, N, C)
+        o = window_reverse(o.view(-1, w, w, C), (w, w), H, W)
+        return torch.roll(o, (shift, shift), (1, 2)) if shift else o
+
+    return core, attn.relative_position_bias_table
+
+
+def _flex_core(B, H, W, heads, d, w, shift):
+    """FlexAttention on the grid's tokens (forward only on CPU), or None where it is missing."""
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        print("torch.nn.attention.flex_attention not available: no flex column")
+        return None
+    L = H * W
+    tok = torch.arange(L)
+    rr, rc = (tok // W - shift) % H, (tok % W - shift) % W  # the rolled position of each token
+
+    def axis_region(p, n):
+        return torch.where(p < n - w, 0, torch.where(p < n - shift, 1, 2)) if shift else torch.zeros_like(p)
+
+    window = (rr // w) * (W // w) + rc // w
+    region = 3 * axis_region(rr, H) + axis_region(rc, W)
+    lr, lc = rr % w, rc % w
+
+    def mask_mod(b, h, qi, ki):
+        return (window[qi] == window[ki]) & (region[qi] == region[ki])
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device="cpu")
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def core(qkv, table):
+        q, k, v = qkv.view(B, L, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+        def score_mod(s, b, h, qi, ki):
+            return s + table[(lr[qi] - lr[ki] + w - 1) * (2 * w - 1) + (lc[qi] - lc[ki] + w - 1), h]
+
+        out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return out.permute(0, 2, 1, 3).reshape(B, H, W, heads * d)
+
+    return core
+
+
+def _cores(columns, B, H, W, heads, d, w, shift, compiled):
+    """{column: core(qkv, table)} and the bias table every column uses (timm's)."""
+    import pyvq
+    from pyvq import reference
+
+    timm_core, table = _timm_core(B, H, W, heads, d, w, shift)
+    cores = {}
+    for name in columns:
+        if name == "pyvq":
+            cores[name] = _op_core(pyvq.ops.window_attention, B, H, W, heads, d, w, shift)
+        elif name == "ref":
+            cores[name] = _op_core(reference.window_attention, B, H, W, heads, d, w, shift)
+        elif name == "comp":
+            cores[name] = _op_core(compiled, B, H, W, heads, d, w, shift)
+        elif name == "timm":
+            cores[name] = timm_core
+        elif name == "flex":
+            core = _flex_core(B, H, W, heads, d, w, shift)
+            if core is not None:
+                cores[name] = core
+    return cores, table
+
+
+def _window_gflop(B, H, W, heads, d, w, products):
+    """GFLOP of `products` (N x N x d) matrix products per window."""
+    windows = B * heads * (H // w) * (W // w)
+    return windows * products * 2 * (w * w) ** 2 * d / 1e9
+
+
+def op_tables(args) -> list:
+    """The op section: forward + backward and forward-only tables."""
+    import torch
+
+    import pyvq
+    from pyvq import reference
+
+    torch._dynamo.config.recompile_limit = 64  # one graph per shape, shift and grad mode
+    compiled = torch.compile(reference.window_attention, dynamic=False)
+    kernel = pyvq._backend.use_kernel("window_attention", "cpu")
+    isa = pyvq.info()["ops"]["window_attention"]["cpu_isa"]
+    side = f"kernel ({isa})" if kernel else "reference (no window_attention kernel in this build)"
+    columns = [c for c in args.columns.split(",") if c]
+    passes = ["fwd+bwd"] + ([] if args.no_forward_only else ["forward"])
+    if "flex" in columns and "fwd+bwd" in passes:
+        print("flex: forward only (FlexAttention does not support backward on CPU)")
+    repeats = 1 if args.quick else args.repeats
+    tables = []
+    for pass_name in passes:
+        cols = [c for c in columns if c != "flex" or pass_name == "forward"]
+        peers = [c for c in cols if c != "pyvq"]
+        table = Table(
+            f"window attention {pass_name}, float32, {torch.get_num_threads()} threads, pyvq side: {side}; "
+            f"from qkv (B, H, W, 3C) to (B, H, W, C), linears excluded",
+            ["shape", "shift"] + [f"{c}_ms" for c in cols] + [f"{c}/pyvq" for c in peers]
+            + ["pyvq_GFLOP/s"] + [f"{c}_MiB" for c in cols],
+        )
+        table.header()
+        for shape, B, H, W, C, heads, w, shifts in (QUICK_SHAPES if args.quick else SHAPES):
+            for shift in shifts:
+                table.add(**_op_row(cols, pass_name, shape, B, H, W, C, heads, w, shift, compiled, repeats))
+        tables.append(table)
+    return tables
+
+
+def _op_row(cols, pass_name, shape, B, H, W, C, heads, w, shift, compiled, repeats) -> dict:
+    """One shape and shift of one pass: every column's time and memory."""
+    import torch
+
+    d = C // heads
+    cores, table = _cores(cols, B, H, W, heads, d, w, shift, compiled)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, H, W, 3 * C, generator=g).requires_grad_()
+    with torch.no_grad():
+        table.normal_(0.0, 0.02, generator=g)
+    grad = torch.randn(B, H, W, C, generator=g)
+    row = {"shape": shape, "shift": shift, "B": B, "H": H, "W": W, "C": C, "heads": heads, "window": w}
+    for name, core in cores.items():
+        fn = _timed(core, qkv, table, grad, pass_name, detached=name == "flex")
+        # The reference is slow: its memory run is its warm-up.
+        t, mem = time_and_memory(fn, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
+        row[f"{name}_ms"] = 1e3 * t
+        row[f"{name}_MiB"] = mem
+    for name in cores:
+        if name != "pyvq":
+            row[f"{name}/pyvq"] = ratio(row.get(f"{name}_ms"), row.get("pyvq_ms"))
+    if "pyvq_ms" in row:
+        flop = _window_gflop(B, H, W, heads, d, w, 7 if pass_name == "fwd+bwd" else 2)
+        row["pyvq_GFLOP/s"] = flop / (row["pyvq_ms"] * 1e-3)
+    return row
+
+
+def _timed(core, qkv, table, grad, pass_name, detached):
+    """The timed callable of one column and pass."""
+    import torch
+
+    if pass_name == "forward":
+        x, tab = (qkv.detach(), table.detach()) if detached else (qkv, table)
+
+        def forward():
+            with torch.no_grad():
+                return core(x, tab)
+
+        return forward
+
+    def fwd_bwd():
+        out = core(qkv, table)
+        return torch.autograd.grad(out, (qkv, table), grad)
+
+    return fwd_bwd
+
+
+def main() -> None:
+    reexec_with_mmap_threshold()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="B = 2 and half the grid, one timed run of each")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each column")
+    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated subset of {','.join(COLUMNS)}")
+    p.add_argument("--no-forward-only", action="store_true", help="skip the forward-only table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default torch's; 1 keeps a shared machine's other load out of "
+                        "the OpenMP barriers)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "window_attention.json"))
+    args = p.parse_args()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    # Each section is a function of the parsed arguments returning its tables;
+    # the op section below writes --out, a further section writes its own
+    # file next to it (e.g. <out stem>_<section>.json).
+    for i, table in enumerate(op_tables(args)):
+        stem, ext = os.path.splitext(args.out)
+        table.save(args.out if i == 0 else f"{stem}_forward{ext}")
+
+
+if __name__ == "__main__":
+    main()
