@@ -15,7 +15,7 @@
 //   q, k, v, dout, o, dq, dk, dv   N x DP   token rows (q pre-multiplied by scale)
 //   kt, vt                         d x NP   transposed: row t holds component t of every key
 //   s, dp, bias, dbias             N x NP   scores / probabilities, their gradients, the head's
-//                                           expanded bias (once per chunk), dbias partial sums
+//                                           expanded bias (one tile per head: Worker), dbias sums
 // Every product is one register-blocked micro-kernel, C = [C0 +] A B with A read through
 // arbitrary strides (so transposed operands need no copy) and B's rows contiguous:
 //   S  = bias + q kt      (a score row is an axpy over the keys: vectorises over keys)
@@ -465,7 +465,8 @@ class Carver {
 };
 
 template <typename T>
-Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias) {
+Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias,
+                     int64_t bias_slots) {
   Tiles<T> t{};
   t.N = g.N;
   t.NP = round_up(g.N, kLanes<T>);
@@ -481,7 +482,7 @@ Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias)
   t.lse = c.template take<T>(t.NP);
   t.rowinfo = c.template take<T>(t.NP);
   t.region = c.template take<int>(t.NP);
-  if (has_bias) t.bias = c.template take<T>(sq);
+  if (has_bias) t.bias = c.template take<T>(bias_slots * sq);  // slot 0; see Worker
   t.prefetch = c.template take<const char*>((backward ? 5 : 3) * t.N * (t.d * 8 / 64 + 2));
   if (backward) {
     t.vt = c.template take<T>(cols);
@@ -532,11 +533,12 @@ PYVQ_WA_INLINE void store_row(const T* __restrict src, T mul, int64_t d, S* __re
 
 // The head's expanded bias (N x NP, padding columns zero) from the (rows, heads) table in T.
 template <typename T>
-void expand_bias(const T* table, int64_t heads, int64_t h, int64_t w, const Tiles<T>& t) {
+void expand_bias(const T* table, int64_t heads, int64_t h, int64_t w, const Tiles<T>& t,
+                 T* bias) {
   const int64_t span = 2 * w - 1;
   for (int64_t ri = 0; ri < w; ++ri)
     for (int64_t ci = 0; ci < w; ++ci) {
-      T* row = t.bias + (ri * w + ci) * t.NP;
+      T* row = bias + (ri * w + ci) * t.NP;
       for (int64_t rj = 0; rj < w; ++rj) {
         const int64_t base = (ri - rj + w - 1) * span + ci + w - 1;  // bias_index at cj = 0
         for (int64_t cj = 0; cj < w; ++cj) row[rj * w + cj] = table[(base - cj) * heads + h];
@@ -665,26 +667,39 @@ inline void run_chunks(const Call& c, Setup&& setup, Fn&& fn) {
   });
 }
 
+// Most bytes of expanded biases a worker keeps (one per head when they fit, else one).
+constexpr int64_t kBiasCacheBytes = 512 * 1024;
+
 // One worker's tiles and the window set-up both passes share.
 template <typename T>
 struct Worker {
   std::unique_ptr<Scratch> scratch;
   Tiles<T> t;
-  int64_t bias_head = -1;  // the head whose expanded bias t.bias holds
+  T* biases = nullptr;            // bias_slots expanded N x NP biases
+  std::vector<int64_t> slot_head;  // the head each slot holds, -1 for none
 
   Worker(const Geometry& g, bool backward, bool has_bias) {
+    const int64_t tile = round_up(g.N, kLanes<T>) * round_up(g.N, kLanes<T>);
+    const int64_t slots =
+        g.heads * tile * static_cast<int64_t>(sizeof(T)) <= kBiasCacheBytes ? g.heads : 1;
     Carver count(nullptr);
-    carve_tiles<T>(count, g, backward, has_bias);
+    carve_tiles<T>(count, g, backward, has_bias, slots);
     scratch = std::make_unique<Scratch>(count.used());
     Carver carver(scratch->data());
-    t = carve_tiles<T>(carver, g, backward, has_bias);
+    t = carve_tiles<T>(carver, g, backward, has_bias, slots);
+    biases = t.bias;
+    slot_head.assign(has_bias ? slots : 0, -1);
   }
 
-  // The head's bias (expanded when the head changes) and the window's region ids.
+  // The head's expanded bias (expanded on first use in its slot) and the window's region ids.
   void start(const Geometry& g, const Window& w, const T* table) {
-    if (t.has_bias && w.h != bias_head) {
-      expand_bias(table, g.heads, w.h, g.w, t);
-      bias_head = w.h;
+    if (t.has_bias) {
+      const int64_t slot = static_cast<int64_t>(slot_head.size()) == g.heads ? w.h : 0;
+      t.bias = biases + slot * t.NP * t.NP;
+      if (slot_head[slot] != w.h) {
+        expand_bias(table, g.heads, w.h, g.w, t, t.bias);
+        slot_head[slot] = w.h;
+      }
     }
     t.mixed = w.mixed;
     if (w.mixed) window_regions(g, w, t.region);
