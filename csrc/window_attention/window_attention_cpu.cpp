@@ -2,16 +2,16 @@
 //
 // Work: tasks ("chunks") of up to kChunk consecutive windows of one (batch, head), numbered with
 // the heads fastest (the heads of a window block run one after another, so views of one qkv
-// projection are read while their cache lines are still near); at::parallel_for starts one worker
-// per thread and the workers claim chunks one at a time (run_chunks). Per window, the window's tokens are gathered from their
-// original positions (any strides, index math of window_attention.h) into small contiguous tiles
-// in the accumulation type (float for float16 / bfloat16 / float32, double for float64), the
-// window is computed on the tiles, and its results are written back at the tokens' original
-// positions. Nothing of the size of the partition, the rolled grid, the mask or the
-// (windows, N, N) attention matrix is built; a thread's tiles are a few tens of KiB at Swin's
-// sizes (N = w * w tokens of head_dim d), within L1 / L2.
+// projection are read while their cache lines are still near); at::parallel_for starts one
+// worker per thread and the workers claim chunks one at a time (run_chunks). Per window, the
+// window's tokens are gathered from their original positions (any strides, index math of
+// window_attention.h) into small contiguous tiles in the accumulation type (float for float16 /
+// bfloat16 / float32, double for float64), the window is computed on the tiles, and its results
+// are written back at the tokens' original positions. Nothing of the size of the partition, the
+// rolled grid, the mask or the (windows, N, N) attention matrix is built; a worker's tiles are a
+// few tens of KiB at Swin's sizes (N = w * w tokens of head_dim d), within L1 / L2.
 //
-// Tile layout (row-major, 64-byte aligned; NP = N and DP = d rounded up to a 64-byte vector):
+// Tile layout (row-major, 64-byte aligned; NP = N and DP = d rounded up to 64 bytes):
 //   q, k, v, dout, o, dq, dk, dv   N x DP   token rows (q pre-multiplied by scale)
 //   kt, vt                         d x NP   transposed: row t holds component t of every key
 //   s, dp, bias, dbias             N x NP   scores / probabilities, their gradients, the head's
@@ -21,22 +21,24 @@
 //   S  = bias + q kt      (a score row is an axpy over the keys: vectorises over keys)
 //   O  = P v              (an axpy over head_dim)
 //   dP = dout vt,  dS = P * (dP - D),  dq = scale dS k,  dk = dS^T q_scaled,  dv = P^T dout.
-// The softmax is fused per row (max, exp, sum; logsumexp saved); backward recomputes P from the
-// saved logsumexp. The mask is applied from region ids only in windows that mix regions (the
-// last window row and column of a shifted grid).
+// kt and vt are in-register block transposes of the gathered k and v rows. The softmax is fused
+// per row (max, exp, sum; logsumexp saved); backward recomputes P from the saved logsumexp. The
+// mask is applied from region ids only in windows that mix regions (the last window row and
+// column of a shifted grid).
 //
 // Deterministic: a chunk owns its windows' outputs; the bias-table gradient is summed per chunk
 // (windows in order) into its own partial table, and the partial tables are added in chunk order
-// after the parallel loop, so no result depends on the thread count.
+// after the parallel loop, so no result depends on the thread count or on which worker ran a
+// chunk.
 //
-// Instruction sets: the per-window compute (micro-kernel, softmax) is compiled twice from one
-// template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4) and for the baseline, and each call runs
-// the one cpu_isa_for() names (common/cpu_isa.h). Gathers and scatters (dtype conversions,
-// strided reads) stay in baseline code, where c10's float16 / bfloat16 conversions inline.
-// Trapping math is off so that the compiler may turn branches into selects; nothing here reads
-// the floating-point exception flags.
+// Instruction sets: the per-window compute (micro-kernel, softmax, transposes) is compiled twice
+// from one template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4, 64-byte vectors) and for the
+// baseline (16-byte vectors), and each call runs the one cpu_isa_for() names (common/cpu_isa.h).
+// Gathers and scatters (dtype conversions, strided reads) stay in baseline code, where c10's
+// float16 / bfloat16 conversions inline. Trapping math is off so that the compiler may turn
+// branches into selects; nothing here reads the floating-point exception flags.
 #pragma GCC optimize("no-trapping-math")
-// 64-byte vectors pass between always-inline helpers only (never across a real call), so the
+// Vectors pass between always-inline helpers only (never across a real call), so the
 // ABI note GCC gives for them in baseline code does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -72,7 +74,7 @@ namespace window_attention {
 namespace {
 
 constexpr int64_t kMaxWindow = 32;  // pyvq/ops/window_attention.py MAX_WINDOW
-constexpr int64_t kChunk = 4;  // windows per task (fixed: results must not depend on threads)
+constexpr int64_t kChunk = 4;       // windows per task (fixed: results must not depend on threads)
 
 #define PYVQ_WA_INLINE inline __attribute__((always_inline))
 
