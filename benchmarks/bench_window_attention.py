@@ -63,8 +63,10 @@ BUDGET_S = 60.0  # most seconds of timed runs per column and row
 
 
 def _split(qkv, B, H, W, heads, d):
-    """q, k, v (B, heads, H, W, d): strided views of qkv (B, H, W, 3C)."""
-    return qkv.view(B, H, W, 3, heads, d).permute(3, 0, 4, 1, 2, 5).unbind(0)
+    """q, k, v (B, heads, H, W, d): strided views of qkv (B, H, W, 3C). Unbound along the
+    "3" axis in place, so that autograd's stack of their gradients is already in qkv's
+    layout (one copy; unbinding a permuted view costs a second one)."""
+    return tuple(t.permute(0, 3, 1, 2, 4) for t in qkv.view(B, H, W, 3, heads, d).unbind(3))
 
 
 def _op_core(fn, B, H, W, heads, d, w, shift):

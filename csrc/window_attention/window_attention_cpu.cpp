@@ -2,41 +2,43 @@
 //
 // Work: tasks ("chunks") of up to kChunk consecutive windows of one (batch, head), numbered with
 // the heads fastest (the heads of a window block run one after another, so views of one qkv
-// projection are read while their cache lines are still near); at::parallel_for starts one worker
-// per thread and the workers claim chunks one at a time (run_chunks). Per window, the window's tokens are gathered from their
-// original positions (any strides, index math of window_attention.h) into small contiguous tiles
-// in the accumulation type (float for float16 / bfloat16 / float32, double for float64), the
-// window is computed on the tiles, and its results are written back at the tokens' original
-// positions. Nothing of the size of the partition, the rolled grid, the mask or the
-// (windows, N, N) attention matrix is built; a thread's tiles are a few tens of KiB at Swin's
-// sizes (N = w * w tokens of head_dim d), within L1 / L2.
+// projection are read while their cache lines are still near); at::parallel_for starts one
+// worker per thread and the workers claim chunks one at a time (run_chunks). Per window, the
+// window's tokens are gathered from their original positions (any strides, index math of
+// window_attention.h) into small contiguous tiles in the accumulation type (float for float16 /
+// bfloat16 / float32, double for float64), the window is computed on the tiles, and its results
+// are written back at the tokens' original positions. Nothing of the size of the partition, the
+// rolled grid, the mask or the (windows, N, N) attention matrix is built; a worker's tiles are a
+// few tens of KiB at Swin's sizes (N = w * w tokens of head_dim d), within L1 / L2.
 //
-// Tile layout (row-major, 64-byte aligned; NP = N and DP = d rounded up to a 64-byte vector):
+// Tile layout (row-major, 64-byte aligned; NP = N and DP = d rounded up to 64 bytes):
 //   q, k, v, dout, o, dq, dk, dv   N x DP   token rows (q pre-multiplied by scale)
 //   kt, vt                         d x NP   transposed: row t holds component t of every key
 //   s, dp, bias, dbias             N x NP   scores / probabilities, their gradients, the head's
-//                                           expanded bias (once per chunk), dbias partial sums
+//                                           expanded bias (one tile per head: Worker), dbias sums
 // Every product is one register-blocked micro-kernel, C = [C0 +] A B with A read through
 // arbitrary strides (so transposed operands need no copy) and B's rows contiguous:
 //   S  = bias + q kt      (a score row is an axpy over the keys: vectorises over keys)
 //   O  = P v              (an axpy over head_dim)
 //   dP = dout vt,  dS = P * (dP - D),  dq = scale dS k,  dk = dS^T q_scaled,  dv = P^T dout.
-// The softmax is fused per row (max, exp, sum; logsumexp saved); backward recomputes P from the
-// saved logsumexp. The mask is applied from region ids only in windows that mix regions (the
-// last window row and column of a shifted grid).
+// kt and vt are in-register block transposes of the gathered k and v rows. The softmax is fused
+// per row (max, exp, sum; logsumexp saved); backward recomputes P from the saved logsumexp. The
+// mask is applied from region ids only in windows that mix regions (the last window row and
+// column of a shifted grid).
 //
 // Deterministic: a chunk owns its windows' outputs; the bias-table gradient is summed per chunk
 // (windows in order) into its own partial table, and the partial tables are added in chunk order
-// after the parallel loop, so no result depends on the thread count.
+// after the parallel loop, so no result depends on the thread count or on which worker ran a
+// chunk.
 //
-// Instruction sets: the per-window compute (micro-kernel, softmax) is compiled twice from one
-// template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4) and for the baseline, and each call runs
-// the one cpu_isa_for() names (common/cpu_isa.h). Gathers and scatters (dtype conversions,
-// strided reads) stay in baseline code, where c10's float16 / bfloat16 conversions inline.
-// Trapping math is off so that the compiler may turn branches into selects; nothing here reads
-// the floating-point exception flags.
+// Instruction sets: the per-window compute (micro-kernel, softmax, transposes) is compiled twice
+// from one template, for AVX-512 (PYVQ_TARGET_AVX512: x86-64-v4, 64-byte vectors) and for the
+// baseline (16-byte vectors), and each call runs the one cpu_isa_for() names (common/cpu_isa.h).
+// Gathers and scatters (dtype conversions, strided reads) stay in baseline code, where c10's
+// float16 / bfloat16 conversions inline. Trapping math is off so that the compiler may turn
+// branches into selects; nothing here reads the floating-point exception flags.
 #pragma GCC optimize("no-trapping-math")
-// 64-byte vectors pass between always-inline helpers only (never across a real call), so the
+// Vectors pass between always-inline helpers only (never across a real call), so the
 // ABI note GCC gives for them in baseline code does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -72,59 +74,58 @@ namespace window_attention {
 namespace {
 
 constexpr int64_t kMaxWindow = 32;  // pyvq/ops/window_attention.py MAX_WINDOW
-constexpr int64_t kChunk = 4;  // windows per task (fixed: results must not depend on threads)
+constexpr int64_t kChunk = 4;       // windows per task (fixed: results must not depend on threads)
 
 #define PYVQ_WA_INLINE inline __attribute__((always_inline))
 
 // --- per-window compute: inlined into the two ISA builds below -----------------------------------
 
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t index __attribute__((vector_size(64)));  // a shuffle mask of `type`
+// VB-byte vectors of T: 64 (AVX-512) in the AVX-512 build, 16 (SSE2) in the baseline one.
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_index;
+  typedef lane_index index __attribute__((vector_size(VB)));  // a shuffle mask of `type`
 };
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t index __attribute__((vector_size(64)));
-};
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
+template <typename T, int VB>
+constexpr int64_t kLanes = VB / sizeof(T);
 
+// Tiles are padded to 64-byte vectors whichever build runs (a multiple of either's lanes).
 template <typename T>
-PYVQ_WA_INLINE typename VecOf<T>::type* vec_at(T* p) {
-  return reinterpret_cast<typename VecOf<T>::type*>(p);
+constexpr int64_t kPad = 64 / sizeof(T);
+
+template <typename T, int VB>
+PYVQ_WA_INLINE typename VecOf<T, VB>::type* vec_at(T* p) {
+  return reinterpret_cast<typename VecOf<T, VB>::type*>(p);
 }
-template <typename T>
-PYVQ_WA_INLINE const typename VecOf<T>::type* vec_at(const T* p) {
-  return reinterpret_cast<const typename VecOf<T>::type*>(p);
+template <typename T, int VB>
+PYVQ_WA_INLINE const typename VecOf<T, VB>::type* vec_at(const T* p) {
+  return reinterpret_cast<const typename VecOf<T, VB>::type*>(p);
 }
 
 // One R x (V vectors) block of C = [C0 +] A B: C[r][l] = C0[r][l] + sum_t A[r * ars + t * acs] *
 // B[t * ldb + l]. The R x V accumulators stay in registers; per t it loads V vectors of B and
 // broadcasts R scalars of A.
-template <typename T, int R, int V, bool kInit>
+template <typename T, int VB, int R, int V, bool kInit>
 PYVQ_WA_INLINE void mk_block(const T* __restrict A, int64_t ars, int64_t acs,
                              const T* __restrict B, int64_t ldb, int64_t nt,
                              const T* __restrict C0, T* __restrict C, int64_t ldc) {
-  using vec = typename VecOf<T>::type;
-  constexpr int64_t L = kLanes<T>;
+  using vec = typename VecOf<T, VB>::type;
+  constexpr int64_t L = kLanes<T, VB>;
   vec acc[R][V];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       if constexpr (kInit)
-        acc[r][v] = *vec_at(C0 + r * ldc + v * L);
+        acc[r][v] = *vec_at<T, VB>(C0 + r * ldc + v * L);
       else
         acc[r][v] = vec{};
     }
   for (int64_t t = 0; t < nt; ++t) {
     vec b[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) b[v] = *vec_at(B + t * ldb + v * L);
+    for (int v = 0; v < V; ++v) b[v] = *vec_at<T, VB>(B + t * ldb + v * L);
     const T* a = A + t * acs;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -136,54 +137,60 @@ PYVQ_WA_INLINE void mk_block(const T* __restrict A, int64_t ars, int64_t acs,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) *vec_at(C + r * ldc + v * L) = acc[r][v];
+    for (int v = 0; v < V; ++v) *vec_at<T, VB>(C + r * ldc + v * L) = acc[r][v];
 }
 
 // Rows [0, M) of one column block: full blocks of R rows, then one block of the M % R left.
-template <typename T, int R, int V, bool kInit, int Rem = R - 1>
+template <typename T, int VB, int R, int V, bool kInit, int Rem = R - 1>
 PYVQ_WA_INLINE void mk_rest(int64_t rem, const T* A, int64_t ars, int64_t acs, const T* B,
                             int64_t ldb, int64_t nt, const T* C0, T* C, int64_t ldc) {
   if constexpr (Rem >= 1) {
     if (rem == Rem)
-      mk_block<T, Rem, V, kInit>(A, ars, acs, B, ldb, nt, C0, C, ldc);
+      mk_block<T, VB, Rem, V, kInit>(A, ars, acs, B, ldb, nt, C0, C, ldc);
     else
-      mk_rest<T, R, V, kInit, Rem - 1>(rem, A, ars, acs, B, ldb, nt, C0, C, ldc);
+      mk_rest<T, VB, R, V, kInit, Rem - 1>(rem, A, ars, acs, B, ldb, nt, C0, C, ldc);
   }
 }
 
-template <typename T, int R, int V, bool kInit>
+template <typename T, int VB, int R, int V, bool kInit>
 PYVQ_WA_INLINE void mk_rows(int64_t M, const T* A, int64_t ars, int64_t acs, const T* B,
                             int64_t ldb, int64_t nt, const T* C0, T* C, int64_t ldc) {
   int64_t i0 = 0;
   for (; i0 + R <= M; i0 += R)
-    mk_block<T, R, V, kInit>(A + i0 * ars, ars, acs, B, ldb, nt, kInit ? C0 + i0 * ldc : nullptr,
+    mk_block<T, VB, R, V, kInit>(A + i0 * ars, ars, acs, B, ldb, nt, kInit ? C0 + i0 * ldc : nullptr,
                              C + i0 * ldc, ldc);
   if (i0 < M)
-    mk_rest<T, R, V, kInit>(M - i0, A + i0 * ars, ars, acs, B, ldb, nt,
+    mk_rest<T, VB, R, V, kInit>(M - i0, A + i0 * ars, ars, acs, B, ldb, nt,
                             kInit ? C0 + i0 * ldc : nullptr, C + i0 * ldc, ldc);
 }
 
 // C[i][0:ncols] = [C0[i][0:ncols] +] sum_{t < nt} A(i, t) B[t][0:ncols] for i < M, with
-// A(i, t) = A[i * ars + t * acs]; ncols, ldb and ldc multiples of a vector, B, C, C0 aligned.
-// Row blocks: R x V accumulators, R * V = 16 vector registers (of 32 with AVX-512).
-template <typename T, bool kInit>
+// A(i, t) = A[i * ars + t * acs]; ncols, ldb and ldc multiples of 64 bytes, B, C, C0 aligned.
+// Row blocks of R x V accumulators sized to the build's vector registers.
+template <typename T, int VB, bool kInit>
 PYVQ_WA_INLINE void matmul(int64_t M, int64_t ncols, int64_t nt, const T* A, int64_t ars,
                            int64_t acs, const T* B, int64_t ldb, const T* C0, T* C, int64_t ldc) {
-  constexpr int64_t L = kLanes<T>;
+  constexpr int64_t L = kLanes<T, VB>;
   const int64_t nv = ncols / L;
-  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-    const int64_t rem = nv - v0;
-    const T* Bv = B + v0 * L;
-    const T* C0v = kInit ? C0 + v0 * L : nullptr;
-    T* Cv = C + v0 * L;
-    if (rem >= 4)
-      mk_rows<T, 4, 4, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
-    else if (rem == 3)
-      mk_rows<T, 4, 3, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
-    else if (rem == 2)
-      mk_rows<T, 8, 2, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
-    else
-      mk_rows<T, 8, 1, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+  if constexpr (VB == 64) {  // 32 registers: 16 accumulators
+    for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+      const int64_t rem = nv - v0;
+      const T* Bv = B + v0 * L;
+      const T* C0v = kInit ? C0 + v0 * L : nullptr;
+      T* Cv = C + v0 * L;
+      if (rem >= 4)
+        mk_rows<T, VB, 4, 4, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+      else if (rem == 3)
+        mk_rows<T, VB, 4, 3, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+      else if (rem == 2)
+        mk_rows<T, VB, 8, 2, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+      else
+        mk_rows<T, VB, 8, 1, kInit>(M, A, ars, acs, Bv, ldb, nt, C0v, Cv, ldc);
+    }
+  } else {  // SSE2, 16 registers: 8 accumulators (ncols is a multiple of 64 bytes: even nv)
+    for (int64_t v0 = 0; v0 < nv; v0 += 2)
+      mk_rows<T, VB, 4, 2, kInit>(M, A, ars, acs, B + v0 * L, ldb, nt,
+                                  kInit ? C0 + v0 * L : nullptr, C + v0 * L, ldc);
   }
 }
 
@@ -193,20 +200,20 @@ PYVQ_WA_INLINE float wa_log(float x) { return posterior::fast_log(x); }
 PYVQ_WA_INLINE double wa_log(double x) { return ::log(x); }
 
 // Lane l of the result holds lane l ^ half of v (swaps blocks of `half` lanes).
-template <typename T, int half, int... l>
-PYVQ_WA_INLINE typename VecOf<T>::type swap_lanes(const typename VecOf<T>::type& v,
+template <typename T, int VB, int half, int... l>
+PYVQ_WA_INLINE typename VecOf<T, VB>::type swap_lanes(const typename VecOf<T, VB>::type& v,
                                                   std::integer_sequence<int, l...>) {
-  return __builtin_shuffle(v, typename VecOf<T>::index{(l ^ half)...});
+  return __builtin_shuffle(v, typename VecOf<T, VB>::index{(l ^ half)...});
 }
-template <typename T, int half>
-PYVQ_WA_INLINE typename VecOf<T>::type swap_lanes(const typename VecOf<T>::type& v) {
-  return swap_lanes<T, half>(v, std::make_integer_sequence<int, static_cast<int>(kLanes<T>)>{});
+template <typename T, int VB, int half>
+PYVQ_WA_INLINE typename VecOf<T, VB>::type swap_lanes(const typename VecOf<T, VB>::type& v) {
+  return swap_lanes<T, VB, half>(v, std::make_integer_sequence<int, static_cast<int>(kLanes<T, VB>)>{});
 }
 
 // One step of a lane reduction: the lane-wise max (kMax) or sum of a and b.
-template <typename T, bool kMax>
-PYVQ_WA_INLINE typename VecOf<T>::type combine(const typename VecOf<T>::type& a,
-                                               const typename VecOf<T>::type& b) {
+template <typename T, int VB, bool kMax>
+PYVQ_WA_INLINE typename VecOf<T, VB>::type combine(const typename VecOf<T, VB>::type& a,
+                                               const typename VecOf<T, VB>::type& b) {
   if constexpr (kMax)
     return a > b ? a : b;
   else
@@ -214,90 +221,96 @@ PYVQ_WA_INLINE typename VecOf<T>::type combine(const typename VecOf<T>::type& a,
 }
 
 // The max or sum of the lanes of v, in a fixed tree (the same order on every call).
-template <typename T, bool kMax>
-PYVQ_WA_INLINE T reduce_lanes(typename VecOf<T>::type v) {
-  if constexpr (kLanes<T> == 16) v = combine<T, kMax>(v, swap_lanes<T, 8>(v));
-  v = combine<T, kMax>(v, swap_lanes<T, 4>(v));
-  v = combine<T, kMax>(v, swap_lanes<T, 2>(v));
-  v = combine<T, kMax>(v, swap_lanes<T, 1>(v));
-  return v[0];
+template <typename T, int VB, bool kMax, int half = static_cast<int>(kLanes<T, VB>) / 2>
+PYVQ_WA_INLINE T reduce_lanes(typename VecOf<T, VB>::type v) {
+  if constexpr (half >= 1) {
+    v = combine<T, VB, kMax>(v, swap_lanes<T, VB, half>(v));
+    return reduce_lanes<T, VB, kMax, half / 2>(v);
+  } else {
+    return v[0];
+  }
 }
 
 // Max and sum over p[0:n] (n a positive multiple of a vector): lane-wise, then over the lanes.
-template <typename T, bool kMax>
+template <typename T, int VB, bool kMax>
 PYVQ_WA_INLINE T vec_reduce(const T* p, int64_t n) {
-  using vec = typename VecOf<T>::type;
-  constexpr int64_t L = kLanes<T>;
-  vec m = *vec_at(p);
-  for (int64_t j = L; j < n; j += L) m = combine<T, kMax>(m, *vec_at(p + j));
-  return reduce_lanes<T, kMax>(m);
+  using vec = typename VecOf<T, VB>::type;
+  constexpr int64_t L = kLanes<T, VB>;
+  vec m = *vec_at<T, VB>(p);
+  for (int64_t j = L; j < n; j += L) m = combine<T, VB, kMax>(m, *vec_at<T, VB>(p + j));
+  return reduce_lanes<T, VB, kMax>(m);
 }
 
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE T vec_max(const T* p, int64_t n) {
-  return vec_reduce<T, true>(p, n);
+  return vec_reduce<T, VB, true>(p, n);
 }
 
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE T vec_sum(const T* p, int64_t n) {
-  return vec_reduce<T, false>(p, n);
+  return vec_reduce<T, VB, false>(p, n);
 }
 
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE T vec_dot(const T* a, const T* b, int64_t n) {  // n a multiple of a vector
-  using vec = typename VecOf<T>::type;
-  constexpr int64_t L = kLanes<T>;
+  using vec = typename VecOf<T, VB>::type;
+  constexpr int64_t L = kLanes<T, VB>;
   vec s = vec{};
-  for (int64_t j = 0; j < n; j += L) s += *vec_at(a + j) * *vec_at(b + j);
-  return reduce_lanes<T, false>(s);
+  for (int64_t j = 0; j < n; j += L) s += *vec_at<T, VB>(a + j) * *vec_at<T, VB>(b + j);
+  return reduce_lanes<T, VB, false>(s);
 }
 
 // Lane l of the result: lane l of a where bit s of l is clear, else lane l - s of b (lo); lane
 // l + s of a where the bit is clear, else lane l of b (hi). Applied to rows i and i + s of a block
 // for s = L/2, ..., 1 this swaps its off-diagonal s x s sub-blocks at every scale: a transpose.
-template <typename T, int s, bool kHi, int... l>
-PYVQ_WA_INLINE typename VecOf<T>::type interleave(const typename VecOf<T>::type& a,
-                                                  const typename VecOf<T>::type& b,
+template <typename T, int VB, int s, bool kHi, int... l>
+PYVQ_WA_INLINE typename VecOf<T, VB>::type interleave(const typename VecOf<T, VB>::type& a,
+                                                  const typename VecOf<T, VB>::type& b,
                                                   std::integer_sequence<int, l...>) {
-  constexpr int L = static_cast<int>(kLanes<T>);
-  using index = typename VecOf<T>::index;
+  constexpr int L = static_cast<int>(kLanes<T, VB>);
+  using index = typename VecOf<T, VB>::index;
   if constexpr (kHi)
     return __builtin_shuffle(a, b, index{((l & s) ? L + l : l + s)...});
   else
     return __builtin_shuffle(a, b, index{((l & s) ? L + l - s : l)...});
 }
 
-template <typename T, int s>
-PYVQ_WA_INLINE void transpose_level(typename VecOf<T>::type* v) {
-  constexpr int L = static_cast<int>(kLanes<T>);
+template <typename T, int VB, int s>
+PYVQ_WA_INLINE void transpose_level(typename VecOf<T, VB>::type* v) {
+  constexpr int L = static_cast<int>(kLanes<T, VB>);
   const auto lanes = std::make_integer_sequence<int, L>{};
 #pragma GCC unroll 16
   for (int i = 0; i < L; ++i)
     if ((i & s) == 0) {
-      const typename VecOf<T>::type a = v[i], b = v[i + s];
-      v[i] = interleave<T, s, false>(a, b, lanes);
-      v[i + s] = interleave<T, s, true>(a, b, lanes);
+      const typename VecOf<T, VB>::type a = v[i], b = v[i + s];
+      v[i] = interleave<T, VB, s, false>(a, b, lanes);
+      v[i + s] = interleave<T, VB, s, true>(a, b, lanes);
     }
+}
+
+template <typename T, int VB, int s = static_cast<int>(kLanes<T, VB>) / 2>
+PYVQ_WA_INLINE void transpose_levels(typename VecOf<T, VB>::type* v) {
+  if constexpr (s >= 1) {
+    transpose_level<T, VB, s>(v);
+    transpose_levels<T, VB, s / 2>(v);
+  }
 }
 
 // dst (cols x ldd) = src (rows x lds) transposed, rows and cols multiples of a vector, in L x L
 // register blocks.
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
                               int64_t ldd) {
-  using vec = typename VecOf<T>::type;
-  constexpr int64_t L = kLanes<T>;
+  using vec = typename VecOf<T, VB>::type;
+  constexpr int64_t L = kLanes<T, VB>;
   for (int64_t r0 = 0; r0 < rows; r0 += L)
     for (int64_t c0 = 0; c0 < cols; c0 += L) {
       vec v[L];
 #pragma GCC unroll 16
-      for (int64_t i = 0; i < L; ++i) v[i] = *vec_at(src + (r0 + i) * lds + c0);
-      if constexpr (L == 16) transpose_level<T, 8>(v);
-      transpose_level<T, 4>(v);
-      transpose_level<T, 2>(v);
-      transpose_level<T, 1>(v);
+      for (int64_t i = 0; i < L; ++i) v[i] = *vec_at<T, VB>(src + (r0 + i) * lds + c0);
+      transpose_levels<T, VB>(v);
 #pragma GCC unroll 16
-      for (int64_t i = 0; i < L; ++i) *vec_at(dst + (c0 + i) * ldd + r0) = v[i];
+      for (int64_t i = 0; i < L; ++i) *vec_at<T, VB>(dst + (c0 + i) * ldd + r0) = v[i];
     }
 }
 
@@ -335,26 +348,26 @@ PYVQ_WA_INLINE void mask_row(const Tiles<T>& t, int64_t i, T* s) {
 }
 
 // S = bias + q kt (q already scaled).
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE void scores(const Tiles<T>& t) {
   if (t.has_bias)
-    matmul<T, true>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, t.bias, t.s, t.NP);
+    matmul<T, VB, true>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, t.bias, t.s, t.NP);
   else
-    matmul<T, false>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, nullptr, t.s, t.NP);
+    matmul<T, VB, false>(t.N, t.NP, t.d, t.q, t.DP, 1, t.kt, t.NP, nullptr, t.s, t.NP);
 }
 
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
-  transpose(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
-  scores(t);
+  transpose<T, VB>(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
+  scores<T, VB>(t);
   for (int64_t i = 0; i < t.N; ++i) {
     T* s = t.s + i * t.NP;
     prefetch_share(t, i);
     mask_row(t, i, s);
-    const T m = vec_max(s, t.NP);  // finite: a query always sees itself
+    const T m = vec_max<T, VB>(s, t.NP);  // finite: a query always sees itself
     for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - m);
     t.lse[i] = m;  // max and sum for now; logsumexp and 1 / sum below, vectorised
-    t.rowinfo[i] = vec_sum(s, t.NP);
+    t.rowinfo[i] = vec_sum<T, VB>(s, t.NP);
   }
   for (int64_t i = 0; i < t.N; ++i) {
     const T l = t.rowinfo[i];
@@ -362,14 +375,14 @@ PYVQ_WA_INLINE void forward_window(const Tiles<T>& t) {
     t.rowinfo[i] = T(1) / l;
   }
   // O = P v, unnormalised: the scatter multiplies row i by 1 / l_i.
-  matmul<T, false>(t.N, t.DP, t.N, t.s, t.NP, 1, t.v, t.DP, nullptr, t.o, t.DP);
+  matmul<T, VB, false>(t.N, t.DP, t.N, t.s, t.NP, 1, t.v, t.DP, nullptr, t.o, t.DP);
 }
 
-template <typename T>
+template <typename T, int VB>
 PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
-  transpose(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
-  transpose(t.v, t.DP, t.NP, t.DP, t.vt, t.NP);
-  scores(t);
+  transpose<T, VB>(t.k, t.DP, t.NP, t.DP, t.kt, t.NP);
+  transpose<T, VB>(t.v, t.DP, t.NP, t.DP, t.vt, t.NP);
+  scores<T, VB>(t);
   for (int64_t i = 0; i < t.N; ++i) {  // P = exp(S - lse)
     T* s = t.s + i * t.NP;
     prefetch_share(t, i);
@@ -377,9 +390,9 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
     const T lse = t.lse[i];
     for (int64_t j = 0; j < t.NP; ++j) s[j] = wa_exp(s[j] - lse);
   }
-  for (int64_t i = 0; i < t.N; ++i) t.rowinfo[i] = vec_dot(t.dout + i * t.DP, t.o + i * t.DP, t.DP);
+  for (int64_t i = 0; i < t.N; ++i) t.rowinfo[i] = vec_dot<T, VB>(t.dout + i * t.DP, t.o + i * t.DP, t.DP);
   // dP = dout vt, then dS = P * (dP - D) in place, D_i = dout_i . out_i.
-  matmul<T, false>(t.N, t.NP, t.d, t.dout, t.DP, 1, t.vt, t.NP, nullptr, t.dp, t.NP);
+  matmul<T, VB, false>(t.N, t.NP, t.d, t.dout, t.DP, 1, t.vt, t.NP, nullptr, t.dp, t.NP);
   for (int64_t i = 0; i < t.N; ++i) {
     const T* p = t.s + i * t.NP;
     T* ds = t.dp + i * t.NP;
@@ -391,9 +404,9 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
     for (int64_t e = 0; e < n; ++e) t.dbias[e] += t.dp[e];
   }
   // dq = dS k (scaled in the scatter), dk = dS^T q_scaled, dv = P^T dout.
-  matmul<T, false>(t.N, t.DP, t.N, t.dp, t.NP, 1, t.k, t.DP, nullptr, t.dq, t.DP);
-  matmul<T, false>(t.N, t.DP, t.N, t.dp, 1, t.NP, t.q, t.DP, nullptr, t.dk, t.DP);
-  matmul<T, false>(t.N, t.DP, t.N, t.s, 1, t.NP, t.dout, t.DP, nullptr, t.dv, t.DP);
+  matmul<T, VB, false>(t.N, t.DP, t.N, t.dp, t.NP, 1, t.k, t.DP, nullptr, t.dq, t.DP);
+  matmul<T, VB, false>(t.N, t.DP, t.N, t.dp, 1, t.NP, t.q, t.DP, nullptr, t.dk, t.DP);
+  matmul<T, VB, false>(t.N, t.DP, t.N, t.s, 1, t.NP, t.dout, t.DP, nullptr, t.dv, t.DP);
 }
 
 // The two builds of each. Not inlined into the launchers, so each is one function compiled for
@@ -401,20 +414,20 @@ PYVQ_WA_INLINE void backward_window(const Tiles<T>& t) {
 constexpr CpuIsa kWindowAttentionIsa =
     PYVQ_CPU_AVX512_BUILD ? CpuIsa::kAvx512 : CpuIsa::kGeneric;
 
-template <bool kBackward, typename T>
+template <bool kBackward, int VB, typename T>
 PYVQ_WA_INLINE void compute_window(const Tiles<T>& t) {
   if constexpr (kBackward)
-    backward_window(t);
+    backward_window<T, VB>(t);
   else
-    forward_window(t);
+    forward_window<T, VB>(t);
 }
 template <bool kBackward, typename T>
 __attribute__((noinline)) PYVQ_TARGET_AVX512 void window_avx512(const Tiles<T>& t) {
-  compute_window<kBackward>(t);
+  compute_window<kBackward, 64>(t);
 }
 template <bool kBackward, typename T>
 __attribute__((noinline)) void window_generic(const Tiles<T>& t) {
-  compute_window<kBackward>(t);
+  compute_window<kBackward, 16>(t);  // SSE2: 16-byte vectors, 16 registers
 }
 template <bool kBackward, typename T>
 inline void run_window(const Tiles<T>& t, bool avx512) {
@@ -465,12 +478,13 @@ class Carver {
 };
 
 template <typename T>
-Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias) {
+Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias,
+                     int64_t bias_slots) {
   Tiles<T> t{};
   t.N = g.N;
-  t.NP = round_up(g.N, kLanes<T>);
+  t.NP = round_up(g.N, kPad<T>);
   t.d = g.d;
-  t.DP = round_up(g.d, kLanes<T>);
+  t.DP = round_up(g.d, kPad<T>);
   const int64_t rows = t.NP * t.DP, cols = t.DP * t.NP, sq = t.NP * t.NP;
   t.q = c.template take<T>(rows);
   t.k = c.template take<T>(rows);
@@ -481,7 +495,7 @@ Tiles<T> carve_tiles(Carver& c, const Geometry& g, bool backward, bool has_bias)
   t.lse = c.template take<T>(t.NP);
   t.rowinfo = c.template take<T>(t.NP);
   t.region = c.template take<int>(t.NP);
-  if (has_bias) t.bias = c.template take<T>(sq);
+  if (has_bias) t.bias = c.template take<T>(bias_slots * sq);  // slot 0; see Worker
   t.prefetch = c.template take<const char*>((backward ? 5 : 3) * t.N * (t.d * 8 / 64 + 2));
   if (backward) {
     t.vt = c.template take<T>(cols);
@@ -532,11 +546,12 @@ PYVQ_WA_INLINE void store_row(const T* __restrict src, T mul, int64_t d, S* __re
 
 // The head's expanded bias (N x NP, padding columns zero) from the (rows, heads) table in T.
 template <typename T>
-void expand_bias(const T* table, int64_t heads, int64_t h, int64_t w, const Tiles<T>& t) {
+void expand_bias(const T* table, int64_t heads, int64_t h, int64_t w, const Tiles<T>& t,
+                 T* bias) {
   const int64_t span = 2 * w - 1;
   for (int64_t ri = 0; ri < w; ++ri)
     for (int64_t ci = 0; ci < w; ++ci) {
-      T* row = t.bias + (ri * w + ci) * t.NP;
+      T* row = bias + (ri * w + ci) * t.NP;
       for (int64_t rj = 0; rj < w; ++rj) {
         const int64_t base = (ri - rj + w - 1) * span + ci + w - 1;  // bias_index at cj = 0
         for (int64_t cj = 0; cj < w; ++cj) row[rj * w + cj] = table[(base - cj) * heads + h];
@@ -665,26 +680,39 @@ inline void run_chunks(const Call& c, Setup&& setup, Fn&& fn) {
   });
 }
 
+// Most bytes of expanded biases a worker keeps (one per head when they fit, else one).
+constexpr int64_t kBiasCacheBytes = 512 * 1024;
+
 // One worker's tiles and the window set-up both passes share.
 template <typename T>
 struct Worker {
   std::unique_ptr<Scratch> scratch;
   Tiles<T> t;
-  int64_t bias_head = -1;  // the head whose expanded bias t.bias holds
+  T* biases = nullptr;            // bias_slots expanded N x NP biases
+  std::vector<int64_t> slot_head;  // the head each slot holds, -1 for none
 
   Worker(const Geometry& g, bool backward, bool has_bias) {
+    const int64_t tile = round_up(g.N, kPad<T>) * round_up(g.N, kPad<T>);
+    const int64_t slots =
+        g.heads * tile * static_cast<int64_t>(sizeof(T)) <= kBiasCacheBytes ? g.heads : 1;
     Carver count(nullptr);
-    carve_tiles<T>(count, g, backward, has_bias);
+    carve_tiles<T>(count, g, backward, has_bias, slots);
     scratch = std::make_unique<Scratch>(count.used());
     Carver carver(scratch->data());
-    t = carve_tiles<T>(carver, g, backward, has_bias);
+    t = carve_tiles<T>(carver, g, backward, has_bias, slots);
+    biases = t.bias;
+    slot_head.assign(has_bias ? slots : 0, -1);
   }
 
-  // The head's bias (expanded when the head changes) and the window's region ids.
+  // The head's expanded bias (expanded on first use in its slot) and the window's region ids.
   void start(const Geometry& g, const Window& w, const T* table) {
-    if (t.has_bias && w.h != bias_head) {
-      expand_bias(table, g.heads, w.h, g.w, t);
-      bias_head = w.h;
+    if (t.has_bias) {
+      const int64_t slot = static_cast<int64_t>(slot_head.size()) == g.heads ? w.h : 0;
+      t.bias = biases + slot * t.NP * t.NP;
+      if (slot_head[slot] != w.h) {
+        expand_bias(table, g.heads, w.h, g.w, t, t.bias);
+        slot_head[slot] = w.h;
+      }
     }
     t.mixed = w.mixed;
     if (w.mixed) window_regions(g, w, t.region);

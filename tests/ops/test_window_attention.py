@@ -75,6 +75,8 @@ SHAPES = [
     (2, 2, 16, 16, 32, 8, 4, True),  # the tokenizer's window
     (1, 4, 16, 24, 8, 8, 0, False),
     (1, 2, 24, 16, 32, 8, 7, True),  # the largest shift
+    (1, 3, 16, 32, 4, 16, 5, True),  # float32: the heads' biases exceed a worker's cache
+    (1, 2, 32, 32, 4, 32, 16, True),  # the largest window
 ]
 
 
