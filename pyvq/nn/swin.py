@@ -120,8 +120,9 @@ class WindowAttention(nn.Module):
             raise ValueError(f"WindowAttention: the grid H x W of 'x' must be a multiple of window_size {w} in "
                              f"both axes, got {H} x {W} (SwinBlock pads; this layer does not)")
         heads = self.num_heads
-        qkv = self.qkv(x).view(B, H, W, 3, heads, C // heads).permute(3, 0, 4, 1, 2, 5)  # (3, B, heads, H, W, hd)
-        q, k, v = qkv.unbind(0)
+        # Unbinding before permuting lets autograd assemble the qkv gradient
+        # without a copy of the permuted (3, B, heads, H, W, hd) tensor.
+        q, k, v = (t.permute(0, 3, 1, 2, 4) for t in self.qkv(x).view(B, H, W, 3, heads, C // heads).unbind(3))
         out = window_attention(q, k, v, window_size=w, shift=shift, bias_table=self.relative_position_bias_table)
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C))
 
