@@ -22,7 +22,8 @@ except ImportError as exc:  # a source checkout without a build
     _C_ERROR = exc
 
 # The C++ ops pyvq registers, in the order info() lists them.
-CPP_OPS = ("nearest_code", "grid_encode", "multinomial_posterior", "multinomial_kl", "window_attention")
+CPP_OPS = ("nearest_code", "grid_encode", "multinomial_posterior", "multinomial_kl", "window_attention",
+           "multigrained_attention")
 _BACKENDS = ("kernel", "reference")
 
 
