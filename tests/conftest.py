@@ -63,3 +63,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def triton_device() -> str:
+    """The device Triton kernels run on in this session: "cpu" under the
+    interpreter (TRITON_INTERPRET=1, set above without a GPU), else "cuda";
+    skips the calling test module when neither is possible."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (Triton needs one of them)", allow_module_level=True)
+
+
+def bad_arguments(ok, **changes):
+    """A factory of keyword arguments: ``ok()`` with each named entry
+    replaced by ``change(kwargs)`` (for parametrized bad-input tests)."""
+
+    def make():
+        kw = ok()
+        for name, change in changes.items():
+            kw[name] = change(kw)
+        return kw
+
+    return make

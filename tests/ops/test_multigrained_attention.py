@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import pyvq
 from pyvq import reference
-from tests.conftest import half_precision_bound
+from tests.conftest import bad_arguments, half_precision_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -398,12 +398,7 @@ def _ok(dtype=torch.float32):
 
 
 def _bad(**changes):
-    def make():
-        kw = _ok()
-        for name, fn in changes.items():
-            kw[name] = fn(kw)
-        return kw
-    return make
+    return bad_arguments(_ok, **changes)
 
 
 BAD = [

@@ -18,7 +18,6 @@ reproducibility, the public op's dispatch, gradcheck and opcheck.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -28,14 +27,9 @@ triton = pytest.importorskip("triton",
 
 import pyvq.ops._multigrained_attention_triton  # noqa: E402,F401  (registers the Triton ops)
 from pyvq import reference  # noqa: E402
-from tests.conftest import half_precision_bound  # noqa: E402
+from tests.conftest import half_precision_bound, triton_device  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (Triton needs one of them)", allow_module_level=True)
+DEVICE = triton_device()
 INTERPRETED = DEVICE == "cpu"
 
 FWD = torch.ops.pyvq.multigrained_attention_triton

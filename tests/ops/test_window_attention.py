@@ -23,7 +23,7 @@ import torch
 import pyvq
 from pyvq import reference
 from pyvq.reference.window_attention import relative_position_index, shift_mask
-from tests.conftest import half_precision_bound
+from tests.conftest import bad_arguments, half_precision_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -400,12 +400,7 @@ def _ok(dtype=torch.float32):
 
 
 def _bad(**changes):
-    def make():
-        kw = _ok()
-        for name, fn in changes.items():
-            kw[name] = fn(kw)
-        return kw
-    return make
+    return bad_arguments(_ok, **changes)
 
 
 BAD = [

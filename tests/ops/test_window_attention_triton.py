@@ -16,7 +16,6 @@ path, and opcheck.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -26,14 +25,9 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (the wind
 import pyvq.ops._window_attention_triton  # noqa: E402,F401  (registers the Triton ops)
 from pyvq import reference  # noqa: E402
 from pyvq.reference.window_attention import relative_position_index, shift_mask  # noqa: E402
-from tests.conftest import half_precision_bound  # noqa: E402
+from tests.conftest import half_precision_bound, triton_device  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (Triton needs one of them)", allow_module_level=True)
+DEVICE = triton_device()
 INTERPRETED = DEVICE == "cpu"
 
 FWD = torch.ops.pyvq.window_attention_triton
