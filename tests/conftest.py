@@ -87,3 +87,19 @@ def bad_arguments(ok, **changes):
         return kw
 
     return make
+
+
+def assert_compiled_equals_eager(fn, tensors, rtol=1e-5, atol=1e-5):
+    """``torch.compile(fn, fullgraph=True)`` equals eager ``fn`` on
+    ``tensors``: the scalar ``fn`` returns and its gradients to each."""
+
+    def run(f):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        loss = f(*leaves)
+        return (loss, *torch.autograd.grad(loss, leaves))
+
+    torch._dynamo.reset()
+    eager = run(fn)
+    compiled = run(torch.compile(fn, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

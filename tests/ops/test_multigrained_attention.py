@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import pyvq
 from pyvq import reference
-from tests.conftest import bad_arguments, half_precision_bound
+from tests.conftest import assert_compiled_equals_eager, bad_arguments, half_precision_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -370,16 +370,7 @@ def test_torch_compile_fullgraph():
         out = pyvq.ops.multigrained_attention(q, k, v, gk, gv, block_size=4, halo=2)
         return (out * out).sum() + out.mean()
 
-    def run(f):
-        leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        loss = f(*leaves)
-        return (loss, *torch.autograd.grad(loss, leaves))
-
-    torch._dynamo.reset()
-    eager = run(fn)
-    compiled = run(torch.compile(fn, fullgraph=True))
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_compiled_equals_eager(fn, tensors)
 
 
 def test_meta_tensors():

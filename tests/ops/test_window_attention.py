@@ -23,7 +23,7 @@ import torch
 import pyvq
 from pyvq import reference
 from pyvq.reference.window_attention import relative_position_index, shift_mask
-from tests.conftest import bad_arguments, half_precision_bound
+from tests.conftest import assert_compiled_equals_eager, bad_arguments, half_precision_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -341,16 +341,7 @@ def test_torch_compile_fullgraph():
         out = pyvq.ops.window_attention(q, k, v, window_size=4, shift=2, bias_table=table)
         return (out * out).sum() + out.mean()
 
-    def run(f):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, table)]
-        loss = f(*leaves)
-        return (loss, *torch.autograd.grad(loss, leaves))
-
-    torch._dynamo.reset()
-    eager = run(fn)
-    compiled = run(torch.compile(fn, fullgraph=True))
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_compiled_equals_eager(fn, (q, k, v, table))
 
 
 def test_meta_tensors():
