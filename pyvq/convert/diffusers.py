@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from pyvq._hub import resolve_folder
 from pyvq.convert.diffusers_config import ASYMMETRIC_CLASS, CONDITION_ENCODER_LAYERS, KNOWN_KEYS, diffusers_config
 from pyvq.convert.diffusers_keys import asym_diffusers_key, diffusers_key, linear_to_conv, rename_old_attention
 from pyvq.convert.files import read_diffusers_config, read_diffusers_weights
@@ -20,7 +21,17 @@ from pyvq.models.tokenizers.vqgan import VQGAN
 
 __all__ = ["from_diffusers"]
 
-def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | AutoencoderKL | AsymmetricVQGAN:
+def from_diffusers(
+    model_or_dir,
+    *,
+    variant: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> VQGAN | AutoencoderKL | AsymmetricVQGAN:
     """A pyvq tokenizer holding the weights of a diffusers autoencoder.
 
     Args:
@@ -30,9 +41,18 @@ def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | Autoe
             and ``diffusion_pytorch_model.safetensors``, or a sharded
             ``.safetensors.index.json``; a ``.bin`` is read with
             ``torch.load(weights_only=True)``). diffusers need not be
-            installed for a directory.
+            installed for a directory. Or a Hugging Face Hub repository id
+            (``"stabilityai/sd-vae-ft-mse"``; a pipeline's with
+            ``subfolder="vae"``), read from the local Hub cache first and
+            downloaded only when it lacks the files and downloads are allowed
+            (safetensors preferred over ``.bin``); an existing local
+            directory of that name wins.
         variant: the weights file variant of a directory
             (``diffusion_pytorch_model.<variant>.safetensors``, e.g. ``"fp16"``).
+        subfolder: a folder inside the directory or repository (``"vae"``).
+        revision, cache_dir, local_files_only, token, force_download: for a
+            Hub repository, as in ``PretrainedModel.from_pretrained``
+            (``local_files_only`` also when ``HF_HUB_OFFLINE=1``).
 
     Config mapping: ``block_out_channels`` -> ``ch`` (its first entry) and
     ``ch_mult`` (the entries divided by it); ``layers_per_block`` ->
@@ -74,16 +94,27 @@ def from_diffusers(model_or_dir, *, variant: str | None = None) -> VQGAN | Autoe
         ValueError: unsupported class, block type or config value (named);
             keys missing or unexpected (listed); a shape mismatch (the key
             is named).
-        FileNotFoundError: a directory without the expected files.
+        FileNotFoundError: a directory without the expected files; a Hub
+            repository that is not cached and cannot be downloaded (named,
+            with how to get it).
     """
     directory = None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        directory = os.fspath(model_or_dir)
+        stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+        directory = resolve_folder(
+            model_or_dir, what="from_diffusers", required=("config.json",),
+            choices=((f"{stem}.safetensors",), (f"{stem}.safetensors.index.json", f"{stem}-*.safetensors"),
+                     (f"{stem}.bin",)),
+            subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            token=token, force_download=force_download,
+        )
         cfg = read_diffusers_config(directory)
         class_name = cfg["_class_name"]
     else:
-        if variant is not None:
-            raise ValueError("from_diffusers: argument 'variant' applies to a directory only")
+        given = [k for k, v in (("variant", variant), ("subfolder", subfolder), ("revision", revision),
+                                ("cache_dir", cache_dir), ("token", token)) if v is not None]
+        if given:
+            raise ValueError(f"from_diffusers: argument(s) {given} apply to a directory or Hub repository only")
         class_name = type(model_or_dir).__name__
         cfg = getattr(model_or_dir, "config", None)
         if class_name not in KNOWN_KEYS or cfg is None or not hasattr(model_or_dir, "state_dict"):

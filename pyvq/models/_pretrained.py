@@ -16,7 +16,12 @@ A model class mixes in ``PretrainedModel`` and names its config dataclass in
 
 ``Model.from_pretrained(dir)`` rebuilds ``Model(config)`` and loads the
 weights strictly. ``load_pretrained(dir)`` does the same without naming the
-class, using ``_class_name``.
+class, using ``_class_name``. Both also take a Hugging Face Hub repository id
+instead of a folder (``revision=``, ``subfolder=``, ``cache_dir=``,
+``local_files_only=``, ``token=``, ``force_download=``): an existing local
+folder wins, then the local Hub cache, then a download when allowed
+(``pyvq._hub``). ``model.push_to_hub(repo_id)`` and
+``model.save_pretrained(dir, push_to_hub=True)`` upload the two files.
 
 Presets are named configs (``register_preset`` / ``get_preset`` /
 ``list_presets``); ``Model.from_preset(name)`` builds one with random
@@ -29,9 +34,13 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, ClassVar
 
 import torch
+
+from pyvq._hub import check_repo_id, resolve_folder, upload_folder
 
 __all__ = [
     "PretrainedModel",
@@ -168,9 +177,84 @@ class PretrainedModel:
         return cls(config)
 
     # -- saving / loading
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None, **kwargs
+    ):
         """Write ``model.safetensors`` and ``config.json`` into ``directory``
-        (created if needed; existing files are replaced)."""
+        (created if needed; existing files are replaced).
+
+        With ``push_to_hub=True`` the two files are then uploaded to the Hub
+        repository ``repo_id`` (default: the folder's name, in your
+        namespace), as ``push_to_hub`` does; ``kwargs`` are its
+        ``commit_message``, ``private``, ``token``, ``revision``,
+        ``create_pr``. The local files are written first and stay whatever
+        the upload does. Returns ``None``, or the upload's ``CommitInfo``.
+        """
+        if not isinstance(push_to_hub, bool):
+            raise TypeError(
+                f"{type(self).__name__}.save_pretrained: argument 'push_to_hub' must be a bool, "
+                f"got {type(push_to_hub).__name__} (pass the repository as repo_id=)"
+            )
+        if not push_to_hub and (repo_id is not None or kwargs):
+            given = (["repo_id"] if repo_id is not None else []) + sorted(kwargs)
+            raise TypeError(f"{type(self).__name__}.save_pretrained: {given} apply only with push_to_hub=True")
+        unknown = sorted(set(kwargs) - _PUSH_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.save_pretrained: unexpected argument(s) {unknown}; "
+                f"push_to_hub takes {sorted(_PUSH_OPTIONS)}"
+            )
+        what = f"{type(self).__name__}.save_pretrained"
+        if push_to_hub:
+            if repo_id is None:  # diffusers' default: the folder's name, in the user's namespace
+                repo_id = os.path.basename(os.path.normpath(os.path.abspath(directory)))
+            check_repo_id(repo_id, what)
+        files = self._write_pretrained(directory)
+        if not push_to_hub:
+            return None
+        kwargs["commit_message"] = kwargs.get("commit_message") or f"Upload {type(self).__name__}"
+        return upload_folder(directory, repo_id, files, what=what, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload the model (``config.json`` + ``model.safetensors``) to the
+        Hugging Face Hub repository ``repo_id``.
+
+        The repository is created if missing (``private`` applies then);
+        ``revision`` is a branch, created if missing; ``create_pr`` opens a
+        pull request instead of committing. The files are first written to a
+        temporary folder by ``save_pretrained``; if the upload fails that
+        folder is kept and its path is added to the error (nothing is lost).
+        Load it back with ``Model.from_pretrained(repo_id)``.
+
+        Returns:
+            huggingface_hub's ``CommitInfo`` of the upload.
+        """
+        what = f"{type(self).__name__}.push_to_hub"
+        check_repo_id(repo_id, what)
+        folder = tempfile.mkdtemp(prefix="pyvq-push-")
+        try:
+            files = self._write_pretrained(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        result = upload_folder(
+            folder, repo_id, files, what=what, commit_message=commit_message or f"Upload {type(self).__name__}",
+            private=private, token=token, revision=revision, create_pr=create_pr,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return result
+
+    def _write_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        # The files of save_pretrained; returns their names (what an upload sends).
         from safetensors.torch import save_file
 
         import pyvq
@@ -188,33 +272,71 @@ class PretrainedModel:
         with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=False)
             f.write("\n")
+        return [CONFIG_NAME, WEIGHTS_NAME]
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
-        """Rebuild a model saved by ``save_pretrained``.
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+    ):
+        """Rebuild a model saved by ``save_pretrained`` (or ``push_to_hub``).
 
         Args:
             directory: the folder holding ``config.json`` and
-                ``model.safetensors``.
+                ``model.safetensors``, or a Hugging Face Hub repository id
+                (``"owner/name"``). An existing folder wins; a repository
+                is read from the local Hub cache, and downloaded into it
+                only when the cache lacks it and downloads are allowed.
             map_location: device of the returned model's tensors.
+            revision: branch, tag or commit of a repository (default
+                ``main``).
+            subfolder: a folder inside the repository (or local folder).
+            cache_dir: the Hub cache (default ``$HF_HOME/hub``).
+            local_files_only: never download (also when ``HF_HUB_OFFLINE=1``).
+            token: a Hub token, for private or gated repositories.
+            force_download: download again even when cached.
 
         Returns:
             The model in eval mode (call ``.train()`` to fine-tune it).
 
         Raises:
-            FileNotFoundError: the folder or one of its two files is missing.
+            FileNotFoundError: the folder or one of its two files is missing;
+                the repository is not cached and cannot be downloaded (the
+                message names it and says how to get it).
             ValueError: the folder holds another model class, or the weights
                 do not match the config (missing or unexpected keys, shapes).
         """
+        hub = dict(
+            revision=revision, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only,
+            token=token, force_download=force_download,
+        )
         if cls is PretrainedModel:
-            return load_pretrained(directory, map_location=map_location)
-        data = _read_config(directory)
+            return load_pretrained(directory, map_location=map_location, **hub)
+        folder = _resolve(directory, f"{cls.__name__}.from_pretrained", hub)
+        data = _read_config(folder)
         name = data.get("_class_name")
         if name is not None and name != cls.__name__:
             raise ValueError(
                 f"{cls.__name__}.from_pretrained: {os.fspath(directory)!r} holds a {name}, not a {cls.__name__}"
             )
-        return _load(cls, directory, data, map_location)
+        return _load(cls, folder, data, map_location)
+
+
+# push_to_hub's keyword arguments, which save_pretrained(push_to_hub=True) passes on
+_PUSH_OPTIONS = frozenset({"commit_message", "private", "token", "revision", "create_pr"})
+
+
+def _resolve(directory, what: str, hub: dict) -> str:
+    # The folder holding config.json + model.safetensors: a local one, or a Hub repository's.
+    return resolve_folder(directory, what=what, required=(CONFIG_NAME, WEIGHTS_NAME), **hub)
 
 
 def _read_config(directory) -> dict:
@@ -248,18 +370,35 @@ def _load(cls, directory, data: dict, map_location):
 
 def load_run(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """``load_pretrained`` of a training run's final model (``path/model``)
-    or of a saved model folder."""
+    or of a saved model folder (or Hub repository id)."""
     folder = os.path.join(path, "model")
     return load_pretrained(folder if os.path.isdir(folder) else path, map_location)
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Load whatever pyvq model ``directory`` holds (by its ``_class_name``)."""
-    data = _read_config(directory)
+def load_pretrained(
+    directory: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+):
+    """Load whatever pyvq model ``directory`` (a folder or a Hub repository
+    id) holds, by its ``_class_name``; the other arguments as for
+    ``PretrainedModel.from_pretrained``."""
+    hub = dict(
+        revision=revision, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only,
+        token=token, force_download=force_download,
+    )
+    folder = _resolve(directory, "load_pretrained", hub)
+    data = _read_config(folder)
     name = data.get("_class_name")
     if name not in _MODEL_CLASSES:
         raise ValueError(
-            f"load_pretrained: {CONFIG_NAME} in {os.fspath(directory)!r} names model class {name!r}, "
+            f"load_pretrained: {CONFIG_NAME} in {folder!r} names model class {name!r}, "
             f"known: {sorted(_MODEL_CLASSES)} (import the module that defines it first)"
         )
-    return _load(_MODEL_CLASSES[name], directory, data, map_location)
+    return _load(_MODEL_CLASSES[name], folder, data, map_location)
