@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -69,6 +70,15 @@ def check_repo_id(repo_id, what: str) -> str:
             f"{what}: argument 'repo_id' must be a Hub repository id 'owner/name' or 'name', got {repo_id!r}"
         )
     return repo_id
+
+
+def _outside_pyvq() -> int:
+    # For warnings.warn in the calling function: the stacklevel of the first frame outside pyvq.
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _present(base: str, pattern: str) -> bool:
@@ -143,7 +153,7 @@ def resolve_folder(
         if ignored:
             warnings.warn(
                 f"{what}: {path!r} is a local directory, so {' and '.join(ignored)} (Hub options) are ignored",
-                stacklevel=3,
+                stacklevel=_outside_pyvq(),
             )
         return os.path.join(path, subfolder) if subfolder else path
     if not isinstance(name, str) or not is_repo_id(path):

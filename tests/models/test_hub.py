@@ -164,8 +164,10 @@ def test_local_directory_wins(cached, tmp_path, monkeypatch):
     models["B"].save_pretrained(owner / "tiny-vqgan")  # a local folder spelled like the repository
     monkeypatch.chdir(tmp_path / "cwd")
     assert same_weights(VQGAN.from_pretrained(REPO, cache_dir=None), models["B"])
-    with pytest.warns(UserWarning, match="local directory.*revision"):
-        VQGAN.from_pretrained(REPO, revision="v1")
+    for load in (VQGAN.from_pretrained, PretrainedModel.from_pretrained):
+        with pytest.warns(UserWarning, match="local directory.*revision") as record:
+            load(REPO, revision="v1")
+        assert record[0].filename == __file__  # the warning points at the caller
     models["A"].save_pretrained(owner / "tiny-vqgan" / "sub")
     assert same_weights(load_pretrained(REPO, subfolder="sub"), models["A"])
 
