@@ -314,10 +314,7 @@ class PretrainedModel:
             ValueError: the folder holds another model class, or the weights
                 do not match the config (missing or unexpected keys, shapes).
         """
-        hub = dict(
-            revision=revision, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only,
-            token=token, force_download=force_download,
-        )
+        hub = {name: value for name, value in locals().items() if name in _HUB_OPTIONS}
         if cls is PretrainedModel:
             return load_pretrained(directory, map_location=map_location, **hub)
         folder = _resolve(directory, f"{cls.__name__}.from_pretrained", hub)
@@ -332,6 +329,8 @@ class PretrainedModel:
 
 # push_to_hub's keyword arguments, which save_pretrained(push_to_hub=True) passes on
 _PUSH_OPTIONS = frozenset({"commit_message", "private", "token", "revision", "create_pr"})
+# from_pretrained / load_pretrained's keyword arguments for a Hub repository (resolve_folder's)
+_HUB_OPTIONS = frozenset({"revision", "subfolder", "cache_dir", "local_files_only", "token", "force_download"})
 
 
 def _resolve(directory, what: str, hub: dict) -> str:
@@ -389,10 +388,7 @@ def load_pretrained(
     """Load whatever pyvq model ``directory`` (a folder or a Hub repository
     id) holds, by its ``_class_name``; the other arguments as for
     ``PretrainedModel.from_pretrained``."""
-    hub = dict(
-        revision=revision, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only,
-        token=token, force_download=force_download,
-    )
+    hub = {name: value for name, value in locals().items() if name in _HUB_OPTIONS}
     folder = _resolve(directory, "load_pretrained", hub)
     data = _read_config(folder)
     name = data.get("_class_name")
