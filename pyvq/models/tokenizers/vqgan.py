@@ -41,9 +41,12 @@ class VQGANConfig:
         embed_dim: code dimension (channels of the quantised latent).
         n_embed: codebook size.
         ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
-        in_channels, out_ch, dropout, resamp_with_conv: the ``Encoder`` /
-            ``Decoder`` arguments (see ``pyvq.nn.Encoder``); the encoder is
-            built with ``double_z=False``.
+        in_channels, out_ch, dropout, resamp_with_conv, norm_num_groups: the
+            ``Encoder`` / ``Decoder`` arguments (see ``pyvq.nn.Encoder``); the
+            encoder is built with ``double_z=False``. ``norm_num_groups``
+            (GroupNorm groups, default 32) must divide ``ch`` and every
+            ``ch * ch_mult[i]``; configs saved before the field existed load
+            with 32, the value they were built with.
         tanh_out: tanh on the decoder output.
         beta, ema, decay, eps, l2_normalize, restart_dead_codes,
         dead_code_threshold: the ``pyvq.nn.VectorQuantizer`` arguments.
@@ -73,6 +76,7 @@ class VQGANConfig:
     eps: float = 1e-5
     restart_dead_codes: bool = False
     dead_code_threshold: float = 1.0
+    norm_num_groups: int = 32
 
     def __post_init__(self):
         check_arch_fields(self, where="VQGANConfig", positive=("embed_dim", "n_embed", "in_channels", "out_ch"))
