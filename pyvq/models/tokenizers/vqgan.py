@@ -26,6 +26,7 @@ from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs, check_arch_fields
+from pyvq.nn.vector_quantizer import check_beta_term
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -48,12 +49,14 @@ class VQGANConfig:
             ``ch * ch_mult[i]``; configs saved before the field existed load
             with 32, the value they were built with.
         tanh_out: tanh on the decoder output.
-        beta, ema, decay, eps, l2_normalize, restart_dead_codes,
+        beta, beta_term, ema, decay, eps, l2_normalize, restart_dead_codes,
         dead_code_threshold: the ``pyvq.nn.VectorQuantizer`` arguments.
-            Note pyvq's loss puts ``beta`` on the commitment term,
-            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)`` (the
-            VQ-VAE paper), whereas taming's default ``legacy=True`` quantiser
-            puts it on the codebook term.
+            ``beta_term="commitment"`` (default, the VQ-VAE paper):
+            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)``;
+            ``"codebook"``: ``beta * mean((q - sg[z])^2) + mean((z - sg[q])^2)``,
+            taming's default (``VectorQuantizer2(legacy=True)``), which
+            ``pyvq.convert.from_taming`` selects. ``"codebook"`` with
+            ``ema=True`` is refused (the codebook term has no gradient).
     """
 
     embed_dim: int = 256
@@ -70,6 +73,7 @@ class VQGANConfig:
     resamp_with_conv: bool = True
     tanh_out: bool = False
     beta: float = 0.25
+    beta_term: str = "commitment"
     l2_normalize: bool = False
     ema: bool = False
     decay: float = 0.99
@@ -80,6 +84,7 @@ class VQGANConfig:
 
     def __post_init__(self):
         check_arch_fields(self, where="VQGANConfig", positive=("embed_dim", "n_embed", "in_channels", "out_ch"))
+        check_beta_term(self.beta_term, self.ema, where="VQGANConfig", what="field")
 
     @property
     def downsample_factor(self) -> int:
@@ -96,8 +101,9 @@ class VQGAN(PretrainedModel, nn.Module):
     ``aux`` (returned by ``encode`` and ``forward``) is a
     ``pyvq.models.outputs.VQAux``, read as ``aux.loss`` or ``aux["loss"]``:
         ``loss``: 0-d, the quantiser's VQ loss (codebook + beta *
-            commitment; commitment only with ema) to add to the
-            reconstruction / perceptual / GAN losses;
+            commitment, or beta * codebook + commitment with
+            ``beta_term="codebook"``; beta * commitment only with ema) to add
+            to the reconstruction / perceptual / GAN losses;
         ``perplexity``, ``usage``: 0-d code statistics of the batch;
         ``indices``: (B, H/f, W/f) int64 code indices.
     """
@@ -117,6 +123,7 @@ class VQGAN(PretrainedModel, nn.Module):
             config.n_embed,
             config.embed_dim,
             beta=config.beta,
+            beta_term=config.beta_term,
             ema=config.ema,
             decay=config.decay,
             eps=config.eps,
