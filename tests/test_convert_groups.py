@@ -31,33 +31,14 @@ from pyvq.models import (
 )
 from pyvq.nn import Decoder, Encoder, ResnetBlock
 
+from tests.test_convert import _check_kl, _check_vq, _randomize
+from tests.test_convert import diffusers  # noqa: F401 (the fixture)
+from tests.test_convert_asymmetric import _check as _check_asymmetric
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PLAIN_DOWN, ATTN_DOWN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 PLAIN_UP, ATTN_UP = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
-TOL = dict(rtol=0, atol=1e-9)  # float64 on both sides
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip(
-        "diffusers",
-        reason="diffusers is not installed (pip install diffusers==0.42.1) for the group-count conversion tests",
-    )
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every floating tensor perturbed (GroupNorm affines included), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.add_(0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype))
-    return model.eval()
-
-
-def _image(size: int, seed: int) -> torch.Tensor:
-    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
 
 
 def _assert_groups(model: torch.nn.Module, groups: int) -> None:
@@ -104,14 +85,14 @@ def _block_types(n: int, attention: tuple[int, ...]) -> dict:
 def _diffusers_kwargs(spec: dict) -> dict:
     spec = dict(spec)
     attention = spec.pop("attention", ())
-    return dict(**spec, **_block_types(len(spec["block_out_channels"]), attention), sample_size=16)
+    return dict(**spec, **_block_types(len(spec["block_out_channels"]), attention), sample_size=32)
 
 
 @pytest.mark.parametrize("case", sorted(KL_CASES))
 def test_autoencoder_kl_groups(diffusers, case):
     spec = KL_CASES[case]
     torch.manual_seed(21)
-    dmodel = _perturbed(diffusers.AutoencoderKL(**_diffusers_kwargs(spec)), seed=22)
+    dmodel = _randomize(diffusers.AutoencoderKL(**_diffusers_kwargs(spec)), seed=22)
     model = from_diffusers(dmodel)
     assert isinstance(model, AutoencoderKL)
     c = model.config
@@ -119,16 +100,7 @@ def test_autoencoder_kl_groups(diffusers, case):
     assert (c.norm_num_groups, c.ch, c.num_res_blocks) == (spec["norm_num_groups"], boc[0], spec["layers_per_block"])
     assert c.ch_mult == tuple(b // boc[0] for b in boc)
     _assert_groups(model, spec["norm_num_groups"])
-    dmodel, model = dmodel.double(), model.double()
-
-    x = _image(16, seed=23)
-    with torch.no_grad():
-        want = dmodel.encode(x).latent_dist
-        got = model.encode(x)
-        torch.testing.assert_close(got.mean, want.mean, **TOL)
-        torch.testing.assert_close(got.logvar, want.logvar, **TOL)
-        z = want.mean + 0.5 * torch.randn(want.mean.shape, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
-        torch.testing.assert_close(model.decode(z), dmodel.decode(z).sample, **TOL)
+    _check_kl(dmodel, model)  # posterior mean / logvar and decode, float64
 
 
 @pytest.mark.parametrize("case", sorted(VQ_CASES))
@@ -138,7 +110,7 @@ def test_vq_model_groups(diffusers, case):
     dmodel = diffusers.VQModel(num_vq_embeddings=16, **_diffusers_kwargs(spec))
     with torch.no_grad():
         dmodel.quantize.embedding.weight.normal_(generator=torch.Generator().manual_seed(32))
-    dmodel = _perturbed(dmodel, seed=33)
+    dmodel = _randomize(dmodel, seed=33)
     model = from_diffusers(dmodel)
     assert isinstance(model, VQGAN)
     assert (model.config.norm_num_groups, model.config.num_res_blocks) == (
@@ -146,94 +118,49 @@ def test_vq_model_groups(diffusers, case):
         spec["layers_per_block"],
     )
     _assert_groups(model, spec["norm_num_groups"])
-    dmodel, model = dmodel.double(), model.double()
-
-    x = _image(16, seed=34)
     with torch.no_grad():
-        h = dmodel.encode(x).latents
-        torch.testing.assert_close(model.quant_conv(model.encoder(x)), h, **TOL)
-        quant, _, (_, _, indices) = dmodel.quantize(h)
-        z_q, got_indices, _ = model.encode(x)
-        assert got_indices.unique().numel() > 1  # the codes are not all one
-        assert torch.equal(got_indices.flatten(), indices.flatten())
-        torch.testing.assert_close(z_q, quant, **TOL)
-        want = dmodel.decode(quant, force_not_quantize=True).sample
-        torch.testing.assert_close(model.decode(quant), want, **TOL)
-        torch.testing.assert_close(model.decode_indices(got_indices), want, **TOL)
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(34)) * 2 - 1
+        assert model.encode(x).indices.unique().numel() > 1  # not all one code
+    _check_vq(dmodel, model)  # pre-quantisation latents, indices, z_q and decode, float64
 
 
 # AsymmetricAutoencoderKL layouts pyvq supports (up_block_out_channels double
-# from the first, capped at the last; two to four levels).
+# from the first, capped at the last; two to four levels): norm_num_groups,
+# down_block_out_channels, layers_per_down_block, up_block_out_channels,
+# layers_per_up_block, levels with attention.
 ASYM_CASES = {
-    "g8_deep_encoder": dict(
-        norm_num_groups=8,
-        down_block_out_channels=(8, 16),
-        layers_per_down_block=3,
-        up_block_out_channels=(8, 16),
-        layers_per_up_block=2,
-    ),
-    "g4_three_levels_attention": dict(
-        norm_num_groups=4,
-        down_block_out_channels=(8, 16, 16),
-        layers_per_down_block=2,
-        up_block_out_channels=(8, 16, 16),
-        layers_per_up_block=3,
-        attention=(2,),
-    ),
-    "g1": dict(
-        norm_num_groups=1,
-        down_block_out_channels=(4, 8),
-        layers_per_down_block=1,
-        up_block_out_channels=(4, 8),
-        layers_per_up_block=1,
-    ),
-    "g16_four_levels": dict(
-        norm_num_groups=16,
-        down_block_out_channels=(16, 16, 32, 32),
-        layers_per_down_block=1,
-        up_block_out_channels=(16, 32, 64, 64),
-        layers_per_up_block=2,
-    ),
+    "g8_deep_encoder": (8, (8, 16), 3, (8, 16), 2, ()),
+    "g4_three_levels_attention": (4, (8, 16, 16), 2, (8, 16, 16), 3, (2,)),
+    "g1": (1, (4, 8), 1, (4, 8), 1, ()),
+    "g16_four_levels": (16, (16, 16, 32, 32), 1, (16, 32, 64, 64), 2, ()),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ASYM_CASES))
 def test_asymmetric_groups(diffusers, case, tmp_path):
-    spec = dict(ASYM_CASES[case])
-    attention = spec.pop("attention", ())
-    n = len(spec["down_block_out_channels"])
-    types = _block_types(n, attention)
-    torch.manual_seed(41)
-    dmodel = diffusers.AsymmetricAutoencoderKL(
-        sample_size=16, latent_channels=3, down_block_types=types["down_block_types"],
-        up_block_types=types["up_block_types"], **spec,
+    groups, down, layers_down, up, layers_up, attention = ASYM_CASES[case]
+    spec = dict(
+        norm_num_groups=groups,
+        down_block_out_channels=down,
+        layers_per_down_block=layers_down,
+        up_block_out_channels=up,
+        layers_per_up_block=layers_up,
+        **_block_types(len(down), attention),
     )
-    dmodel = _perturbed(dmodel, seed=42)
+    torch.manual_seed(41)
+    dmodel = diffusers.AsymmetricAutoencoderKL(sample_size=32, latent_channels=3, **spec)
+    dmodel = _randomize(dmodel, seed=42)
     model = from_diffusers(dmodel)
     assert isinstance(model, AsymmetricVQGAN)
-    groups = spec["norm_num_groups"]
     assert model.config.norm_num_groups == model.config.base().norm_num_groups == groups
-    assert model.config.num_res_blocks == spec["layers_per_up_block"]
+    assert model.config.num_res_blocks == layers_up
     _assert_groups(model, groups)
 
     # The saved pyvq config keeps the group count (base and new decoder).
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["norm_num_groups"] == saved["base_config"]["norm_num_groups"] == groups
-    model, dmodel = load_pretrained(tmp_path).double(), dmodel.double()
-
-    g = torch.Generator().manual_seed(43)
-    x = _image(16, seed=44)
-    mask = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).double()
-    with torch.no_grad():
-        want = dmodel.encode(x).latent_dist
-        got = model.encode(x)
-        torch.testing.assert_close(got.mean, want.mean, **TOL)
-        torch.testing.assert_close(got.logvar, want.logvar, **TOL)
-        z = want.mean + 0.5 * torch.randn(want.mean.shape, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(model.decode(z), dmodel.decode(z).sample, **TOL)
-        want_masked = dmodel.decode(z, image=x, mask=mask).sample
-        torch.testing.assert_close(model.decode(z, (1 - mask) * x, mask), want_masked, **TOL)
+    _check_asymmetric(dmodel, load_pretrained(tmp_path))  # encode, plain and masked decode, float64
 
 
 # ----------------------------------------------------------------- pyvq only
