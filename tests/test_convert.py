@@ -444,7 +444,8 @@ def test_from_diffusers_directory_errors(tmp_path):
         return from_diffusers(tmp_path)
 
     cases = [
-        (dict(norm_num_groups=16), r"norm_num_groups must be 32"),
+        (dict(norm_num_groups=24), r"field 'norm_num_groups' must divide every GroupNorm's channel count \[32, 64\]"),
+        (dict(norm_num_groups=0), r"norm_num_groups must be an int >= 1, got 0"),
         (dict(act_fn="gelu"), r"act_fn"),
         (dict(down_block_types=["DownBlock2D", "AttnDownEncoderBlock2D"]), r"down_block_types\[0\] = 'DownBlock2D'"),
         (dict(up_block_types=["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]), r"encoder has attention at levels \[1\]"),

@@ -188,7 +188,7 @@ def test_asymmetric_unsupported_configs(tmp_path):
         ),
         (dict(up_block_types=[PLAIN_UP] * 3, up_block_out_channels=[32, 64, 64]), r"same, nonzero length"),
         (dict(out_channels=1), r"in_channels \(3\) must equal out_channels \(1\)"),
-        (dict(norm_num_groups=16), r"norm_num_groups must be 32"),
+        (dict(norm_num_groups=24), r"field 'norm_num_groups' must divide every GroupNorm's channel count"),
         (dict(act_fn="gelu"), r"act_fn"),
         (dict(up_block_types=["UpBlock2D", PLAIN_UP]), r"up_block_types\[0\] = 'UpBlock2D'"),
         (dict(up_block_out_channels=[32, 48]), r"up_block_out_channels \(32, 48\) must be multiples"),

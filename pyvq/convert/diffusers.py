@@ -63,8 +63,9 @@ def from_diffusers(
     ``in_channels``, ``out_channels`` -> ``in_channels``, ``out_ch``;
     ``scaling_factor`` -> ``AutoencoderKLConfig.scaling_factor`` (a
     VQModel's is not kept: VQGANConfig has no such field); attention block
-    types -> ``attn_resolutions`` (``pyvq.convert``'s docstring).
-    ``norm_num_groups`` must be 32, ``act_fn`` SiLU, ``norm_type``
+    types -> ``attn_resolutions`` (``pyvq.convert``'s docstring);
+    ``norm_num_groups`` -> ``norm_num_groups`` (any value that divides every
+    block's channel count). ``act_fn`` must be SiLU, ``norm_type``
     ``"group"``. An
     AutoencoderKL with ``use_quant_conv=False`` / ``use_post_quant_conv=False``
     (e.g. FLUX's VAE) gets identity 1x1 convs (weight I, bias 0: exact in

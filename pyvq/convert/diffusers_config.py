@@ -73,12 +73,16 @@ def _resolution(sample_size) -> int:
     return int(sample_size)
 
 
-def _check_common(what: str, c: Mapping[str, Any]) -> None:
-    """Settings pyvq's blocks fix: GroupNorm of 32 groups, SiLU."""
-    if c["norm_num_groups"] != 32:
-        raise ValueError(f"{what}: norm_num_groups must be 32 (pyvq's GroupNorm), got {c['norm_num_groups']!r}")
+def _check_common(what: str, c: Mapping[str, Any]) -> int:
+    """The setting pyvq's blocks fix (SiLU) checked; returns
+    ``norm_num_groups`` (an int >= 1; the pyvq config checks that it divides
+    the channel counts)."""
     if c["act_fn"] not in ("silu", "swish"):
         raise ValueError(f"{what}: act_fn must be 'silu' (pyvq's blocks use SiLU), got {c['act_fn']!r}")
+    groups = c["norm_num_groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{what}: config field norm_num_groups must be an int >= 1, got {groups!r}")
+    return groups
 
 
 def _ch_mult(what: str, boc, field: str = "block_out_channels") -> tuple[int, tuple[int, ...]]:
@@ -150,7 +154,7 @@ def diffusers_config(class_name: str, cfg: Mapping[str, Any]):
     }
     c = {**defaults, **fields}
 
-    _check_common(what, c)
+    groups = _check_common(what, c)
     if not c["mid_block_add_attention"]:
         raise ValueError(f"{what}: mid_block_add_attention=False is not supported (pyvq's mid block has attention)")
     if class_name == "VQModel" and c["norm_type"] != "group":
@@ -187,6 +191,7 @@ def diffusers_config(class_name: str, cfg: Mapping[str, Any]):
         resolution=resolution,
         in_channels=int(c["in_channels"]),
         out_ch=int(c["out_channels"]),
+        norm_num_groups=groups,
     )
     if class_name == "VQModel":
         embed_dim = c["vq_embed_dim"] if c["vq_embed_dim"] is not None else c["latent_channels"]
@@ -236,7 +241,7 @@ def _asymmetric_config(what: str, fields: Mapping[str, Any]) -> AsymmetricVQGANC
         "scaling_factor": 0.18215,
     }
     c = {**defaults, **fields}
-    _check_common(what, c)
+    groups = _check_common(what, c)
     down_boc = tuple(int(b) for b in c["down_block_out_channels"])
     up_boc = tuple(int(b) for b in c["up_block_out_channels"])
     down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
@@ -293,6 +298,7 @@ def _asymmetric_config(what: str, fields: Mapping[str, Any]) -> AsymmetricVQGANC
         in_channels=int(c["in_channels"]),
         out_ch=int(c["out_channels"]),
         scaling_factor=float(c["scaling_factor"]),
+        norm_num_groups=groups,
     )
     return AsymmetricVQGANConfig(
         base_kind="kl",
@@ -302,4 +308,5 @@ def _asymmetric_config(what: str, fields: Mapping[str, Any]) -> AsymmetricVQGANC
         num_res_blocks=int(c["layers_per_up_block"]),
         attn_resolutions=_attn_resolutions(what, resolution, dec_attn, n),
         blend="add",
+        norm_num_groups=groups,
     )

@@ -6,6 +6,7 @@ names (a preset, a ``VQGANConfig`` or a dict of its fields).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
@@ -13,6 +14,7 @@ from pyvq.convert.files import torch_load
 from pyvq.convert.loading import CODEBOOK, finish, load_into
 from pyvq.models._pretrained import config_from_dict, get_preset
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
+from pyvq.nn.vector_quantizer import check_beta_term
 
 __all__ = ["from_taming"]
 
@@ -58,7 +60,7 @@ def _read_taming(state_dict_or_path) -> dict:
     return {k: v for k, v in obj.items() if not k.startswith("loss.")}
 
 
-def from_taming(state_dict_or_path, preset_or_config) -> VQGAN:
+def from_taming(state_dict_or_path, preset_or_config, *, beta_term: str | None = "codebook") -> VQGAN:
     """A ``VQGAN`` holding the weights of a taming-transformers VQGAN.
 
     Args:
@@ -71,6 +73,17 @@ def from_taming(state_dict_or_path, preset_or_config) -> VQGAN:
             (``"vqgan_f16_1024"``, ``"vqgan_f16_16384"``, ...), a
             ``VQGANConfig`` or a dict of its fields. Taming's
             ``configs/*.yaml`` ``ddconfig`` has the same field names.
+        beta_term: the returned config's ``beta_term``, the loss term the
+            quantiser's ``beta`` weighs. The default ``"codebook"`` is
+            taming's: its VQGAN uses ``VectorQuantizer2(legacy=True)``,
+            ``loss = mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)``,
+            i.e. beta on the codebook term, so fine-tuning the converted model
+            gives the encoder and the codebook the gradients taming gave
+            them. ``"commitment"``: pyvq's default (VQ-VAE's). ``None``: keep
+            the value of ``preset_or_config``. An EMA config (``ema=True``)
+            needs ``"commitment"`` or ``None`` (the codebook term has no
+            gradient there; taming's EMA quantiser weighs the commitment term
+            too).
 
     Keys map one to one, except ``quantize.embedding.weight`` ->
     ``quantize.codebook``; ``loss.*`` keys (discriminator, LPIPS) are
@@ -89,6 +102,8 @@ def from_taming(state_dict_or_path, preset_or_config) -> VQGAN:
         KeyError / TypeError: unknown preset, or an argument of the wrong type.
     """
     config = _vqgan_config(preset_or_config)
+    if beta_term is not None:
+        config = dataclasses.replace(config, beta_term=check_beta_term(beta_term, config.ema, where="from_taming"))
     source = _read_taming(state_dict_or_path)
     model = VQGAN(config)
     load_into(model, source, lambda k: "quantize.embedding.weight" if k == CODEBOOK else k, "from_taming")

@@ -17,6 +17,10 @@ it), so a checkpoint of either maps onto these modules key for key:
   of resolution ``resolution / 2**i``, the same index as the encoder's
   ``down[i]``, although the decoder runs them from the last to the first.
 
+Every GroupNorm of a block has ``norm_num_groups`` groups (diffusers' name;
+32 in taming and in every Stable Diffusion VAE, the default), so each
+normalised channel count must be a multiple of it.
+
 All tensors are channels-first, (B, C, H, W).
 """
 
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvq._checks import check_float, check_positive_fields, check_positive_ints, int_tuple
+from pyvq._checks import check_float, check_int, check_positive_fields, check_positive_ints, int_tuple
 
 __all__ = [
     "AttnBlock",
@@ -45,11 +49,34 @@ def Normalize(ch: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N802 (tam
     """GroupNorm with ``num_groups`` groups, eps 1e-6 and an affine transform.
 
     ``ch`` must be divisible by ``num_groups`` (32 for every taming / SD
-    configuration).
+    configuration; the blocks pass their ``norm_num_groups``).
     """
+    num_groups = check_int("num_groups", num_groups, where="Normalize", minimum=1)
     if ch % num_groups != 0:
         raise ValueError(f"Normalize: channel count {ch} is not divisible by num_groups={num_groups}")
     return nn.GroupNorm(num_groups=num_groups, num_channels=ch, eps=1e-6, affine=True)
+
+
+def norm_channels(ch: int, ch_mult: Sequence[int], *, encoder: bool = True) -> tuple[int, ...]:
+    """The channel counts an ``Encoder`` (``encoder=True``: its first block
+    also normalises ``ch``, the output of ``conv_in``) or a ``Decoder``
+    normalises: sorted, without repeats."""
+    counts = {ch * int(m) for m in ch_mult} | ({ch} if encoder else set())
+    return tuple(sorted(counts))
+
+
+def check_norm_groups(norm_num_groups, channels: Sequence[int], *, where: str, what: str = "argument") -> int:
+    """``norm_num_groups`` as an int >= 1 that divides every count of
+    ``channels`` (each a GroupNorm's channel count); the error names the
+    field and the counts that are not multiples of it."""
+    groups = check_int("norm_num_groups", norm_num_groups, where=where, minimum=1, what=what)
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(
+            f"{where}: {what} 'norm_num_groups' must divide every GroupNorm's channel count "
+            f"{list(channels)} (from 'ch' and 'ch_mult'), got {groups}: {bad} are not multiples of it"
+        )
+    return groups
 
 
 class ResnetBlock(nn.Module):
@@ -61,19 +88,29 @@ class ResnetBlock(nn.Module):
         dropout: dropout probability before ``conv2``.
         conv_shortcut: when ``in_ch != out_ch``, project the skip path with a
             3x3 conv (``conv_shortcut``) instead of a 1x1 one (``nin_shortcut``).
+        norm_num_groups: groups of ``norm1`` and ``norm2``; must divide
+            ``in_ch`` and ``out_ch``.
 
     Shapes: (B, in_ch, H, W) -> (B, out_ch, H, W).
     """
 
-    def __init__(self, in_ch: int, out_ch: int | None = None, dropout: float = 0.0, conv_shortcut: bool = False):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int | None = None,
+        dropout: float = 0.0,
+        conv_shortcut: bool = False,
+        *,
+        norm_num_groups: int = 32,
+    ):
         super().__init__()
         out_ch = in_ch if out_ch is None else out_ch
         self.in_channels = in_ch
         self.out_channels = out_ch
         self.use_conv_shortcut = bool(conv_shortcut)
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = Normalize(in_ch, norm_num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = Normalize(out_ch, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=3, stride=1, padding=1)
         if in_ch != out_ch:
@@ -97,13 +134,15 @@ class AttnBlock(nn.Module):
     ``norm(x)``; computed by ``F.scaled_dot_product_attention`` (its default
     scale is 1/sqrt(C), the one taming uses).
 
+    ``norm_num_groups``: groups of ``norm``; must divide ``ch``.
+
     Shapes: (B, ch, H, W) -> (B, ch, H, W).
     """
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, *, norm_num_groups: int = 32):
         super().__init__()
         self.in_channels = ch
-        self.norm = Normalize(ch)
+        self.norm = Normalize(ch, norm_num_groups)
         self.q = nn.Conv2d(ch, ch, kernel_size=1)
         self.k = nn.Conv2d(ch, ch, kernel_size=1)
         self.v = nn.Conv2d(ch, ch, kernel_size=1)
@@ -159,11 +198,11 @@ class Upsample(nn.Module):
 class _Mid(nn.Module):
     """block_1 -> attn_1 -> block_2 at the lowest resolution."""
 
-    def __init__(self, ch: int, dropout: float):
+    def __init__(self, ch: int, dropout: float, norm_num_groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch, dropout=dropout)
-        self.attn_1 = AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch, dropout=dropout)
+        self.block_1 = ResnetBlock(ch, ch, dropout=dropout, norm_num_groups=norm_num_groups)
+        self.attn_1 = AttnBlock(ch, norm_num_groups=norm_num_groups)
+        self.block_2 = ResnetBlock(ch, ch, dropout=dropout, norm_num_groups=norm_num_groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -191,11 +230,14 @@ def _check_ch_mult(ch_mult: tuple[int, ...], where: str, what: str) -> None:
         raise ValueError(f"{where}: {what} 'ch_mult' must be a non-empty sequence of ints >= 1, got {ch_mult!r}")
 
 
-def _check_arch(name: str, ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> tuple[int, ...]:
+def _check_arch(
+    name: str, ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int, norm_num_groups: int
+) -> tuple[tuple[int, ...], int]:
     ch_mult = int_tuple("ch_mult", ch_mult, where=name, what="argument")
     _check_ch_mult(ch_mult, name, "argument")
     check_positive_ints(dict(ch=ch, num_res_blocks=num_res_blocks, resolution=resolution), where=name)
-    return ch_mult
+    channels = norm_channels(ch, ch_mult, encoder=name == "Encoder")
+    return ch_mult, check_norm_groups(norm_num_groups, channels, where=name)
 
 
 class Encoder(nn.Module):
@@ -217,6 +259,8 @@ class Encoder(nn.Module):
         resamp_with_conv: strided conv (True) or average pool downsampling.
         double_z: output ``2 * z_channels`` channels (mean and log-variance
             of a Gaussian posterior, AutoencoderKL), else ``z_channels``.
+        norm_num_groups: groups of every GroupNorm; must divide ``ch`` and
+            every ``ch * ch_mult[i]``.
 
     Shapes: (B, in_channels, H, W) -> (B, z_channels * (2 if double_z else 1), H/f, W/f).
     """
@@ -234,9 +278,10 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
         double_z: bool = True,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
-        ch_mult = _check_arch("Encoder", ch, ch_mult, num_res_blocks, resolution)
+        ch_mult, groups = _check_arch("Encoder", ch, ch_mult, num_res_blocks, resolution, norm_num_groups)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
@@ -245,6 +290,7 @@ class Encoder(nn.Module):
         self.in_channels = in_channels
         self.z_channels = z_channels
         self.double_z = bool(double_z)
+        self.norm_num_groups = groups
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_mult = (1,) + ch_mult
@@ -255,18 +301,18 @@ class Encoder(nn.Module):
             block_in, block_out = ch * in_mult[i], ch * mult
             blocks, attn = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_num_groups=groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_num_groups=groups))
             level = _Level(blocks, attn)
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in, resamp_with_conv)
                 res //= 2
             self.down.append(level)
 
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, dropout, groups)
+        self.norm_out = Normalize(block_in, groups)
         out = 2 * z_channels if self.double_z else z_channels
         self.conv_out = nn.Conv2d(block_in, out, kernel_size=3, stride=1, padding=1)
 
@@ -289,6 +335,8 @@ class Decoder(nn.Module):
         give_pre_end: return the features before ``norm_out`` / ``conv_out``,
             (B, ch * ch_mult[0], H, W).
         tanh_out: apply tanh to the output.
+        norm_num_groups: groups of every GroupNorm; must divide every
+            ``ch * ch_mult[i]``.
 
     Each level has ``num_res_blocks + 1`` ResnetBlocks.
 
@@ -309,9 +357,10 @@ class Decoder(nn.Module):
         resamp_with_conv: bool = True,
         give_pre_end: bool = False,
         tanh_out: bool = False,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
-        ch_mult = _check_arch("Decoder", ch, ch_mult, num_res_blocks, resolution)
+        ch_mult, groups = _check_arch("Decoder", ch, ch_mult, num_res_blocks, resolution, norm_num_groups)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
@@ -321,21 +370,22 @@ class Decoder(nn.Module):
         self.z_channels = z_channels
         self.give_pre_end = bool(give_pre_end)
         self.tanh_out = bool(tanh_out)
+        self.norm_num_groups = groups
 
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, groups)
 
         levels: list[_Level] = []
         for i in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[i]
             blocks, attn = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_num_groups=groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_num_groups=groups))
             level = _Level(blocks, attn)
             if i != 0:
                 level.upsample = Upsample(block_in, resamp_with_conv)
@@ -344,7 +394,7 @@ class Decoder(nn.Module):
         # Built from the lowest resolution up; stored so that up[i] is level i.
         self.up = nn.ModuleList(reversed(levels))
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -361,7 +411,7 @@ class Decoder(nn.Module):
 
 
 ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
-               "dropout", "resamp_with_conv")
+               "dropout", "resamp_with_conv", "norm_num_groups")
 
 
 def check_arch_fields(config, *, where: str, positive: tuple[str, ...] = ()) -> None:
@@ -369,12 +419,16 @@ def check_arch_fields(config, *, where: str, positive: tuple[str, ...] = ()) -> 
     (frozen dataclass): ``ch_mult`` and ``attn_resolutions`` become tuples of
     ints, ``ch_mult`` is non-empty with entries >= 1, ``ch``,
     ``num_res_blocks``, ``z_channels``, ``resolution`` and the fields in
-    ``positive`` are ints >= 1, ``dropout`` is in [0, 1)."""
+    ``positive`` are ints >= 1, ``dropout`` is in [0, 1), and
+    ``norm_num_groups`` is an int >= 1 dividing ``ch`` and every
+    ``ch * ch_mult[i]``."""
     for name in ("ch_mult", "attn_resolutions"):
         object.__setattr__(config, name, int_tuple(name, getattr(config, name), where=where))
     check_positive_fields(config, ("ch", "num_res_blocks", "z_channels", "resolution") + tuple(positive), where=where)
     _check_ch_mult(config.ch_mult, where, "field")
     check_float("dropout", config.dropout, where=where, what="field", low=0.0, high=1.0, high_open=True)
+    groups = check_norm_groups(config.norm_num_groups, norm_channels(config.ch, config.ch_mult), where=where, what="field")
+    object.__setattr__(config, "norm_num_groups", groups)
 
 
 def arch_kwargs(config) -> dict:

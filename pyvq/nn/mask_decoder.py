@@ -107,7 +107,9 @@ class MaskConditionDecoder(Decoder):
     """``pyvq.nn.Decoder`` with a masked-image condition and mask-guided
     blending; see the module docstring.
 
-    Args: those of ``pyvq.nn.Decoder``, plus
+    Args: those of ``pyvq.nn.Decoder`` (``norm_num_groups`` included: the
+    condition encoder has no GroupNorm, so only the decoder's channel
+    counts must be multiples of it), plus
         blend: ``"add"`` or ``"concat"``.
         cond_ch: condition-encoder width: its feature at a blend point with
             ``ch * mult`` decoder channels has ``cond_ch * mult`` channels.

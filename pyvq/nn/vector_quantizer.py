@@ -18,7 +18,25 @@ from torch import nn
 from pyvq._checks import check_int
 from pyvq.ops import nearest_code
 
-__all__ = ["QuantizerOutput", "VectorQuantizer", "code_usage_stats"]
+__all__ = ["BETA_TERMS", "QuantizerOutput", "VectorQuantizer", "check_beta_term", "code_usage_stats"]
+
+#: The ``beta_term`` values ``VectorQuantizer`` accepts: the loss term ``beta`` weighs.
+BETA_TERMS = ("commitment", "codebook")
+
+
+def check_beta_term(beta_term, ema: bool, *, where: str, what: str = "argument") -> str:
+    """``beta_term`` checked: one of ``BETA_TERMS``, and not ``"codebook"``
+    with ``ema`` (an EMA codebook has no gradient, so a weight on the
+    codebook term would weigh nothing, and beta would silently be unused)."""
+    if beta_term not in BETA_TERMS:
+        raise ValueError(f"{where}: {what} 'beta_term' must be one of {BETA_TERMS}, got {beta_term!r}")
+    if beta_term == "codebook" and ema:
+        raise ValueError(
+            f"{where}: {what} 'beta_term'='codebook' needs ema=False: with ema=True the codebook term has no "
+            "gradient and the loss is beta * commitment only (taming's EMAVectorQuantizer too); use "
+            "beta_term='commitment' with ema=True"
+        )
+    return beta_term
 
 
 class QuantizerOutput(NamedTuple):
@@ -88,10 +106,24 @@ class VectorQuantizer(nn.Module):
     Args:
         num_codes: codebook size K.
         dim: code dimension D (the channel size of the input).
-        beta: commitment weight. The loss is the VQ-VAE / VQGAN one,
-            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)`` (means over
-            all elements); with ``ema=True`` the codebook has no gradient and
-            the loss is ``beta * mean((z - sg[q])^2)`` only.
+        beta: weight of one of the two loss terms (``beta_term``). The
+            codebook term ``mean((q - sg[z])^2)`` moves the codes, the
+            commitment term ``mean((z - sg[q])^2)`` the encoder (means over
+            all elements; ``sg`` = stop-gradient). With ``ema=True`` the
+            codebook has no gradient and the loss is
+            ``beta * mean((z - sg[q])^2)`` only.
+        beta_term: which term ``beta`` weighs, the other having weight 1:
+            ``"commitment"`` (default; the VQ-VAE paper,
+            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)``) or
+            ``"codebook"`` (taming-transformers' default quantiser,
+            ``VectorQuantizer2(legacy=True)``:
+            ``beta * mean((q - sg[z])^2) + mean((z - sg[q])^2)``). The two
+            losses have the same value, ``(1 + beta) * mean((z - q)^2)``;
+            only their gradients differ: d/dz is ``2 beta (z - q) / n``
+            (commitment) or ``2 (z - q) / n`` (codebook), d/dq is
+            ``2 (q - z) / n`` or ``2 beta (q - z) / n``, summed over the
+            vectors assigned to each code. ``"codebook"`` with ``ema=True``
+            raises ``ValueError`` (the codebook term has no gradient there).
         ema: update the codebook by exponential moving averages of the
             cluster sizes and sums (VQ-VAE appendix, Sonnet's VQ-EMA) instead
             of by gradient. The codebook is then a buffer, not a Parameter.
@@ -156,6 +188,7 @@ class VectorQuantizer(nn.Module):
         dim: int,
         *,
         beta: float = 0.25,
+        beta_term: str = "commitment",
         ema: bool = False,
         decay: float = 0.99,
         eps: float = 1e-5,
@@ -169,6 +202,7 @@ class VectorQuantizer(nn.Module):
         check_int("dim", dim, where="VectorQuantizer", minimum=1)
         if not beta >= 0:
             raise ValueError(f"VectorQuantizer: argument 'beta' must be >= 0, got {beta!r}")
+        check_beta_term(beta_term, ema, where="VectorQuantizer")
         if not 0 <= decay <= 1:
             raise ValueError(f"VectorQuantizer: argument 'decay' must be in [0, 1], got {decay!r}")
         if not eps >= 0:
@@ -180,6 +214,7 @@ class VectorQuantizer(nn.Module):
         self.num_codes = num_codes
         self.dim = dim
         self.beta = float(beta)
+        self.beta_term = beta_term
         self.ema = bool(ema)
         self.decay = float(decay)
         self.eps = float(eps)
@@ -200,7 +235,7 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, "
+            f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, beta_term={self.beta_term!r}, ema={self.ema}, "
             f"l2_normalize={self.l2_normalize}, restart_dead_codes={self.restart_dead_codes}"
         )
 
@@ -308,6 +343,8 @@ class VectorQuantizer(nn.Module):
         commitment = F.mse_loss(zc, q.detach())
         if self.ema:
             loss = self.beta * commitment
+        elif self.beta_term == "codebook":
+            loss = self.beta * F.mse_loss(q, zc.detach()) + commitment
         else:
             loss = F.mse_loss(q, zc.detach()) + self.beta * commitment
 

@@ -41,6 +41,7 @@ from pyvq.models._pretrained import PretrainedModel, config_from_dict, get_prese
 from pyvq.models.outputs import TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from pyvq.models.tokenizers.vqgan import VQGAN, VQGANConfig
+from pyvq.nn.blocks import check_norm_groups, norm_channels
 from pyvq.nn.mask_decoder import BLEND_MODES, MaskConditionDecoder
 
 __all__ = ["AsymmetricVQGAN", "AsymmetricVQGANConfig"]
@@ -65,6 +66,8 @@ class AsymmetricVQGANConfig:
             encoder, concat + 1x1 fuse).
         cond_ch: condition-encoder width (``None``: ``ch``; must be ``ch``
             for ``"add"``).
+        norm_num_groups: GroupNorm groups of the new decoder (``None``: the
+            base's ``norm_num_groups``); must divide every ``ch * ch_mult[i]``.
 
     The new decoder keeps the base's ``z_channels``, ``resolution``,
     ``out_ch``, ``resamp_with_conv`` and ``tanh_out``; ``len(ch_mult)`` must
@@ -80,6 +83,7 @@ class AsymmetricVQGANConfig:
     dropout: float = 0.0
     blend: str = "add"
     cond_ch: int | None = None
+    norm_num_groups: int | None = None
 
     def __post_init__(self):
         name = "AsymmetricVQGANConfig"
@@ -95,7 +99,7 @@ class AsymmetricVQGANConfig:
         else:
             raise TypeError(f"{name}: field 'base_config' must be a dict or a {base_cls.__name__}, got {type(bc).__name__}")
         object.__setattr__(self, "base_config", {f.name: getattr(bc, f.name) for f in dataclasses.fields(bc)})
-        for key in ("ch", "num_res_blocks"):
+        for key in ("ch", "num_res_blocks", "norm_num_groups"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, getattr(bc, key))
         for key in ("ch_mult", "attn_resolutions"):
@@ -115,6 +119,10 @@ class AsymmetricVQGANConfig:
             raise ValueError(f"{name}: blend='add' needs cond_ch == ch ({self.ch}), got {self.cond_ch}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{name}: field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        groups = check_norm_groups(
+            self.norm_num_groups, norm_channels(self.ch, self.ch_mult, encoder=False), where=name, what="field"
+        )
+        object.__setattr__(self, "norm_num_groups", groups)
 
     def base(self):
         """The base tokenizer's config dataclass."""
@@ -137,6 +145,7 @@ class AsymmetricVQGANConfig:
             blend=self.blend,
             cond_ch=self.cond_ch,
             cond_in_channels=b.in_channels,
+            norm_num_groups=self.norm_num_groups,
         )
 
     @property
@@ -147,13 +156,15 @@ class AsymmetricVQGANConfig:
         """Decoder fields (``from_base`` overrides) that give a base tokenizer
         with config ``base_config`` this config's decoder scaling: width
         ``ch`` and depth ``num_res_blocks`` multiplied by this config's ratio
-        to its own base (width rounded to a multiple of 32, GroupNorm's
-        group count), the same ``blend`` and ``dropout``; the levels
+        to its own base (width rounded to a multiple of ``base_config``'s
+        ``norm_num_groups``, the GroupNorm group count the new decoder
+        takes), the same ``blend`` and ``dropout``; the levels
         (``ch_mult``, ``attn_resolutions``) stay the base's."""
         own = self.base()
         width, depth = self.ch / own.ch, self.num_res_blocks / own.num_res_blocks
+        g = base_config.norm_num_groups
         return dict(
-            ch=max(32, int(round(base_config.ch * width / 32)) * 32) if width != 1 else base_config.ch,
+            ch=max(g, int(round(base_config.ch * width / g)) * g) if width != 1 else base_config.ch,
             num_res_blocks=max(1, int(round(base_config.num_res_blocks * depth + 1e-9))),
             blend=self.blend,
             dropout=self.dropout,

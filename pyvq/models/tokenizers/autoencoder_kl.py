@@ -107,8 +107,11 @@ class AutoencoderKLConfig:
     Attributes:
         embed_dim: latent channels (4 for SD).
         ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
-        in_channels, out_ch, dropout, resamp_with_conv, tanh_out: the
-            ``Encoder`` / ``Decoder`` arguments.
+        in_channels, out_ch, dropout, resamp_with_conv, tanh_out,
+        norm_num_groups: the ``Encoder`` / ``Decoder`` arguments.
+            ``norm_num_groups`` (GroupNorm groups, default 32) must divide
+            ``ch`` and every ``ch * ch_mult[i]``; configs saved before the
+            field existed load with 32, the value they were built with.
         double_z: must be True (the encoder outputs mean and log-variance).
         scaling_factor: the factor a latent-diffusion model multiplies the
             latents by (0.18215 for SD v1/v2); stored for the prior's use,
@@ -129,6 +132,7 @@ class AutoencoderKLConfig:
     tanh_out: bool = False
     double_z: bool = True
     scaling_factor: float = 1.0
+    norm_num_groups: int = 32
 
     def __post_init__(self):
         name = "AutoencoderKLConfig"

@@ -26,6 +26,7 @@ from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs, check_arch_fields
+from pyvq.nn.vector_quantizer import check_beta_term
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -41,16 +42,21 @@ class VQGANConfig:
         embed_dim: code dimension (channels of the quantised latent).
         n_embed: codebook size.
         ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
-        in_channels, out_ch, dropout, resamp_with_conv: the ``Encoder`` /
-            ``Decoder`` arguments (see ``pyvq.nn.Encoder``); the encoder is
-            built with ``double_z=False``.
+        in_channels, out_ch, dropout, resamp_with_conv, norm_num_groups: the
+            ``Encoder`` / ``Decoder`` arguments (see ``pyvq.nn.Encoder``); the
+            encoder is built with ``double_z=False``. ``norm_num_groups``
+            (GroupNorm groups, default 32) must divide ``ch`` and every
+            ``ch * ch_mult[i]``; configs saved before the field existed load
+            with 32, the value they were built with.
         tanh_out: tanh on the decoder output.
-        beta, ema, decay, eps, l2_normalize, restart_dead_codes,
+        beta, beta_term, ema, decay, eps, l2_normalize, restart_dead_codes,
         dead_code_threshold: the ``pyvq.nn.VectorQuantizer`` arguments.
-            Note pyvq's loss puts ``beta`` on the commitment term,
-            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)`` (the
-            VQ-VAE paper), whereas taming's default ``legacy=True`` quantiser
-            puts it on the codebook term.
+            ``beta_term="commitment"`` (default, the VQ-VAE paper):
+            ``mean((q - sg[z])^2) + beta * mean((z - sg[q])^2)``;
+            ``"codebook"``: ``beta * mean((q - sg[z])^2) + mean((z - sg[q])^2)``,
+            taming's default (``VectorQuantizer2(legacy=True)``), which
+            ``pyvq.convert.from_taming`` selects. ``"codebook"`` with
+            ``ema=True`` is refused (the codebook term has no gradient).
     """
 
     embed_dim: int = 256
@@ -67,15 +73,18 @@ class VQGANConfig:
     resamp_with_conv: bool = True
     tanh_out: bool = False
     beta: float = 0.25
+    beta_term: str = "commitment"
     l2_normalize: bool = False
     ema: bool = False
     decay: float = 0.99
     eps: float = 1e-5
     restart_dead_codes: bool = False
     dead_code_threshold: float = 1.0
+    norm_num_groups: int = 32
 
     def __post_init__(self):
         check_arch_fields(self, where="VQGANConfig", positive=("embed_dim", "n_embed", "in_channels", "out_ch"))
+        check_beta_term(self.beta_term, self.ema, where="VQGANConfig", what="field")
 
     @property
     def downsample_factor(self) -> int:
@@ -92,8 +101,9 @@ class VQGAN(PretrainedModel, nn.Module):
     ``aux`` (returned by ``encode`` and ``forward``) is a
     ``pyvq.models.outputs.VQAux``, read as ``aux.loss`` or ``aux["loss"]``:
         ``loss``: 0-d, the quantiser's VQ loss (codebook + beta *
-            commitment; commitment only with ema) to add to the
-            reconstruction / perceptual / GAN losses;
+            commitment, or beta * codebook + commitment with
+            ``beta_term="codebook"``; beta * commitment only with ema) to add
+            to the reconstruction / perceptual / GAN losses;
         ``perplexity``, ``usage``: 0-d code statistics of the batch;
         ``indices``: (B, H/f, W/f) int64 code indices.
     """
@@ -113,6 +123,7 @@ class VQGAN(PretrainedModel, nn.Module):
             config.n_embed,
             config.embed_dim,
             beta=config.beta,
+            beta_term=config.beta_term,
             ema=config.ema,
             decay=config.decay,
             eps=config.eps,
