@@ -401,3 +401,26 @@ def test_not_checkpoints_refused(taming_source, tmp_path):
         with pytest.raises(ValueError, match=pattern):
             from_taming(path, "vqgan_tiny")
         assert _trap_files(tmp_path) == [] and FLAGS == [], name
+
+
+def test_views_that_do_not_fit_their_storage_refused():
+    """torch's set_ would grow the storage (uninitialised bytes) instead of refusing a corrupt view."""
+    rebuild = _safe_unpickle.ALLOWED[("torch._utils", "_rebuild_tensor_v2")]
+    storage = torch.arange(4.0).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    assert torch.equal(rebuild(typed, 1, (3,), (1,), False, None), torch.tensor([1.0, 2.0, 3.0]))
+    bad = [(2, (3,), (1,)), (0, (2, 3), (3, 1)), (0, (5,), (1,)), (-1, (2,), (1,)), (0, (2,), (-1,)), (0, (2,), ())]
+    for offset, size, stride in bad:
+        with pytest.raises(pickle.UnpicklingError, match="does not fit|bad view"):
+            rebuild(typed, offset, size, stride, False, None)
+    assert storage.nbytes() == 16  # never grown
+
+
+def test_dropped_tensor_kinds_are_warned_about(taming_source, tmp_path):
+    source, state = taming_source
+    path = tmp_path / "mixed.ckpt"
+    torch.save({"state_dict": state, "extra": {"sparse": torch.eye(3).to_sparse()}}, path)
+    with pytest.warns(UserWarning, match=r"mixed\.ckpt.*torch\._utils\._rebuild_sparse_tensor.*dropped") as record:
+        model = from_taming(path, "vqgan_tiny")
+    assert [w.filename for w in record] == [__file__]
+    _assert_same_weights(model, source)

@@ -70,14 +70,16 @@ extracts to a temporary directory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import pickle
 import pickletools
 import tarfile
+import threading
 
 import torch
 
-__all__ = ["ALLOWED", "Inert", "Unpickler", "check_container", "load", "tensors_only"]
+__all__ = ["ALLOWED", "Inert", "Unpickler", "check_container", "load", "loads", "recording", "tensors_only"]
 
 UnpicklingError = pickle.UnpicklingError
 
@@ -134,12 +136,28 @@ def _check_metadata(metadata, fn: str) -> None:
         raise UnpicklingError(f"{fn}: tensor metadata must be a dict of str to bool, got {metadata!r:.80}")
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    fn = "_rebuild_tensor"
+def _check_view(storage, storage_offset, size, stride, dtype, fn: str) -> None:
+    """The view fits in the storage: torch's ``set_`` would grow the storage instead of refusing."""
     _check_storage(storage, fn)
     _check_ints(storage_offset, "storage_offset", fn, sequence=False)
     _check_ints(size, "size", fn, sequence=True)
     _check_ints(stride, "stride", fn, sequence=True)
+    if len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0:
+        raise UnpicklingError(f"{fn}: bad view: offset {storage_offset}, size {size}, stride {stride}")
+    if 0 in size:
+        return
+    end = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end * itemsize > storage._untyped_storage.nbytes():
+        raise UnpicklingError(
+            f"{fn}: a tensor of size {size}, stride {stride}, offset {storage_offset} does not fit in its "
+            f"storage of {storage._untyped_storage.nbytes()} bytes (the file is corrupt)"
+        )
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    _check_storage(storage, "_rebuild_tensor")  # before storage.dtype is read
+    _check_view(storage, storage_offset, size, stride, storage.dtype, "_rebuild_tensor")
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
@@ -153,13 +171,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     fn = "_rebuild_tensor_v3"
-    _check_storage(storage, fn)
-    _check_ints(storage_offset, "storage_offset", fn, sequence=False)
-    _check_ints(size, "size", fn, sequence=True)
-    _check_ints(stride, "stride", fn, sequence=True)
-    _check_metadata(metadata, fn)
     if not isinstance(dtype, torch.dtype):
         raise UnpicklingError(f"{fn}: dtype must be a torch.dtype, got {type(dtype).__name__}")
+    _check_view(storage, storage_offset, size, stride, dtype, fn)
+    _check_metadata(metadata, fn)
     return torch._utils._rebuild_tensor_v3(
         storage, storage_offset, size, stride, False, collections.OrderedDict(), dtype, metadata
     )
@@ -356,7 +371,26 @@ class Unpickler(pickle._Unpickler):
         if cls is None:
             cls = type("Inert", (Inert,), {"__slots__": (), "pickled_name": f"{module}.{name}"})
             self._placeholders[key] = cls
+            names = getattr(_RECORDING, "names", None)
+            if names is not None:
+                names.append(cls.pickled_name)
         return cls
+
+
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects, in the list it yields, the ``module.name`` of every placeholder
+    made in this thread meanwhile (torch.load makes the unpickler, so this is
+    how its caller learns what was not unpickled)."""
+    previous = getattr(_RECORDING, "names", None)
+    _RECORDING.names = names = []
+    try:
+        yield names
+    finally:
+        _RECORDING.names = previous
 
 
 def load(file, **kwargs):

@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 
 import torch
+from torch.serialization import SourceChangeWarning
 
 from pyvq.convert import _safe_unpickle
-from pyvq.convert._safe_unpickle import check_container, tensors_only
+from pyvq.convert._safe_unpickle import check_container, recording, tensors_only
 
 __all__ = ["read_diffusers_config", "read_diffusers_weights", "torch_load"]
 
 _CONFIG_NAME = "config.json"
 _WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def _outside_convert() -> int:
+    """The ``stacklevel`` that, from the caller's frame, points at the first frame outside pyvq.convert."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def torch_load(path: str, what: str) -> dict:
@@ -36,7 +48,13 @@ def torch_load(path: str, what: str) -> dict:
         with open(path, "rb") as f:
             refused = check_container(f)
             if refused is None:
-                obj = torch.load(f, map_location="cpu", weights_only=False, pickle_module=_safe_unpickle)
+                with recording() as placeholders, warnings.catch_warnings():
+                    # legacy files name a pickled module's class with its source: torch compares it with a
+                    # placeholder's and would warn that it changed
+                    warnings.simplefilter("ignore", SourceChangeWarning)
+                    obj = torch.load(
+                        f, map_location="cpu", weights_only=False, mmap=False, pickle_module=_safe_unpickle
+                    )
                 state = None if isinstance(obj, torch.Tensor) else tensors_only(obj)
     except OSError:
         raise
@@ -46,6 +64,13 @@ def torch_load(path: str, what: str) -> dict:
         raise ValueError(f"{what}: cannot read {path!r}: {expected}, but {refused}") from exc
     if refused is not None:
         raise ValueError(f"{what}: cannot read {path!r}: {expected}, but {refused}")
+    dropped = sorted({n for n in placeholders if n.startswith("torch.") and "._rebuild_" in n})
+    if dropped:
+        warnings.warn(
+            f"{what}: {path!r} holds tensors of kinds pyvq does not read (made by {', '.join(dropped)}: "
+            "quantized, sparse, nested, meta or subclass tensors); they were dropped",
+            stacklevel=_outside_convert(),
+        )
     if state is None:
         top = getattr(obj, "pickled_name", type(obj).__name__)
         raise ValueError(f"{what}: cannot use {path!r}: {expected}, but it holds no tensor in a dict with str keys "
