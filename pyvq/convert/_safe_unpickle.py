@@ -20,10 +20,12 @@ How pickle could run code, and what this module does about each way:
     tensor-rebuild functions ``torch.save`` emits (``torch._utils.
     _rebuild_tensor``/``_v2``/``_v3``, ``_rebuild_parameter``,
     ``_rebuild_parameter_with_state``, ``torch._tensor.
-    _rebuild_from_type_v2``): they check their arguments' types (the storage
-    must be one ``torch.load`` itself made, sizes and strides tuples of ints,
-    metadata a dict of bools) and build a plain tensor; hooks, state and
-    subclass types in the file are dropped;
+    _rebuild_from_type_v2``): they check their arguments (the storage must
+    be one ``torch.load`` itself made, sizes and strides tuples of ints whose
+    view fits in that storage, metadata a dict of bools) and build a plain
+    tensor; hooks, state and subclass types in the file are dropped. Other
+    rebuilds (quantized, sparse, nested, meta tensors) become placeholders:
+    their entries are dropped, and :func:`recording` lets the caller say so;
   - values, never called: the ``torch.<dtype>`` objects, ``torch.Tensor``,
     ``torch.nn.Parameter`` and ``torch.UntypedStorage`` (for the type test in
     torch's own ``persistent_load``). Typed storage names (``torch.
