@@ -149,18 +149,16 @@ class _Hparams:
         return (_pwn, ())
 
 
-def test_from_taming_pickled_objects_rejected(taming_source, tmp_path):
-    _, state = taming_source
+def test_from_taming_pickled_objects_not_run(taming_source, tmp_path):
+    source, state = taming_source
     path = tmp_path / "with_hparams.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": _Hparams()}, path)
-    with pytest.raises(ValueError, match=r"non-tensor Python objects") as info:
-        from_taming(path, "vqgan_tiny")
-    assert "weights_only=False" in str(info.value) and "torch.save({'state_dict'" in str(info.value)
+    _assert_same_weights(from_taming(path, "vqgan_tiny"), source)
     assert not _PWNED  # nothing was executed
 
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"cannot load"):
+    with pytest.raises(ValueError, match=r"cannot read .*junk\.ckpt.*expected a torch\.save file"):
         from_taming(junk, "vqgan_tiny")
     with pytest.raises(FileNotFoundError):
         from_taming(tmp_path / "absent.ckpt", "vqgan_tiny")

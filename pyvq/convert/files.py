@@ -1,5 +1,6 @@
-"""Reading weights files safely: ``torch.load`` restricted to tensors (with a
-message that says how to re-save a checkpoint holding pickled objects), and a
+"""Reading weights files safely: ``torch.save`` files (Lightning checkpoints
+included) with a restricted unpickler that runs no code and keeps the
+tensors, and a
 diffusers ``save_pretrained`` folder's ``config.json`` and weights (single or
 sharded safetensors, or a ``.bin``). diffusers itself is never imported.
 """
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
-from typing import Any
+import sys
+import warnings
 
 import torch
+from torch.serialization import SourceChangeWarning
+
+from pyvq.convert import _safe_unpickle
+from pyvq.convert._safe_unpickle import check_container, recording, tensors_only
 
 __all__ = ["read_diffusers_config", "read_diffusers_weights", "torch_load"]
 
@@ -20,32 +24,58 @@ _CONFIG_NAME = "config.json"
 _WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
-def _unpickler_detail(exc: Exception) -> str:
-    text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, flags=re.S)
-    return " ".join((match.group(1) if match else text.splitlines()[0] if text else "").split())
+def _outside_convert() -> int:
+    """The ``stacklevel`` that, from the caller's frame, points at the first frame outside pyvq.convert."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
-def torch_load(path: str, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a ``ValueError`` naming ``what`` if it refuses."""
+def torch_load(path: str, what: str) -> dict:
+    """The tensors of a ``torch.save`` file, read on the CPU without running any code it holds.
+
+    Any pickled object beside the tensors (a Lightning checkpoint's callbacks
+    and hyper-parameters, numpy scalars, ...) is read as an inert placeholder
+    and dropped (``pyvq.convert._safe_unpickle`` says how); what is returned
+    are the file's dicts (str keys) down to their tensors. A ``ValueError``
+    naming ``what`` and the file when it is not such a file, or holds no
+    tensor.
+    """
+    expected = "expected a torch.save file holding a state dict (or a Lightning .ckpt with a 'state_dict')"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(exc)
-        if "Unsupported global" in detail:
-            reason = (
-                "the file contains non-tensor Python objects (pickled classes or functions, typically the "
-                "Lightning hyper-parameters), and pyvq never unpickles code"
-            )
-        else:
-            reason = "it is not a checkpoint that torch.load(weights_only=True) can read"
-        raise ValueError(
-            f"{what}: cannot load {path!r} safely: {reason} ({detail}). If you trust the file, re-save only its "
-            "weights once, in a separate Python session:\n"
-            f"    ckpt = torch.load({path!r}, map_location='cpu', weights_only=False)\n"
-            "    torch.save({'state_dict': ckpt['state_dict']}, 'weights.ckpt')\n"
-            "and pass 'weights.ckpt' (or pass the state dict itself)."
-        ) from exc
+        with open(path, "rb") as f:
+            refused = check_container(f)
+            if refused is None:
+                with recording() as placeholders, warnings.catch_warnings():
+                    # legacy files name a pickled module's class with its source: torch compares it with a
+                    # placeholder's and would warn that it changed
+                    warnings.simplefilter("ignore", SourceChangeWarning)
+                    obj = torch.load(
+                        f, map_location="cpu", weights_only=False, mmap=False, pickle_module=_safe_unpickle
+                    )
+                state = None if isinstance(obj, torch.Tensor) else tensors_only(obj)
+    except OSError:
+        raise
+    except Exception as exc:  # any failure to parse an untrusted file means: not a checkpoint we can read
+        detail = " ".join(str(exc).split())[:300]
+        refused = f"reading it failed ({type(exc).__name__}: {detail})"
+        raise ValueError(f"{what}: cannot read {path!r}: {expected}, but {refused}") from exc
+    if refused is not None:
+        raise ValueError(f"{what}: cannot read {path!r}: {expected}, but {refused}")
+    dropped = sorted({n for n in placeholders if n.startswith("torch.") and "._rebuild_" in n})
+    if dropped:
+        warnings.warn(
+            f"{what}: {path!r} holds tensors of kinds pyvq does not read (made by {', '.join(dropped)}: "
+            "quantized, sparse, nested, meta or subclass tensors); they were dropped",
+            stacklevel=_outside_convert(),
+        )
+    if state is None:
+        top = getattr(obj, "pickled_name", type(obj).__name__)
+        raise ValueError(f"{what}: cannot use {path!r}: {expected}, but it holds no tensor in a dict with str keys "
+                         f"(its top-level object is a {top})")
+    return state
 
 
 def read_diffusers_config(directory: str) -> dict:

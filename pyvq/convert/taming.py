@@ -65,10 +65,12 @@ def from_taming(state_dict_or_path, preset_or_config, *, beta_term: str | None =
 
     Args:
         state_dict_or_path: a path to a taming ``.ckpt`` (a Lightning
-            checkpoint whose ``"state_dict"`` holds the weights; read with
-            ``torch.load(weights_only=True)``, so no pickled code runs) or a
-            ``.safetensors`` file; or the state dict itself, or a dict with a
-            ``"state_dict"`` entry.
+            checkpoint whose ``"state_dict"`` holds the weights; read with a
+            restricted unpickler that imports and calls nothing the file
+            names: its callbacks, hyper-parameters and other pickled objects
+            become inert placeholders and are dropped, only the tensors are
+            kept) or a ``.safetensors`` file; or the state dict itself, or a
+            dict with a ``"state_dict"`` entry.
         preset_or_config: the architecture, as a preset name
             (``"vqgan_f16_1024"``, ``"vqgan_f16_16384"``, ...), a
             ``VQGANConfig`` or a dict of its fields. Taming's
@@ -96,9 +98,10 @@ def from_taming(state_dict_or_path, preset_or_config, *, beta_term: str | None =
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file holds pickled non-tensor objects (the message
-            says how to re-save it); keys missing or unexpected (listed);
-            a shape differs from the config's (the key is named).
+        ValueError: the file is not a checkpoint (not a torch.save file, a
+            truncated one, a TorchScript archive, or one holding no tensor:
+            the message names the file); keys missing or unexpected
+            (listed); a shape differs from the config's (the key is named).
         KeyError / TypeError: unknown preset, or an argument of the wrong type.
     """
     config = _vqgan_config(preset_or_config)
