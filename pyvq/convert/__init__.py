@@ -2,9 +2,10 @@
 
 Two sources:
 
-- ``from_taming(state_dict_or_path, preset_or_config) -> VQGAN``: a
-  taming-transformers VQGAN checkpoint (a Lightning ``.ckpt``, or its
-  ``state_dict``). pyvq's module names are taming's, so keys map one to one
+- ``from_taming(state_dict_or_path, preset_or_config, beta_term="codebook")
+  -> VQGAN``: a taming-transformers VQGAN checkpoint (a Lightning ``.ckpt``,
+  read without running any code it pickles, or its ``state_dict``), with
+  taming's VQ loss convention set in the config. pyvq's module names are taming's, so keys map one to one
   except the codebook (taming ``quantize.embedding.weight``, pyvq
   ``quantize.codebook``); the training loss's modules (``loss.*``: the
   discriminator and LPIPS) are dropped. A checkpoint does not say its

@@ -56,8 +56,10 @@ class VQAux(AuxFields):
     """The vector quantiser's terms of a batch (``VQGAN``'s aux).
 
     Attributes:
-        loss: 0-d, the VQ loss (codebook + beta * commitment; commitment only
-            with an EMA codebook) to add to the reconstruction losses.
+        loss: 0-d, the VQ loss (codebook + beta * commitment, or
+            beta * codebook + commitment with ``beta_term="codebook"``,
+            taming's convention; commitment only with an EMA codebook) to add
+            to the reconstruction losses.
         perplexity: 0-d, exp(entropy) of the batch's code histogram.
         usage: 0-d, fraction of the codes used at least once in the batch.
         indices: (B, H/f, W/f) int64 code indices.
