@@ -3,17 +3,22 @@
 Failures. The process group is created with a timeout (``dist_timeout_s``:
 ``TrainConfig.dist_timeout_s``, else ``$PYVQ_DIST_TIMEOUT``, else 300 s), so
 no collective waits longer than that for a rank that is stuck or gone.
-Measured with gloo (torch 2.14, 2 processes on one machine): when a rank is
-killed (SIGKILL), raises or exits, every other rank's next collective fails
-at once ("Connection closed/reset by peer"), with or without torchrun; a
-rank that stays alive but never reaches the collective (stuck in a loop, a
-sleep, a different collective) holds the others until the timeout. torchrun's
-agent then tears the rest of the job down (SIGTERM) as soon as one rank has
-exited. ``collective_guard`` turns such an error into a ``DistributedFailure``
-whose one-line message names this rank, the peer (with two processes: the
-other rank) and the timeout; the process can then exit normally (measured:
-``destroy_process_group`` and interpreter exit return at once after either
-error).
+Measured with gloo (torch 2.14, 2 processes on one machine, with and
+without torchrun): when a rank is killed (SIGKILL) the others' pending
+collective fails at once ("Connection reset by peer"); when a rank raises,
+the others fail ("Connection closed by peer") once its process has exited
+(its sockets close then; destroying its process group does not close them
+earlier, DDP still holds the group), or at the timeout, whichever comes
+first; a rank that stays alive but never reaches the collective (a loop, a
+sleep, a receive nobody sends) holds the others until the timeout, and
+without a timeout gloo waits 30 minutes. torchrun's agent tears the rest of
+the job down (SIGTERM) as soon as one rank has exited, so it never waits on
+a stuck rank for longer than the timeout either. ``collective_guard`` turns
+such an error into a ``DistributedFailure`` whose one-line message names
+this rank, the peer (with two processes: the other rank; with more, gloo's
+error does not say which) and the timeout; the process then exits normally
+(measured: ``destroy_process_group`` and interpreter exit return at once
+after either error).
 """
 
 from __future__ import annotations

@@ -98,6 +98,8 @@ def run(args):
                 raise RuntimeError("injected failure")
             if fault["mode"] == "hang":
                 time.sleep(3600)
+            if fault["mode"] == "recv":  # stuck inside a collective: a receive nobody sends
+                torch.distributed.recv(torch.zeros(1), src=0)
         seen.append(sorted(int(v) for v in x.flatten().tolist()))
         return step(x)
 
@@ -239,6 +241,22 @@ def test_collective_errors_become_one_line_failures(world, rank, peer):
     assert not isinstance(single.value, DistributedFailure)
 
 
+def test_a_missing_rank_fails_the_start_within_the_timeout(monkeypatch):
+    import torch.distributed as dist
+
+    from pyvq.train.distributed import init_distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(DistributedFailure, match=r"^rank 0 of 2: joining the process group failed within "
+                                                 r"dist_timeout_s=1 s \(are all 2 ranks running\?\)"):
+        init_distributed("cpu", timeout_s=1)  # rank 1 never comes
+    assert time.monotonic() - start < 60 and not dist.is_initialized()
+
+
 def test_cli_reports_a_distributed_failure_in_one_line(tmp_path, monkeypatch):
     import pyvq.train.trainer
     from pyvq import cli
@@ -276,16 +294,34 @@ def test_a_dying_rank_stops_the_other_with_a_clear_message(tmp_path, mode):
 
 
 @pytest.mark.slow
+def test_a_rank_stuck_in_a_collective_times_out_without_an_agent(tmp_path):
+    # Rank 1 waits in a receive that never comes, rank 0 in the step's
+    # gradient all-reduce: both stop after about the 10 s timeout, no agent
+    # needed.
+    args = dict(out=str(tmp_path / "run"), n=N, batch_size=2, steps=50, timeout=10,
+                fault=dict(rank=1, step=3, mode="recv"))
+    (rc0, out0, _), (rc1, out1, _) = _direct_launch(tmp_path, args)
+    assert "rank 1 injects recv before step 4" in out1
+    assert rc0 != 0 and rc1 != 0
+    lines = [_failure_line(out0), _failure_line(out1)]
+    assert lines[0].startswith("rank 0 of 2: step 4 ") and lines[1].startswith("rank 1 of 2: step 4 "), lines
+    # whichever times out first exits; the other then sees it gone (or times out too)
+    timed_out = [f"timed out after dist_timeout_s=10 s: rank {1 - r} did not join" in ln for r, ln in enumerate(lines)]
+    gone = [f"rank {1 - r} closed its connection" in ln for r, ln in enumerate(lines)]
+    assert any(timed_out) and all(t or g for t, g in zip(timed_out, gone)), lines
+
+
+@pytest.mark.slow
 def test_a_stuck_rank_times_out_under_torchrun(tmp_path):
     # Nobody dies, so torchrun's agent would wait forever (gloo's own default
-    # is 30 minutes); the 4 s collective timeout stops rank 0, then the agent
+    # is 30 minutes); the 10 s collective timeout stops rank 0, then the agent
     # tears the stuck rank down.
     args = dict(out=str(tmp_path / "run"), n=N, batch_size=2, steps=50, fault=dict(rank=1, step=3, mode="hang"))
-    rc, out, seconds = _torchrun(tmp_path, args, **{TIMEOUT_ENV: "4"})
+    rc, out, seconds = _torchrun(tmp_path, args, **{TIMEOUT_ENV: "10"})
     assert "rank 1 injects hang before step 4" in out
     assert rc != 0, out[-3000:]
     line = _failure_line(out)
-    assert line.startswith("rank 0 of 2: step 4 timed out after dist_timeout_s=4 s: rank 1 did not join"), line
+    assert line.startswith("rank 0 of 2: step 4 timed out after dist_timeout_s=10 s: rank 1 did not join"), line
     assert seconds < LAUNCH_TIMEOUT_S
 
 
