@@ -409,7 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
                 "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint,
                 "demo-inpaint": _demo_inpaint, "encode": _encode, "sample": _sample, "inpaint": _inpaint}
-    return handlers[args.command](args)
+    from pyvq.train.distributed import DistributedFailure
+
+    try:
+        return handlers[args.command](args)
+    except DistributedFailure as exc:  # another rank died or is stuck: one line, exit status 1
+        raise SystemExit(f"pyvq {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

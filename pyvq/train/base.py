@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pyvq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pyvq.train.config import TrainConfig
-from pyvq.train.distributed import DistInfo, all_reduce_mean, init_distributed
+from pyvq.train.distributed import DistInfo, all_reduce_mean, collective_guard, init_distributed
 from pyvq.train.logger import RunLogger
 from pyvq.train.recipes import Recipe, recipe_for
 from pyvq.train.schedule import warmup_cosine
@@ -46,7 +47,7 @@ class _Resumable(torch.utils.data.Sampler):
         return iter(list(self.sampler)[self.skip :])
 
     def __len__(self):
-        return len(self.sampler) - self.skip
+        return max(0, len(self.sampler) - self.skip)
 
 
 class BaseTrainer:
@@ -63,8 +64,24 @@ class BaseTrainer:
     Attributes after set-up: ``config`` (with the recipe's defaults),
     ``dist``, ``model``, ``recipe``, ``loss`` (None without a loss module),
     ``opt_g``, ``sched_g``, ``ema``, ``dataset``, ``step``, ``epoch``,
-    ``batch_in_epoch``, ``logger`` and ``<name>_ddp`` for every module of
-    ``_trained_modules()``.
+    ``sample_in_epoch`` (samples of this epoch's order handed out to all
+    ranks together), ``batch_in_epoch`` (the same in global batches),
+    ``logger`` and ``<name>_ddp`` for every module of ``_trained_modules()``.
+
+    Resuming on a different number of processes (or batch size) keeps the
+    step count, the LR schedule (a function of the step), the epoch and the
+    position in the epoch's sample order, counted in samples: the new ranks
+    start that many samples into the same order (rounded down to a multiple
+    of the world size, so at most world_size - 1 samples are seen twice) and
+    the batches per epoch follow the new global batch. Each step then takes
+    the new global batch (batch_size x world size; the learning rate is not
+    rescaled). A warning says so. With batch_size x world size unchanged
+    (e.g. 2 x 2 resumed as 4 x 1) every step sees the samples it would have
+    seen without the change.
+
+    A collective that fails because another rank died or is stuck (after
+    ``TrainConfig.dist_timeout_s``) raises ``DistributedFailure`` with a
+    one-line message, after the process group is destroyed.
     """
 
     progress_key = "train/loss"  # the scalar the progress bar shows
@@ -74,7 +91,7 @@ class BaseTrainer:
                  model: torch.nn.Module | None = None, dataset=None):
         self.config = config
         self.out_dir = out_dir
-        self.dist: DistInfo = init_distributed(config.device)
+        self.dist: DistInfo = init_distributed(config.device, timeout_s=config.dist_timeout_s)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.dataset = dataset
         if model is None:
@@ -124,7 +141,7 @@ class BaseTrainer:
                 f"{type(self).__name__}: the dataset has {len(self.dataset)} samples, fewer than one global batch "
                 f"({c.batch_size} x {self.dist.world_size} processes)"
             )
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.step, self.epoch, self.sample_in_epoch = 0, 0, 0
         if resume:
             found = latest_checkpoint(self.out_dir)
             if found is None:
@@ -132,17 +149,44 @@ class BaseTrainer:
             info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
                                    schedulers=self._schedulers(), map_location=self.dist.device)
             self.step = info["step"]
-            self.epoch = info["extra"]["epoch"]
-            self.batch_in_epoch = info["extra"]["batch_in_epoch"]
+            self._resume_position(info["extra"], found)
         for name, module in self._trained_modules().items():
             if self.dist.distributed:
                 ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-                module = DDP(module, device_ids=ids)
+                with collective_guard(self.dist, f"wrapping {name!r} in DDP"):  # DDP broadcasts rank 0's weights
+                    module = DDP(module, device_ids=ids)
             setattr(self, f"{name}_ddp", module)
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(c.to_dict(), f, indent=1)
+
+    def _resume_position(self, extra: dict, path: str) -> None:
+        """The epoch and the position in it from a checkpoint's ``extra``,
+        kept in samples when the world size or batch size changed (see the
+        class docstring). Checkpoints without ``world_size``/``batch_size``
+        (older ones) are taken to match this run."""
+        c, world = self.config, self.dist.world_size
+        self.epoch = int(extra["epoch"])
+        saved_world = int(extra.get("world_size", world))
+        saved_batch = int(extra.get("batch_size", c.batch_size))
+        old_style = int(extra["batch_in_epoch"]) * saved_batch * saved_world  # checkpoints before sample_in_epoch
+        self.sample_in_epoch = int(extra.get("sample_in_epoch", old_style))
+        if (saved_world, saved_batch) != (world, c.batch_size) and self.dist.is_main:
+            per_epoch = len(self.dataset) // world // c.batch_size
+            left = max(0, (len(self.dataset) // world - self.sample_in_epoch // world) // c.batch_size)
+            warnings.warn(
+                f"{type(self).__name__}: resuming {path} (written by {saved_world} process(es) x batch_size "
+                f"{saved_batch}) on {world} process(es) x batch_size {c.batch_size}: the global batch is "
+                f"{world * c.batch_size} (was {saved_world * saved_batch}); kept: step {self.step}, the LR schedule "
+                f"and the position in the data ({self.sample_in_epoch} samples into epoch {self.epoch}); an epoch now "
+                f"has {per_epoch} steps ({left} left in this one)", stacklevel=3)
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Global batches of the current epoch handed out (at this run's
+        world size and batch size)."""
+        return self.sample_in_epoch // (self.config.batch_size * self.dist.world_size)
 
     # -- state handed to checkpoints
     def _trained_modules(self) -> dict:
@@ -168,17 +212,18 @@ class BaseTrainer:
         sampler.set_epoch(self.epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        skip = self.batch_in_epoch * self.config.batch_size
+        skip = self.sample_in_epoch // self.dist.world_size  # this rank's share of the samples handed out
         return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=_Resumable(sampler, skip),
                           drop_last=True, num_workers=self.config.num_workers)
 
     def _batches(self):
         while True:
             for batch in self._loader():
-                self.batch_in_epoch += 1  # counts batches handed out (a checkpoint resumes after them)
+                # counts samples handed out to all ranks (a checkpoint resumes after them)
+                self.sample_in_epoch += self.config.batch_size * self.dist.world_size
                 yield batch[0] if isinstance(batch, (list, tuple)) else batch
             self.epoch += 1
-            self.batch_in_epoch = 0
+            self.sample_in_epoch = 0
 
     # -- optimization
     def _autocast(self):
@@ -235,7 +280,9 @@ class BaseTrainer:
             return None
         return save_checkpoint(self.out_dir, self.step, self._modules(), optimizers=self._optimizers(),
                                schedulers=self._schedulers(),
-                               extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+                               extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                      "sample_in_epoch": self.sample_in_epoch, "world_size": self.dist.world_size,
+                                      "batch_size": self.config.batch_size})
 
     def train(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
         """Run until ``config.steps`` (or until step ``stop_after``, then
@@ -257,11 +304,13 @@ class BaseTrainer:
         while self.step < end:
             x = next(batches).to(self.dist.device)
             sample = x
-            scalars = self.train_step(x)
+            with collective_guard(self.dist, f"step {self.step + 1}"):
+                scalars = self.train_step(x)
             self.step += 1
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.steps:
-                logged = all_reduce_mean(scalars, self.dist)
+                with collective_guard(self.dist, f"averaging the logged scalars of step {self.step}"):
+                    logged = all_reduce_mean(scalars, self.dist)
                 self.logger.scalars(self.step, logged)
                 bar.set_postfix(loss=f"{logged.get(self.progress_key, float('nan')):.4f}")
             if self.step % c.image_every == 0 or self.step == c.steps:

@@ -43,6 +43,11 @@ class TrainConfig:
     discriminator's defaults to ``adam_eps``); ``pixel_weight`` weights the
     pixel loss.
 
+    ``dist_timeout_s``: under torchrun, how long a collective waits for
+    the other ranks before the run stops with a ``DistributedFailure``
+    (None: ``$PYVQ_DIST_TIMEOUT``, else 300 s); it must exceed the longest
+    pause of one rank alone (rank 0 writing a checkpoint or images).
+
     Priors: ``codes`` is a codes folder written by ``pyvq encode``; a prior
     preset (``vqddm_tiny``, ``keycode_diffusion_tiny``, ...) trains on it
     with ``PriorTrainer`` (``data`` and the tokenizer loss fields are then
@@ -87,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str | None = None
+    dist_timeout_s: float | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -95,6 +101,9 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
         check_choice("disc_type", self.disc_type, DISC_TYPES, where="TrainConfig", what="field")
+        t = self.dist_timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ValueError(f"TrainConfig: 'dist_timeout_s' must be None or > 0 seconds, got {self.dist_timeout_s}")
 
     def with_model_defaults(self, defaults: dict) -> "TrainConfig":
         """A copy in which each field named in ``defaults`` that still holds
