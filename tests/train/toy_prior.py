@@ -4,7 +4,8 @@
 ``ToyPrior`` maps a code map to one number with a linear layer; its
 ``seen`` buffer changes in every forward (as an EMA codebook or a prior's
 loss history do), and ``bad`` (call numbers, from 0) makes chosen calls
-return a NaN loss, or a finite loss with a non-finite gradient
+return a NaN loss, an infinite one with finite gradients
+(``bad_kind="inf"``) or a finite one with a non-finite gradient
 (``bad_kind="grad"``).
 """
 
@@ -37,6 +38,8 @@ class ToyPrior(torch.nn.Module):
         if self.calls in self.bad:
             if self.bad_kind == "nan":
                 loss = loss * float("nan")
+            elif self.bad_kind == "inf":  # an infinite value, finite gradients
+                loss = loss + float("inf")
             else:  # finite value, NaN gradient: d sqrt(u)/du is inf at 0
                 loss = loss + torch.sqrt(self.lin.weight.sum() * 0.0)
         self.calls += 1
