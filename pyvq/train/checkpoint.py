@@ -439,33 +439,27 @@ def latest_checkpoint(run_dir: str) -> str | None:
         what = "is missing" if not os.path.exists(latest) else "does not name a step_<N> checkpoint"
         problems.append(f"{latest} {what}")
         _warn(f"latest_checkpoint: {latest} {what}; looking for the newest valid checkpoint in {root}")
-    else:
-        path = os.path.join(root, committed)
-        try:
-            _verified_state(path)
-        except CorruptCheckpointError as exc:
-            problems.append(str(exc))
-            _warn(f"latest_checkpoint: {exc}; falling back to an older checkpoint")
-        else:
-            step = int(_STEP_DIR.fullmatch(committed).group(1))
-            newer = [name for s, name in dirs if s > step]
-            if newer:
-                _warn(f"latest_checkpoint: {latest} names {committed}; ignoring the newer {', '.join(newer)} in "
-                      f"{root}, never committed (a save interrupted before it updated 'latest')")
-            return path
-        if not os.path.isdir(path):
-            _warn(f"latest_checkpoint: {latest} names {committed}, which does not exist")
-    for _, name in dirs:
-        if name == committed:
-            continue
+    candidates = ([committed] if committed else []) + [name for _, name in dirs if name != committed]
+    for name in candidates:
         path = os.path.join(root, name)
+        if not os.path.isdir(path):  # only the committed one can be missing
+            problems.append(f"{latest} names {name}, which does not exist")
+            _warn(f"latest_checkpoint: {latest} names {name}, which does not exist; falling back")
+            continue
         try:
             _verified_state(path)
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
             _warn(f"latest_checkpoint: skipping {exc}")
             continue
-        _warn(f"latest_checkpoint: using {path}, the newest valid checkpoint in {root}")
+        if name != committed:
+            _warn(f"latest_checkpoint: using {path}, the newest valid checkpoint in {root}")
+            return path
+        step = int(_STEP_DIR.fullmatch(name).group(1))
+        newer = [n for s, n in dirs if s > step]
+        if newer:
+            _warn(f"latest_checkpoint: {latest} names {name}; ignoring the newer {', '.join(newer)} in {root}, "
+                  f"never committed (a save interrupted before it updated 'latest')")
         return path
     raise CorruptCheckpointError(f"latest_checkpoint: no valid checkpoint in {root}: " + "; ".join(problems))
 

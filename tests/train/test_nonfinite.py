@@ -151,9 +151,10 @@ def test_cli_prints_the_stop_as_one_line(tmp_path, monkeypatch, capsys):
         return loss * float("nan"), log
 
     monkeypatch.setattr(VQLPIPSWithDiscriminator, "forward", always_nan)
-    code = cli.main(["train", "--preset", "vqgan_tiny", "--data", "builtin", "--out", str(tmp_path / "run"),
-                     "--steps", "3", "--image-size", "32", "--batch-size", "2", "--perceptual-weight", "0",
-                     "--max-nonfinite-steps", "1", "--device", "cpu"])
+    with pytest.warns(NonFiniteStepWarning, match="step 1 skipped"):
+        code = cli.main(["train", "--preset", "vqgan_tiny", "--data", "builtin", "--out", str(tmp_path / "run"),
+                         "--steps", "3", "--image-size", "32", "--batch-size", "2", "--perceptual-weight", "0",
+                         "--max-nonfinite-steps", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("pyvq train:")]
