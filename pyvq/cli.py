@@ -50,6 +50,7 @@ _TRAIN_FLAGS = {  # CLI flag -> TrainConfig field
     "steps": int, "batch_size": int, "image_size": int, "lr": float, "ckpt_every": int,
     "ckpt_minutes": float, "log_every": int, "image_every": int, "disc_start": int,
     "perceptual_weight": float, "ema_decay": float, "seed": int, "num_workers": int,
+    "max_nonfinite_steps": int,
 }
 
 
@@ -85,7 +86,15 @@ def _train(args) -> int:
         trainer = PriorTrainer(config, args.out, resume=args.resume)
     else:
         trainer = Trainer(config, args.out, resume=args.resume)
-    scalars = trainer.train()
+    from pyvq.train.base import NonFiniteLossError
+    from pyvq.train.checkpoint import CheckpointWriteError
+
+    try:
+        scalars = trainer.train()
+    except (NonFiniteLossError, CheckpointWriteError) as exc:  # one clear line, not a traceback
+        if trainer.dist.is_main:  # every rank stops on a non-finite run; one line is enough
+            print(f"pyvq train: {exc}", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         print(f"run written to {args.out} (step {trainer.step}); last scalars: "
               + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))

@@ -10,11 +10,28 @@ every rank), the model (``_new_model`` when none is given), its recipe
 when none is given), then resume, DDP wrapping, the logger and config.json.
 Subclasses (``Trainer``, ``PriorTrainer``) add their modules and optimizers
 through the hooks and write ``train_step``.
+
+Faults. A step whose loss or gradient norm is not finite (NaN or inf) is
+skipped: no optimizer step, no scheduler step, no EMA update, and the
+modules' buffers (an EMA codebook, norm statistics, a prior's loss
+history) are put back as they were before the step; every rank takes the
+same decision (the flag is all-reduced). The step still counts (its batch
+is consumed), ``train/nonfinite_steps`` (the run's total) is logged with
+every row and a bad step always writes one, and a ``NonFiniteStepWarning``
+names it. More than ``max_nonfinite_steps`` bad steps in a row raise
+``NonFiniteLossError`` without writing a checkpoint (the last one on disk
+holds the last good state; a skipped step changes no weights, so one
+written during a short run of bad steps does too). A checkpoint that cannot
+be written during the run (a full disk, say) is reported with a
+``CheckpointWarning`` and training continues, since the previous checkpoint
+is intact; the run's last checkpoint (at ``config.steps`` or ``stop_after``)
+failing raises ``CheckpointWriteError``, so that no run ends as if saved.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -23,14 +40,35 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pyvq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pyvq.train.checkpoint import (
+    CheckpointWarning,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pyvq.train.config import TrainConfig
 from pyvq.train.distributed import DistInfo, all_reduce_mean, collective_guard, init_distributed
 from pyvq.train.logger import RunLogger
 from pyvq.train.recipes import Recipe, recipe_for
 from pyvq.train.schedule import warmup_cosine
 
-__all__ = ["BaseTrainer", "trainable_params"]
+__all__ = ["BaseTrainer", "NonFiniteLossError", "NonFiniteStepWarning", "trainable_params"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """More than ``TrainConfig.max_nonfinite_steps`` consecutive training steps
+    had a non-finite loss or gradient norm; the message names the step, the
+    non-finite terms and the limit. ``step`` and ``terms`` hold them too."""
+
+    def __init__(self, message: str, *, step: int, terms: list):
+        super().__init__(message)
+        self.step, self.terms = step, terms
+
+
+class NonFiniteStepWarning(UserWarning):
+    """A training step was skipped because its loss or gradient norm was not finite."""
 
 
 def trainable_params(module: torch.nn.Module) -> list:
@@ -150,6 +188,7 @@ class BaseTrainer:
                                    schedulers=self._schedulers(), map_location=self.dist.device)
             self.step = info["step"]
             self._resume_position(info["extra"], found)
+            self.nonfinite_steps = int(info["extra"].get("nonfinite_steps", 0))
         for name, module in self._trained_modules().items():
             if self.dist.distributed:
                 ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -239,19 +278,42 @@ class BaseTrainer:
         return warmup_cosine(opt, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
                              min_ratio=c.min_lr_ratio)
 
-    def _optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> None:
+    def _optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params,
+                        name: str = "g") -> bool:
         """Backward ``loss``, clip the gradients of ``params`` at
-        ``grad_clip`` (when > 0), step ``optimizer``."""
+        ``grad_clip`` (when > 0), step ``optimizer``; returns whether it
+        stepped. It does not when the loss or the gradients' total norm is
+        not finite on any rank (the backward still runs, as DDP needs it on
+        every rank); the step is then recorded as non-finite (``name``
+        names the optimizer in the messages)."""
+        params = list(params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        loss_ok = torch.isfinite(loss.detach()).all()
+        ok = bool(loss_ok & torch.isfinite(norm))  # one host sync on the good path
+        if self.dist.distributed:  # one rank skipping alone would desynchronise the weights
+            ok = all_reduce_mean({"ok": float(ok)}, self.dist)["ok"] == 1.0
+        if not ok:
+            why = (f"loss {float(loss.detach().float().sum())}" if not bool(loss_ok) else
+                   f"gradient norm {float(norm)}" if not bool(torch.isfinite(norm)) else
+                   "non-finite on another rank")
+            self.__dict__.setdefault("_skipped", []).append(f"optimizer {name!r}: {why}")
+            return False
         optimizer.step()
+        return True
 
-    def _model_step(self, loss: torch.Tensor) -> None:
-        """``_optimizer_step`` of the model's trainable parameters, then ``sched_g``."""
-        self._optimizer_step(loss, self.opt_g, trainable_params(self.model))
+    def _model_step(self, loss: torch.Tensor) -> bool:
+        """``_optimizer_step`` of the model's trainable parameters, then
+        ``sched_g`` (not when the step was skipped); returns whether it stepped."""
+        if not self._optimizer_step(loss, self.opt_g, trainable_params(self.model), "g"):
+            return False
         self.sched_g.step()
+        return True
 
     def _make_ema(self):
         if self.config.ema_decay <= 0:
@@ -276,13 +338,73 @@ class BaseTrainer:
         raise NotImplementedError
 
     def save(self) -> str | None:
+        """Checkpoint the run (rank 0; None elsewhere); CheckpointWriteError
+        when it cannot be written (the previous checkpoint is then intact)."""
         if not self.dist.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self._modules(), optimizers=self._optimizers(),
                                schedulers=self._schedulers(),
                                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                       "sample_in_epoch": self.sample_in_epoch, "world_size": self.dist.world_size,
-                                      "batch_size": self.config.batch_size})
+                                      "batch_size": self.config.batch_size,
+                                      "nonfinite_steps": getattr(self, "nonfinite_steps", 0)})
+
+    def _save_in_run(self, last: bool) -> None:
+        """``save``; a failure warns and the run goes on, except for the
+        run's last checkpoint (``last``), whose failure is raised."""
+        try:
+            path = self.save()
+        except CheckpointWriteError as exc:
+            if last:
+                raise
+            warnings.warn(f"{type(self).__name__}: step {self.step}: {exc}. Training continues; the next "
+                          f"checkpoint is due in at most {self.config.ckpt_every} steps", CheckpointWarning,
+                          stacklevel=3)
+            return
+        if path is not None:
+            self._last_saved = path
+
+    def _buffers(self) -> list:
+        """Every buffer of the trained modules and the loss module, once each."""
+        seen, out = set(), []
+        mods = list(self._trained_modules().values()) + ([self.loss] if self.loss is not None else [])
+        for module in mods:
+            for b in module.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    out.append(b)
+        return out
+
+    def _last_checkpoint(self) -> str:
+        """The run's newest valid checkpoint, for messages."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            try:
+                return latest_checkpoint(self.out_dir) or "none (no checkpoint was written yet)"
+            except CorruptCheckpointError:
+                return "none (no valid checkpoint on disk)"
+
+    def _nonfinite_step(self, scalars: dict, skipped: list) -> NonFiniteLossError | None:
+        """Count a skipped step and warn; the error that stops the run when
+        there were too many in a row."""
+        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+        self._nonfinite_streak += 1
+        terms = skipped + [f"{k}={v}" for k, v in sorted(scalars.items())
+                           if isinstance(v, float) and not math.isfinite(v)]
+        limit = self.config.max_nonfinite_steps
+        name = type(self).__name__
+        if self._nonfinite_streak > limit:
+            last = getattr(self, "_last_saved", None) or self._last_checkpoint()
+            return NonFiniteLossError(
+                f"{name}: stopped at step {self.step}: {self._nonfinite_streak} consecutive steps with a "
+                f"non-finite loss or gradient norm, more than max_nonfinite_steps={limit}; at step {self.step}: "
+                f"{'; '.join(terms)}. No checkpoint was written on the way out; the last one is {last}",
+                step=self.step, terms=terms)
+        if self.dist.is_main:
+            warnings.warn(f"{name}: step {self.step} skipped (no optimizer, scheduler or EMA change): "
+                          f"{'; '.join(terms)} ({self._nonfinite_streak} in a row, max_nonfinite_steps={limit}; "
+                          f"{self.nonfinite_steps} in the run)", NonFiniteStepWarning, stacklevel=3)
+        return None
 
     def train(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
         """Run until ``config.steps`` (or until step ``stop_after``, then
@@ -292,6 +414,9 @@ class BaseTrainer:
 
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
+        if getattr(self, "_logger_closed", False):  # train() again after a stop_after: log on
+            self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
+            self._logger_closed = False
         self.model.train()
         if self.loss is not None:
             self.loss.train()
@@ -301,29 +426,53 @@ class BaseTrainer:
                    dynamic_ncols=True, unit="step")
         logged: dict = {}
         sample = None
-        while self.step < end:
-            x = next(batches).to(self.dist.device)
-            sample = x
-            with collective_guard(self.dist, f"step {self.step + 1}"):
-                scalars = self.train_step(x)
-            self.step += 1
-            bar.update(1)
-            if self.step % c.log_every == 0 or self.step == c.steps:
-                with collective_guard(self.dist, f"averaging the logged scalars of step {self.step}"):
-                    logged = all_reduce_mean(scalars, self.dist)
-                self.logger.scalars(self.step, logged)
-                bar.set_postfix(loss=f"{logged.get(self.progress_key, float('nan')):.4f}")
-            if self.step % c.image_every == 0 or self.step == c.steps:
-                self._log_images(sample)
-            due = (time.monotonic() - last_ckpt) / 60 >= c.ckpt_minutes
-            if self.step % c.ckpt_every == 0 or self.step == end or due:
-                self.save()
-                last_ckpt = time.monotonic()
-        bar.close()
+        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0)
+        self._nonfinite_streak = 0
+        buffers = self._buffers()
+        try:
+            while self.step < end:
+                x = next(batches).to(self.dist.device)
+                sample = x
+                saved = [b.detach().clone() for b in buffers]
+                self._skipped = []
+                with collective_guard(self.dist, f"step {self.step + 1}"):
+                    scalars = self.train_step(x)
+                skipped, self._skipped = self._skipped, []
+                self.step += 1
+                bar.update(1)
+                stop = None
+                if skipped:
+                    with torch.no_grad():
+                        for b, old in zip(buffers, saved):
+                            b.copy_(old)
+                    stop = self._nonfinite_step(scalars, skipped)
+                else:
+                    self._nonfinite_streak = 0
+                scalars["train/nonfinite_steps"] = float(self.nonfinite_steps)
+                if self.step % c.log_every == 0 or self.step == c.steps or skipped:
+                    with collective_guard(self.dist, f"averaging the logged scalars of step {self.step}"):
+                        logged = all_reduce_mean(scalars, self.dist)
+                    self.logger.scalars(self.step, logged)
+                    bar.set_postfix(loss=f"{logged.get(self.progress_key, float('nan')):.4f}")
+                if stop is not None:  # every rank decided alike; nothing of this step is saved
+                    raise stop
+                if self.step % c.image_every == 0 or self.step == c.steps:
+                    self._log_images(sample)
+                due = (time.monotonic() - last_ckpt) / 60 >= c.ckpt_minutes
+                if self.step % c.ckpt_every == 0 or self.step == end or due:
+                    self._save_in_run(last=self.step == end)
+                    last_ckpt = time.monotonic()
+        except BaseException:
+            self.logger.close()  # stopped by an error: leave the logs complete
+            self._logger_closed = True
+            raise
+        finally:
+            bar.close()
         if self.dist.is_main and self.step == c.steps:
             final = self.ema.module if self.ema is not None else self.model
             final.save_pretrained(os.path.join(self.out_dir, "model"))
         self.logger.close()
+        self._logger_closed = True
         return logged
 
     def _log_images(self, x) -> None:

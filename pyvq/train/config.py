@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pyvq._checks import check_choice, check_positive_fields
+from pyvq._checks import check_choice, check_int, check_positive_fields
 
 # TrainConfig.disc_type values: the discriminator of a tokenizer's GAN loss.
 DISC_TYPES = ("patchgan", "projected")
@@ -53,6 +53,14 @@ class TrainConfig:
     with ``PriorTrainer`` (``data`` and the tokenizer loss fields are then
     unused; the preset's code shape and number of classes are taken from
     the codes).
+
+    Faults: a step whose loss or gradient norm is NaN or inf is skipped (no
+    weight, optimizer, scheduler or EMA change) and counted;
+    ``max_nonfinite_steps`` is how many such steps in a row the run
+    tolerates; one more stops it with ``NonFiniteLossError`` (0: stop at the
+    first). The default, 10, rides out an isolated bad batch or a short
+    spike, and stops a diverged run (NaN at every step) within ten steps,
+    before it has spent much time or written a checkpoint.
     """
 
     model: str = "vqgan_tiny"
@@ -89,6 +97,7 @@ class TrainConfig:
     image_every: int = 200
     ckpt_every: int = 500
     ckpt_minutes: float = 5.0
+    max_nonfinite_steps: int = 10
     seed: int = 0
     num_workers: int = 0
     device: str | None = None
@@ -100,6 +109,7 @@ class TrainConfig:
             self, ("image_size", "batch_size", "steps", "log_every", "image_every", "ckpt_every"), where="TrainConfig")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
+        check_int("max_nonfinite_steps", self.max_nonfinite_steps, where="TrainConfig", minimum=0, what="field")
         check_choice("disc_type", self.disc_type, DISC_TYPES, where="TrainConfig", what="field")
         t = self.dist_timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):

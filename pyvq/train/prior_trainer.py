@@ -88,8 +88,8 @@ class PriorTrainer(BaseTrainer):
         """One optimizer step on the prior's objective; returns scalars."""
         with self._autocast():
             loss, logs = self.recipe.loss(self.model_ddp, codes)
-        self._model_step(loss)
-        self._update_ema()
+        if self._model_step(loss):  # False: a non-finite step, skipped (BaseTrainer)
+            self._update_ema()
         out = {k: float(v) for k, v in logs.items()}
         out.setdefault("train/loss", float(loss.detach()))
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]

@@ -130,12 +130,12 @@ class Trainer(BaseTrainer):
         x_rec = output.x_rec.float()
         extra = self.recipe.loss_inputs(x, output)
         loss_g, log = self.loss(x, x_rec, 0, self.step, last_layer=self.model.get_last_layer(), **extra)
-        self._model_step(loss_g)
+        g_stepped = self._model_step(loss_g)  # False: a non-finite step, skipped (BaseTrainer)
         if self.step >= c.disc_start:
             loss_d, log_d = self._disc_step(x, x_rec.detach())
             log.update(log_d)
-            self.sched_d.step()
-        self._update_ema()
+        if g_stepped:
+            self._update_ema()
         out = {k: float(v) for k, v in log.items()}
         out.update(self.recipe.metrics(output))
         out["train/lr"] = self.opt_g.param_groups[0]["lr"]
@@ -149,7 +149,8 @@ class Trainer(BaseTrainer):
             loss_d, log_d = self.loss(x, x_rec, 1, self.step)
         finally:
             self.loss.discriminator = disc
-        self._optimizer_step(loss_d, self.opt_d, list(self.disc.parameters()))
+        if self._optimizer_step(loss_d, self.opt_d, list(self.disc.parameters()), "d"):
+            self.sched_d.step()
         return loss_d, log_d
 
     @torch.no_grad()
