@@ -363,7 +363,7 @@ def test_checkpoint_stores_world_size_and_position(two_process_run):
     state = torch.load(os.path.join(latest_checkpoint(str(tmp / "run")), "state.pt"), weights_only=True)
     assert state["step"] == 3
     assert state["extra"] == {"epoch": 0, "batch_in_epoch": 3, "sample_in_epoch": 12, "world_size": 2,
-                              "batch_size": 2}
+                              "batch_size": 2, "nonfinite_steps": 0}
 
 
 @pytest.mark.slow
