@@ -46,11 +46,11 @@ from benchmarks.harness import (  # noqa: E402
     add_device_argument,
     attention_side,
     current_device,
+    measure_column,
     ratio,
     reexec_with_mmap_threshold,
     select_device,
     set_recompile_limit,
-    time_and_memory,
 )
 
 WIDTH, HEADS, BLOCK = 512, 8, 8
@@ -164,13 +164,11 @@ def _op_row(cols, latent, halo, compiled, repeats) -> dict:
             return torch.autograd.grad(out, (qkv, gkv), grad)
 
         # The reference is slow: its memory run is its warm-up.
-        t, mem = time_and_memory(fwd_bwd, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
-        row[f"{name}_ms"] = 1e3 * t
-        row[f"{name}_MiB"] = mem
+        measure_column(row, name, fwd_bwd, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
     for name in cores:
         if name != "pyvq":
             row[f"{name}/pyvq"] = ratio(row.get(f"{name}_ms"), row.get("pyvq_ms"))
-    if "pyvq_ms" in row:
+    if row.get("pyvq_ms"):
         row["pyvq_GFLOP/s"] = _gflop(B, H, W, heads, d, ws, halo, G, 7) / (row["pyvq_ms"] * 1e-3)
     return row
 

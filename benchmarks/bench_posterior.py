@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (  # noqa: E402
     Table,
     add_device_argument,
+    measure_column,
     median_time,
     ratio,
     reexec_with_mmap_threshold,
     select_device,
-    time_and_memory,
 )
 
 KS = (512, 1024, 8192)
@@ -122,13 +122,13 @@ def main() -> None:
             for name, fns in passes.items():
                 # The reference's measured run of peak memory is its warm-up
                 # (it is slow); pyvq and compiled warm up first.
-                t, mem = time_and_memory(fns[pass_name], repeats=repeats, budget_s=budget, warm=name != "ref")
-                row[f"{name}_ms"] = 1e3 * t
-                row[f"{name}_MiB"] = mem
+                measure_column(row, name, fns[pass_name], repeats=repeats, budget_s=budget, warm=name != "ref")
+                mem = row[f"{name}_MiB"]
                 row[f"{name}_x"] = None if mem is None else mem / unit_mib
             row["ref/pyvq"] = ratio(row["ref_ms"], row["pyvq_ms"])
             row["comp/pyvq"] = ratio(row.get("comp_ms"), row["pyvq_ms"])
-            row["pyvq_GB/s"] = _TRAFFIC_UNITS[pass_name] * unit_mib * 2**20 / (row["pyvq_ms"] * 1e-3) / 1e9
+            row["pyvq_GB/s"] = (_TRAFFIC_UNITS[pass_name] * unit_mib * 2**20 / (row["pyvq_ms"] * 1e-3) / 1e9
+                                if row["pyvq_ms"] else None)
             table.add(**row)
     table.save(args.out)
     if not args.no_sampling:

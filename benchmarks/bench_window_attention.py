@@ -50,6 +50,7 @@ from benchmarks.harness import (  # noqa: E402
     add_device_argument,
     attention_side,
     current_device,
+    measure_column,
     ratio,
     reexec_with_mmap_threshold,
     select_device,
@@ -238,13 +239,11 @@ def _op_row(cols, pass_name, shape, B, H, W, C, heads, w, shift, compiled, repea
     for name, core in cores.items():
         fn = _timed(core, qkv, table, grad, pass_name, detached=name == "flex")
         # The reference is slow: its memory run is its warm-up.
-        t, mem = time_and_memory(fn, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
-        row[f"{name}_ms"] = 1e3 * t
-        row[f"{name}_MiB"] = mem
+        measure_column(row, name, fn, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
     for name in cores:
         if name != "pyvq":
             row[f"{name}/pyvq"] = ratio(row.get(f"{name}_ms"), row.get("pyvq_ms"))
-    if "pyvq_ms" in row:
+    if row.get("pyvq_ms"):
         flop = _window_gflop(B, H, W, heads, d, w, 7 if pass_name == "fwd+bwd" else 2)
         row["pyvq_GFLOP/s"] = flop / (row["pyvq_ms"] * 1e-3)
     return row

@@ -202,6 +202,24 @@ def time_and_memory(fn: Callable[[], object], *, repeats: int, budget_s: float |
     return median_time(fn, repeats=repeats, warmup=0, budget_s=budget_s), mem
 
 
+def measure_column(row: dict, name: str, fn: Callable[[], object], **kwargs) -> None:
+    """``time_and_memory(fn, **kwargs)`` into ``row[name_ms]`` and
+    ``row[name_MiB]``. A column that raises (a compiler or a peer that does
+    not support this case or device) gets None there and its error, in one
+    line, in ``row[name_error]`` and on stdout; the other columns go on."""
+    try:
+        t, mem = time_and_memory(fn, **kwargs)
+    except Exception as exc:  # noqa: BLE001  one column's failure must not cost the table
+        text = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+        print(f"{name} failed: {message}", flush=True)
+        row[f"{name}_ms"] = row[f"{name}_MiB"] = None
+        row[f"{name}_error"] = message
+        return
+    row[f"{name}_ms"] = 1e3 * t
+    row[f"{name}_MiB"] = mem
+
+
 @dataclass
 class Table:
     """Rows of results printed as an aligned table and saved as JSON."""

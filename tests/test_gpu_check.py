@@ -383,6 +383,20 @@ def test_benchmark_device_cpu_measures_as_before():
     assert harness.machine_info()["device"] == "cpu"
 
 
+def test_measure_column_records_a_failing_peer_and_goes_on(capsys):
+    from benchmarks import harness
+
+    def broken():
+        raise NotImplementedError("FlexAttention does not support backward on CPU\nmore detail")
+
+    row = {}
+    harness.measure_column(row, "flex", broken, repeats=1)
+    harness.measure_column(row, "pyvq", lambda: torch.ones(4).sum(), repeats=1)
+    assert row["flex_ms"] is None and row["flex_MiB"] is None
+    assert row["flex_error"] == "NotImplementedError: FlexAttention does not support backward on CPU"
+    assert row["pyvq_ms"] > 0 and "flex failed: NotImplementedError" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- the torch floor
 
 
