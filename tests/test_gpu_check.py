@@ -142,6 +142,14 @@ def test_no_cuda_device_writes_report_and_exits_0(tmp_path, capsys, monkeypatch)
     assert sorted(os.listdir(tmp_path / "new" / "out")) == ["report.md", "summary.json"]
 
 
+def test_stale_files_of_an_earlier_run_are_removed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gc, "run_json", lambda *a, **k: (dict(NO_CUDA_MACHINE), ""))
+    (tmp_path / "benchmarks.json").write_text("[]")
+    (tmp_path / "mine.txt").write_text("kept")
+    status, _ = _main([str(tmp_path)], capsys)
+    assert status == gc.EXIT_OK and sorted(os.listdir(tmp_path)) == ["mine.txt", "report.md", "summary.json"]
+
+
 def test_no_cuda_device_with_require_cuda_exits_3(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(gc, "run_json", lambda *a, **k: (dict(NO_CUDA_MACHINE), ""))
     status, _ = _main([str(tmp_path), "--require-cuda"], capsys)

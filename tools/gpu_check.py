@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA, EXIT_BENCH_FAILED = 0, 1, 2, 3, 4
+# What a run writes into OUT (an earlier run's copies are removed first).
+OUT_FILES = ("report.md", "summary.json", "build.log", "tests.log", "junit.xml", "benchmarks.log", "benchmarks.json")
 NO_CUDA_LINE = "no CUDA device: nothing run"
 
 # The pytest selection of the CUDA cases (see the module docstring).
@@ -256,6 +258,7 @@ def run_stage(stage: Stage, *, env: dict, log_path: str, timeout_s: float, cwd: 
             _kill_group(proc)
         stage.seconds = time.monotonic() - t0
         log.write(f"\n[gpu_check] {stage.name}: {stage.status()} ({stage.seconds:.1f} s)\n")
+    print(f"[gpu_check] {stage.name}: {stage.status()} ({stage.seconds:.0f} s)", flush=True)
     return stage
 
 
@@ -551,6 +554,11 @@ def main(argv=None) -> int:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return EXIT_USAGE
     deadline = time.monotonic() + args.budget_s - REPORT_RESERVE_S
+    for name in OUT_FILES:  # nothing stale from an earlier run may pass for this one's
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
 
     def left() -> float:
         return deadline - time.monotonic()
@@ -575,6 +583,9 @@ def run_all(args, out_dir: str, summary: dict, left) -> int:
         summary["probe_error"] = f"{args.python} could not report the machine: {error}"
         return EXIT_FAILED
     summary["machine"] = machine
+    gpus = ", ".join(g["name"] for g in machine.get("gpus", [])) or "no GPU"
+    print(f"[gpu_check] {gpus}; torch {machine.get('torch')}, triton {machine.get('triton')}, "
+          f"{machine.get('cpus')} CPUs", flush=True)
     if "torch_error" in machine:
         summary["probe_error"] = f"torch does not import: {machine['torch_error']}"
         return EXIT_FAILED
