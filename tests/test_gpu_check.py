@@ -242,6 +242,20 @@ def test_pytest_command_selects_the_cuda_cases(tmp_path):
     assert "-k" not in plain and "-n" not in plain and "--timeout" not in plain
 
 
+def test_slowest_compiles_from_ninja_logs(tmp_path):
+    d = tmp_path / "temp.linux" / "x"
+    d.mkdir(parents=True)
+    (d / ".ninja_log").write_text(
+        "# ninja log v5\n"
+        f"0\t13290\t1\t{tmp_path}/temp.linux/csrc/a.o\th1\n"
+        f"10\t95010\t1\t{tmp_path}/temp.linux/csrc/b_cuda.o\th2\n"
+        "garbage line\n"
+        f"0\t5000\t2\t{tmp_path}/temp.linux/csrc/a.o\th3\n")  # a rebuild: the newest entry counts
+    assert gc.slowest_compiles(str(tmp_path), n=5) == [("temp.linux/csrc/b_cuda.o", 95.0),
+                                                       ("temp.linux/csrc/a.o", 5.0)]
+    assert gc.slowest_compiles(str(tmp_path / "absent")) == []
+
+
 def test_collect_benchmark_tables_skips_what_is_not_a_table(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"title": "A", "rows": [{"N": 1}]}))
     (tmp_path / "b.json").write_text("{not json")

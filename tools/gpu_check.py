@@ -4,7 +4,7 @@
 
 Meant to run unattended inside one 10-minute command on a machine that has a
 CUDA GPU, its own torch and no package registry. In order, each stage
-time-boxed (``--budget-s`` in all, default 540 s; a stage that hangs is
+time-boxed (``--budget-s`` in all, default 560 s; a stage that hangs is
 killed with its children and reported, and later stages get what is left):
 
 1. probe: the machine (GPUs, driver, CPU count, Python, torch, Triton, CUDA,
@@ -12,9 +12,9 @@ killed with its children and reported, and later stages get what is left):
    yields a report;
 2. build: ``python setup.py build_ext --inplace`` with ``PYVQ_WITH_CUDA=1``,
    ``TORCH_CUDA_ARCH_LIST`` from the devices' compute capabilities and
-   ``MAX_JOBS`` = the CPU count; then ``pyvq.info()`` of the result (CUDA
-   architectures, which ops have CUDA kernels, whether Triton is
-   interpreted: it must not be);
+   ``MAX_JOBS`` = the CPU count, logged with the slowest compiles (ninja's
+   log); then ``pyvq.info()`` of the result (CUDA architectures, which ops
+   have CUDA kernels, whether Triton is interpreted: it must not be);
 3. tests: pytest on the CUDA cases of tests/ops (``-k "cuda or triton or
    no_host_sync"``: the CUDA-vs-reference tests, every Triton test module,
    tests/ops/test_no_host_sync.py) and the CUDA-build check of
@@ -31,6 +31,12 @@ OUT then holds at most 8 files (the device tool brings back 8): report.md
 tables), summary.json (everything the report says, as data), build.log,
 tests.log, junit.xml, benchmarks.log and benchmarks.json (every table the
 benchmarks wrote).
+
+The build is the long pole: on 2 loaded cores here single CPU files took
+several minutes (multigrained_attention_cpu.cpp the longest), so on a
+machine where it eats the budget, run again at once, while the machine is
+still warm and the build outputs are still in the tree, with
+``--skip-build`` (``make gpu-check OUT=... GPU_CHECK_ARGS=--skip-build``).
 
 Exit status: 0 when everything ran and passed, and also when there is no
 CUDA device (the report then says "no CUDA device: nothing run"; with
@@ -182,8 +188,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", help="folder for the report and logs (created if missing)")
     p.add_argument("--out", dest="out_opt", help="the same, as an option")
-    p.add_argument("--budget-s", type=float, default=540.0, help="seconds for all stages together (default 540)")
-    p.add_argument("--build-timeout-s", type=float, default=300.0, help="most seconds of the build")
+    p.add_argument("--budget-s", type=float, default=560.0, help="seconds for all stages together (default 560)")
+    p.add_argument("--build-timeout-s", type=float, default=480.0, help="most seconds of the build (default 480)")
     p.add_argument("--tests-timeout-s", type=float, default=200.0, help="most seconds of the tests")
     p.add_argument("--python", default=sys.executable, help="the Python (and torch) to build and run with")
     p.add_argument("--skip-build", action="store_true", help="use the pyvq/_C built by an earlier run")
@@ -408,6 +414,25 @@ def parse_pytest_log(text: str) -> TestCounts:
     return counts
 
 
+def slowest_compiles(build_dir: str, n: int = 6) -> list:
+    """[(object file, seconds)] of the ``n`` longest compiles in the ninja
+    logs under ``build_dir`` (``.ninja_log`` v5: start ms, end ms, mtime,
+    output, hash), the newest entry per output."""
+    latest = {}
+    for path in glob.glob(os.path.join(build_dir, "**", ".ninja_log"), recursive=True):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) < 4 or not parts[0].isdigit() or not parts[1].isdigit():
+                continue
+            latest[os.path.relpath(parts[3], build_dir)] = (int(parts[1]) - int(parts[0])) / 1000.0
+    return sorted(latest.items(), key=lambda kv: -kv[1])[:n]
+
+
 def collect_benchmark_tables(folder: str) -> list:
     """Every table JSON a benchmark wrote under ``folder``, in file order."""
     tables = []
@@ -485,6 +510,9 @@ def render_report(summary: dict) -> str:
                        f"{info.get('triton', {}).get('interpreted')}")
         elif summary.get("pyvq_info_error"):
             out.append(f"- import pyvq failed: {summary['pyvq_info_error']}")
+        if summary.get("slowest_compiles"):
+            out.append("- slowest compiles: " + ", ".join(f"{os.path.basename(o)} {s:.0f} s"
+                                                          for o, s in summary["slowest_compiles"]))
         for line in summary.get("build_tail", []):
             out.append(f"    {line}")
         out.append("")
@@ -608,6 +636,7 @@ def run_all(args, out_dir: str, summary: dict, left) -> int:
                                        MAX_JOBS=summary["max_jobs"]),
                   log_path=build_log, timeout_s=min(args.build_timeout_s, left()))
     summary["stages"]["build"] = {**asdict(build), "status": build.status()}
+    summary["slowest_compiles"] = slowest_compiles(os.path.join(ROOT, "build"))
     if not build.ok and not args.skip_build:
         summary["build_tail"] = _tail(build_log)
         return EXIT_FAILED
