@@ -28,6 +28,7 @@ def _load_gpu_check():
 
 
 gc = _load_gpu_check()
+_REAL_LINK = gc.link_triton_kernels
 
 NO_CUDA_MACHINE = {"python": "3.12.3", "executable": "/usr/bin/python3", "cpus": 2, "torch": "2.11.0+cu130",
                    "torch_cuda": "13.0", "cuda_available": False, "gpus": [], "triton": "3.6.0",
@@ -306,6 +307,7 @@ def _fake_probes(monkeypatch, info=CUDA_INFO):
         return (dict(CUDA_MACHINE), "") if code is gc.PROBE else (info, "" if info else "ImportError: _C")
 
     monkeypatch.setattr(gc, "run_json", run_json)
+    monkeypatch.setattr(gc, "link_triton_kernels", lambda root: None)  # leave this tree alone
 
 
 def test_flow_build_failure_reports_its_tail(tmp_path, capsys, monkeypatch):
@@ -355,11 +357,44 @@ def test_flow_passing_tests_with_a_benchmark_timeout_exits_4(tmp_path, capsys, m
     assert "codebook: ok" in report and "### codebook table" in report
 
 
-def test_flow_interpreted_triton_or_cpu_only_build_fails(tmp_path, capsys, monkeypatch):
-    _fake_probes(monkeypatch, info=dict(CUDA_INFO, triton={"interpreted": True}))
-    _fake_stages(monkeypatch)
+@pytest.mark.parametrize("info, problem", [
+    (dict(CUDA_INFO, triton={"interpreted": True}), "Triton is interpreted"),
+    (dict(CUDA_INFO, built_with_cuda=False), "pyvq was not built with CUDA"),
+    (dict(CUDA_INFO, ops={"window_attention": {"cuda": False, "triton": False}}),
+     "Triton is installed but pyvq.triton_kernels is not importable"),
+])
+def test_flow_build_that_is_not_what_the_gpu_needs_fails(tmp_path, capsys, monkeypatch, info, problem):
+    _fake_probes(monkeypatch, info=info)
+    calls = _fake_stages(monkeypatch)
     status, _ = _main([str(tmp_path), "--benchmarks", ""], capsys)
-    assert status == gc.EXIT_FAILED and "Triton is interpreted" in (tmp_path / "report.md").read_text()
+    assert status == gc.EXIT_FAILED and problem in (tmp_path / "report.md").read_text()
+    assert [c[0] for c in calls] == ["build"]
+
+
+def test_triton_kernels_link_stands_in_for_the_install(tmp_path):
+    (tmp_path / "pyvq").mkdir()
+    (tmp_path / "triton_kernels").mkdir()
+    (tmp_path / "triton_kernels" / "window_attention.py").write_text("")
+    link = gc.link_triton_kernels(str(tmp_path))
+    assert link == str(tmp_path / "pyvq" / "triton_kernels")
+    assert (tmp_path / "pyvq" / "triton_kernels" / "window_attention.py").exists()
+    assert gc.link_triton_kernels(str(tmp_path)) is None  # already there: left alone
+    gc.unlink_triton_kernels(link)
+    assert not os.path.lexists(link) and (tmp_path / "triton_kernels" / "window_attention.py").exists()
+
+
+def test_linked_kernels_are_removed_after_the_run(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "tree"
+    (root / "pyvq").mkdir(parents=True)
+    (root / "triton_kernels").mkdir()
+    _fake_probes(monkeypatch)
+    monkeypatch.setattr(gc, "link_triton_kernels", lambda r: _REAL_LINK(str(root)))  # a tree of our own
+    _fake_stages(monkeypatch)
+    _main([str(tmp_path / "out"), "--benchmarks", ""], capsys)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["triton_kernels_link"] == str(root / "pyvq" / "triton_kernels")
+    assert not os.path.lexists(root / "pyvq" / "triton_kernels")
+    assert "linked pyvq/triton_kernels" in (tmp_path / "out" / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- benchmarks' --device

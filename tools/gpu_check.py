@@ -297,6 +297,29 @@ def run_json(python: str, code: str, env: dict, timeout_s: float = 120.0) -> tup
     return json.loads(lines[-1]), ""
 
 
+def link_triton_kernels(root: str) -> str | None:
+    """Make ``pyvq.triton_kernels`` importable from a source tree.
+
+    setup.py installs ``triton_kernels/`` as ``pyvq.triton_kernels``
+    (``package_dir``), which an in-place build on ``PYTHONPATH`` does not:
+    there ``import pyvq.triton_kernels`` fails and the attention ops' Triton
+    path with it (or, beside an editable install of another checkout, finds
+    that checkout's kernels). A link ``pyvq/triton_kernels ->
+    ../triton_kernels`` stands in for the install; returns its path, or None
+    where ``pyvq/triton_kernels`` already exists. ``unlink_triton_kernels``
+    removes it."""
+    link = os.path.join(root, "pyvq", "triton_kernels")
+    if os.path.lexists(link) or not os.path.isdir(os.path.join(root, "triton_kernels")):
+        return None
+    os.symlink(os.path.join("..", "triton_kernels"), link)
+    return link
+
+
+def unlink_triton_kernels(link: str | None) -> None:
+    if link and os.path.islink(link):
+        os.remove(link)
+
+
 def cuda_arch_list(gpus: list) -> str:
     """TORCH_CUDA_ARCH_LIST for these devices: their capabilities, each once."""
     archs = sorted({g["capability"] for g in gpus}, key=lambda c: tuple(int(x) for x in c.split(".")))
@@ -505,6 +528,9 @@ def render_report(summary: dict) -> str:
         if info:
             cuda_ops = [op for op, v in info.get("ops", {}).items() if v.get("cuda")]
             triton_ops = [op for op, v in info.get("ops", {}).items() if v.get("triton")]
+            if summary.get("triton_kernels_link"):
+                out.append("- linked pyvq/triton_kernels -> ../triton_kernels for this run (what the install "
+                           "does), removed at the end")
             out.append(f"- pyvq.info(): built_with_cuda={info.get('built_with_cuda')}, "
                        f"cuda_archs={info.get('cuda_archs') or '-'}; CUDA kernels: {', '.join(cuda_ops) or 'none'}; "
                        f"Triton kernels: {', '.join(triton_ops) or 'none'}; Triton interpreted: "
@@ -596,7 +622,10 @@ def main(argv=None) -> int:
 
     summary = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "commit": _commit(), "budget_s": args.budget_s, "stages": {}, "no_compile": args.no_compile}
-    status = run_all(args, out_dir, summary, left)
+    try:
+        status = run_all(args, out_dir, summary, left, lambda: link_triton_kernels(ROOT))
+    finally:
+        unlink_triton_kernels(summary.get("triton_kernels_link"))
     summary["exit_status"] = status
     summary["result"] = {EXIT_OK: "passed" if not summary.get("no_cuda") else NO_CUDA_LINE,
                          EXIT_FAILED: "FAILED", EXIT_NO_CUDA: NO_CUDA_LINE,
@@ -606,7 +635,7 @@ def main(argv=None) -> int:
     return status
 
 
-def run_all(args, out_dir: str, summary: dict, left) -> int:
+def run_all(args, out_dir: str, summary: dict, left, link_kernels) -> int:
     env = child_env()
     machine, error = run_json(args.python, PROBE, env)
     if machine is None:
@@ -641,11 +670,19 @@ def run_all(args, out_dir: str, summary: dict, left) -> int:
     if not build.ok and not args.skip_build:
         summary["build_tail"] = _tail(build_log)
         return EXIT_FAILED
+    summary["triton_kernels_link"] = link_kernels()
     info, error = run_json(args.python, INFO, env)
     summary["pyvq_info"], summary["pyvq_info_error"] = info, error or None
-    if info is None or not info.get("built_with_cuda") or info.get("triton", {}).get("interpreted"):
-        summary["build_tail"] = _tail(build_log) if info is None else [
-            "pyvq was not built with CUDA" if not info.get("built_with_cuda") else "Triton is interpreted"]
+    problem = None
+    if info is not None:
+        if not info.get("built_with_cuda"):
+            problem = "pyvq was not built with CUDA"
+        elif info.get("triton", {}).get("interpreted"):
+            problem = "Triton is interpreted"
+        elif machine.get("triton") and not any(v.get("triton") for v in info.get("ops", {}).values()):
+            problem = "Triton is installed but pyvq.triton_kernels is not importable"
+    if info is None or problem:
+        summary["build_tail"] = _tail(build_log) if info is None else [problem]
         return EXIT_FAILED
 
     # tests
