@@ -13,7 +13,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: demo demo-inpaint test install venv bench clean
+.PHONY: demo demo-inpaint test install venv bench clean gpu-check
 
 $(VENV)/.requirements: requirements.txt requirements-bench.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (torch==2.14.1 wheels are for Python 3.11)"; exit 1; }
@@ -45,6 +45,14 @@ demo-inpaint: install
 # Every benchmarks/bench_*.py, at full size.
 bench: install
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+# On a GPU machine (no registry, its own torch): build pyvq in place with
+# CUDA, run the CUDA tests and every op benchmark on CUDA tensors, write
+# $(OUT)/report.md; within one 10-minute command (tools/gpu_check.py).
+# Uses the machine's python, not .venv:  make gpu-check OUT=/tmp/gc
+gpu-check: PYTHON = python3
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info pyvq/_C*.so

@@ -58,6 +58,26 @@ def _nvidia_wheel_dirs():
     return incs, libs
 
 
+def _check_torch():
+    """Stop with one line when the installed torch is older than pyvq's
+    floor (pyvq/_requirements.py, loaded by path: pyvq itself needs the
+    extension being built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pyvq_requirements", os.path.join(ROOT, "pyvq", "_requirements.py"))
+    requirements = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(requirements)
+    try:
+        import torch
+    except ImportError as exc:
+        sys.exit(f"pyvq: building needs torch >= {'.'.join(map(str, requirements.TORCH_FLOOR))} "
+                 f"installed first; import torch failed: {exc}")
+    problem = requirements.torch_problem(torch.__version__)
+    if problem:
+        sys.exit(f"{problem} at {torch.__file__}")
+
+
 def _want_cuda():
     mode = os.environ.get("PYVQ_WITH_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -81,6 +101,7 @@ def _want_cuda():
 
 
 def _extensions():
+    _check_torch()
     with_cuda, cuda_root = _want_cuda()
     if with_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads

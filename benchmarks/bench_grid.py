@@ -1,6 +1,6 @@
 """Multiresolution feature-grid encoding: pyvq against its plain-PyTorch reference.
 
-For each shape, float32, all cores, it prints the median time of three passes
+For each shape, float32, all cores (or one GPU: ``--device cuda``), it prints the median time of three passes
 
   forward    out = grid_encode(coords, tables, ...) (inputs requiring grad)
   backward   the gradients to coords and tables of a given grad_out
@@ -18,6 +18,7 @@ Shapes:
 
     python benchmarks/bench_grid.py                # both shapes
     python benchmarks/bench_grid.py --quick        # 16x fewer points and table rows, one timed run
+    python benchmarks/bench_grid.py --quick --device cuda
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (  # noqa: E402
     Table,
+    add_device_argument,
     median_time,
     peak_extra_memory,
     ratio,
     reexec_with_mmap_threshold,
+    select_device,
 )
 
 # name, N, G, d, L, F, T, (levels, min_res, max_res), index
@@ -76,15 +79,18 @@ def main() -> None:
     p.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the reference (slow)")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma-separated subset")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "grid.json"))
+    add_device_argument(p)
     args = p.parse_args()
+    device = select_device(args.device)
     repeats, ref_repeats = (1, 1) if args.quick else (args.repeats, args.ref_repeats)
 
     def pyvq_fn(c, t, res, index):
         return grid_encode(c, t, res, index=index)
 
-    kernel = pyvq._backend.use_kernel("grid_encode", "cpu")
+    kernel = pyvq._backend.use_kernel("grid_encode", device)
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     table = Table(
-        f"grid_encode, float32, {torch.get_num_threads()} threads, "
+        f"grid_encode, float32, {where}, "
         f"pyvq side: {'kernel' if kernel else 'reference (no grid_encode kernel in this build)'}",
         ["shape", "N", "pass", "pyvq_ms", "ref_ms", "ref/pyvq", "pyvq_MiB", "ref_MiB"],
     )
@@ -97,10 +103,10 @@ def main() -> None:
             N, T = N // 16, T // 16
         res = level_resolutions(*levels)
         g = torch.Generator().manual_seed(0)
-        coords = torch.rand(N, G, d, generator=g).requires_grad_()
+        coords = torch.rand(N, G, d, generator=g).to(device).requires_grad_()
         # Instant-NGP initialises its tables uniformly in +-1e-4.
-        tables = ((torch.rand(G, L, T, F, generator=g) * 2 - 1) * 1e-4).requires_grad_()
-        grad_out = torch.randn(N, G, L * F, generator=g)
+        tables = ((torch.rand(G, L, T, F, generator=g) * 2 - 1) * 1e-4).to(device).requires_grad_()
+        grad_out = torch.randn(N, G, L * F, generator=g).to(device)
 
         ours, ours_graph = _passes(pyvq_fn, coords, tables, res, index, grad_out)
         refs, ref_graph = _passes(reference.grid_encode, coords, tables, res, index, grad_out)

@@ -8,7 +8,8 @@ clustering (seeding + ``--iters`` Lloyd iterations, tol = 0) by
              distance matrix and argmin)
   compiled   torch.compile(reference)     (what a user would try first)
   faiss      faiss.Kmeans (random seeding, the same number of iterations, no
-             subsampling), when faiss-cpu is installed
+             subsampling), when faiss-cpu is installed (on --device cuda
+             only with faiss-gpu, gpu=True; left out, saying so, without it)
 
 with the ratios ref/pyvq, comp/pyvq and pyvq/faiss, the peak extra memory
 of pyvq and of the reference, the inertia of faiss's clustering over
@@ -21,6 +22,7 @@ gives steadier ratios there.
     python benchmarks/bench_kmeans.py              # every shape
     python benchmarks/bench_kmeans.py --quick      # the smallest shape only
     python benchmarks/bench_kmeans.py --threads 1 --no-compile
+    python benchmarks/bench_kmeans.py --quick --device cuda
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (  # noqa: E402
-    Table, import_faiss, median_time, ratio, reexec_with_mmap_threshold, time_and_memory,
+    Table, add_device_argument, import_faiss, median_time, ratio, reexec_with_mmap_threshold, select_device,
+    time_and_memory,
 )
 
 # (N, D, k); the last is ReFiT's scale (a 1024-code codebook re-built from
@@ -61,9 +64,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of torch and faiss")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "kmeans.json"))
+    add_device_argument(p)
     args = p.parse_args()
+    device = select_device(args.device)
 
     faiss = import_faiss()
+    if device.type == "cuda" and faiss is not None and not hasattr(faiss, "StandardGpuResources"):
+        print("faiss has no GPU support here (faiss-gpu is not installed): no faiss column on cuda")
+        faiss = None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         if faiss is not None:
@@ -76,16 +84,17 @@ def main() -> None:
         compiled = torch.compile(reference.kmeans)
 
     shapes = SHAPES[:1] if args.quick else SHAPES
+    where = (f"{torch.get_num_threads()} threads, cpu_isa={pyvq.info()['cpu_isa']}" if device.type == "cpu"
+             else str(device))
     table = Table(
-        f"kmeans, AFK-MC2 + {args.iters} Lloyd iterations, float32, {torch.get_num_threads()} threads, "
-        f"cpu_isa={pyvq.info()['cpu_isa']}",
+        f"kmeans, AFK-MC2 + {args.iters} Lloyd iterations, float32, {where}",
         ["N", "D", "k", "pyvq_s", "ref_s", "compiled_s", "faiss_s", "ref/pyvq", "comp/pyvq",
          "pyvq/faiss", "pyvq_MiB", "ref_MiB", "inertia_f/p", "same_as_ref"],
     )
     table.header()
     budget = 30.0  # seconds of timed runs a slow column may take (at least one run)
     for N, D, k in shapes:
-        x = torch.randn(N, D, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(N, D, generator=torch.Generator().manual_seed(0)).to(device)
         opts = dict(iters=args.iters, tol=0.0, seed=0)
 
         last = {}  # the centroids of each method's last run
@@ -112,12 +121,13 @@ def main() -> None:
 
         t_faiss = inertia_ratio = None
         if faiss is not None:
-            xn = x.numpy()
+            xn = x.cpu().numpy()
 
             def run_faiss():
-                km = faiss.Kmeans(D, k, niter=args.iters, seed=0, max_points_per_centroid=N)
+                km = faiss.Kmeans(D, k, niter=args.iters, seed=0, max_points_per_centroid=N,
+                                  gpu=device.type == "cuda")
                 km.train(xn)
-                last["faiss"] = torch.from_numpy(km.centroids)
+                last["faiss"] = torch.from_numpy(km.centroids).to(device)
 
             t_faiss = median_time(run_faiss, repeats=args.repeats, budget_s=budget)
             inertia_ratio = ratio(_inertia(x, last["faiss"]), _inertia(x, last["pyvq"]))

@@ -1,7 +1,8 @@
 """Multi-grained attention: pyvq against its reference and global attention.
 
 The attention core of an Efficient-VQGAN prior layer (Cao et al., Sec. 3.2),
-float32, all cores, forward + backward (the gradients of all five tensors for
+float32, all cores (or one GPU: ``--device cuda``, where pyvq's side is its
+Triton kernels), forward + backward (the gradients of all five tensors for
 a given grad_out). Width 512, 8 heads (head_dim 64), block side Ws = 8, one
 global token per block (G = (H / Ws)^2). Every column starts from the same
 tensors, ``qkv`` (B, H, W, 3C) as the qkv linear writes it and ``gkv``
@@ -24,6 +25,7 @@ memory (MiB).
     python benchmarks/bench_multigrained_attention.py            # latents 16/32/64, halo 2 and 4
     python benchmarks/bench_multigrained_attention.py --quick    # one timed run of each
     python benchmarks/bench_multigrained_attention.py --columns pyvq,sdpa --latents 64
+    python benchmarks/bench_multigrained_attention.py --quick --device cuda
 
 main() runs the op section; a later section (e.g. the prior's training
 memory and sampling time, benchmarks/bench_multigrained_prior.py) plugs in
@@ -41,9 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (  # noqa: E402
     Table,
+    add_device_argument,
+    attention_side,
+    current_device,
+    measure_column,
     ratio,
     reexec_with_mmap_threshold,
-    time_and_memory,
+    select_device,
+    set_recompile_limit,
 )
 
 WIDTH, HEADS, BLOCK = 512, 8, 8
@@ -105,16 +112,14 @@ def op_tables(args) -> list:
     import pyvq
     from pyvq import reference
 
-    torch._dynamo.config.recompile_limit = 64  # one graph per shape and halo
+    set_recompile_limit(64)  # one graph per shape and halo
     compiled = torch.compile(reference.multigrained_attention, dynamic=False)
-    kernel = pyvq._backend.use_kernel("multigrained_attention", "cpu")
-    isa = pyvq.info()["ops"]["multigrained_attention"]["cpu_isa"]
-    side = f"kernel ({isa})" if kernel else "reference (no multigrained_attention kernel in this build)"
+    side, where = attention_side("multigrained_attention", current_device())
     cols = [c for c in args.columns.split(",") if c]
     peers = [c for c in cols if c != "pyvq"]
     repeats = 1 if args.quick else args.repeats
     table = Table(
-        f"multi-grained attention fwd+bwd, float32, {torch.get_num_threads()} threads, pyvq side: {side}; "
+        f"multi-grained attention fwd+bwd, float32, {where}, pyvq side: {side}; "
         f"width {WIDTH}, {HEADS} heads, Ws {BLOCK}, G = blocks; from qkv (B, H, W, 3C) to (B, H, W, C)",
         ["latent", "B", "halo"] + [f"{c}_ms" for c in cols] + [f"{c}/pyvq" for c in peers]
         + ["pyvq_GFLOP/s"] + [f"{c}_MiB" for c in cols],
@@ -147,9 +152,10 @@ def _op_row(cols, latent, halo, compiled, repeats) -> dict:
         elif name == "sdpa":
             cores[name] = _sdpa_core(B, H, W, heads, d)
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, H, W, 3 * C, generator=g).requires_grad_()
-    gkv = torch.randn(B, G, 2 * C, generator=g).requires_grad_()
-    grad = torch.randn(B, H, W, C, generator=g)
+    device = current_device()
+    qkv = torch.randn(B, H, W, 3 * C, generator=g).to(device).requires_grad_()
+    gkv = torch.randn(B, G, 2 * C, generator=g).to(device).requires_grad_()
+    grad = torch.randn(B, H, W, C, generator=g).to(device)
     row = {"latent": latent, "B": B, "halo": halo, "H": H, "W": W, "C": C, "heads": heads, "block": ws, "G": G}
     for name, core in cores.items():
 
@@ -158,13 +164,11 @@ def _op_row(cols, latent, halo, compiled, repeats) -> dict:
             return torch.autograd.grad(out, (qkv, gkv), grad)
 
         # The reference is slow: its memory run is its warm-up.
-        t, mem = time_and_memory(fwd_bwd, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
-        row[f"{name}_ms"] = 1e3 * t
-        row[f"{name}_MiB"] = mem
+        measure_column(row, name, fwd_bwd, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
     for name in cores:
         if name != "pyvq":
             row[f"{name}/pyvq"] = ratio(row.get(f"{name}_ms"), row.get("pyvq_ms"))
-    if "pyvq_ms" in row:
+    if row.get("pyvq_ms"):
         row["pyvq_GFLOP/s"] = _gflop(B, H, W, heads, d, ws, halo, G, 7) / (row["pyvq_ms"] * 1e-3)
     return row
 
@@ -181,12 +185,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", default="16,32,64", help="comma-separated latent sides")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "multigrained_attention.json"))
+    add_device_argument(p)
     return p
 
 
 def main(argv=None) -> None:
     reexec_with_mmap_threshold()
     args = parser().parse_args(argv)
+    select_device(args.device)
     stem, ext = os.path.splitext(args.out)
     for s, name in enumerate(n for n in args.sections.split(",") if n):
         for i, table in enumerate(SECTIONS[name](args)):

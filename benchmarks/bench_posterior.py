@@ -1,7 +1,7 @@
 """Multinomial-diffusion posterior and KL: pyvq against its plain-PyTorch reference.
 
 VQ-DDM's training loss on a batch of code maps: B = 32 images of 16 x 16
-codes, K classes, float32, all cores. For each K it prints the median time
+codes, K classes, float32, all cores (or one GPU: ``--device cuda``). For each K it prints the median time
 of two passes
 
   kl fwd+bwd      kl = multinomial_kl(x_t, x0, logits, alpha_t, alpha_bar_prev)
@@ -19,6 +19,7 @@ in MiB and in units of one (B, K, 16, 16) float32 tensor (the logits).
     python benchmarks/bench_posterior.py                # K = 512, 1024, 8192
     python benchmarks/bench_posterior.py --quick        # B = 4, one timed run of each
     python benchmarks/bench_posterior.py --ks 512 --no-compile
+    python benchmarks/bench_posterior.py --quick --device cuda
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (  # noqa: E402
     Table,
+    add_device_argument,
+    measure_column,
     median_time,
     ratio,
     reexec_with_mmap_threshold,
-    time_and_memory,
+    select_device,
 )
 
 KS = (512, 1024, 8192)
@@ -74,14 +77,17 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--no-sampling", action="store_true", help="skip the tiny VQ-DDM sampling-step table")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "posterior.json"))
+    add_device_argument(p)
     args = p.parse_args()
+    device = select_device(args.device)
     batch = 4 if args.quick else B
     repeats = 1 if args.quick else args.repeats
     budget = 60.0
 
-    kernel = all(pyvq._backend.use_kernel(op, "cpu") for op in ("multinomial_posterior", "multinomial_kl"))
+    kernel = all(pyvq._backend.use_kernel(op, device) for op in ("multinomial_posterior", "multinomial_kl"))
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     table = Table(
-        f"multinomial posterior / KL, float32, B = {batch}, {H}x{W} codes, {torch.get_num_threads()} threads, "
+        f"multinomial posterior / KL, float32, B = {batch}, {H}x{W} codes, {where}, "
         f"pyvq side: {'kernel' if kernel else 'reference (no posterior kernels in this build)'}; "
         f"*_x: peak extra memory in (B, K, {H}, {W}) float32 tensors",
         ["K", "pass", "pyvq_ms", "ref_ms", "comp_ms", "ref/pyvq", "comp/pyvq", "pyvq_GB/s",
@@ -105,6 +111,8 @@ def main() -> None:
         alpha_bar_prev = 0.02 + 0.96 * torch.rand(batch, generator=g)
         alpha_t = 1.0 - 0.2 * torch.rand(batch, generator=g)
         grad_kl = torch.randn(batch, H, W, generator=g)
+        x0, x_t, alpha_bar_prev, alpha_t, grad_kl = (t.to(device) for t in (x0, x_t, alpha_bar_prev, alpha_t, grad_kl))
+        logits = logits.detach().to(device).requires_grad_()
         unit_mib = logits.numel() * logits.element_size() / 2**20
 
         passes = {name: _passes(*fns, x_t, x0, logits, alpha_t, alpha_bar_prev, grad_kl)
@@ -114,20 +122,20 @@ def main() -> None:
             for name, fns in passes.items():
                 # The reference's measured run of peak memory is its warm-up
                 # (it is slow); pyvq and compiled warm up first.
-                t, mem = time_and_memory(fns[pass_name], repeats=repeats, budget_s=budget, warm=name != "ref")
-                row[f"{name}_ms"] = 1e3 * t
-                row[f"{name}_MiB"] = mem
+                measure_column(row, name, fns[pass_name], repeats=repeats, budget_s=budget, warm=name != "ref")
+                mem = row[f"{name}_MiB"]
                 row[f"{name}_x"] = None if mem is None else mem / unit_mib
             row["ref/pyvq"] = ratio(row["ref_ms"], row["pyvq_ms"])
             row["comp/pyvq"] = ratio(row.get("comp_ms"), row["pyvq_ms"])
-            row["pyvq_GB/s"] = _TRAFFIC_UNITS[pass_name] * unit_mib * 2**20 / (row["pyvq_ms"] * 1e-3) / 1e9
+            row["pyvq_GB/s"] = (_TRAFFIC_UNITS[pass_name] * unit_mib * 2**20 / (row["pyvq_ms"] * 1e-3) / 1e9
+                                if row["pyvq_ms"] else None)
             table.add(**row)
     table.save(args.out)
     if not args.no_sampling:
-        _sampling_table(16 if not args.quick else 4, 5 if not args.quick else 2, args.out)
+        _sampling_table(16 if not args.quick else 4, 5 if not args.quick else 2, args.out, device)
 
 
-def _sampling_table(n: int, steps: int, out: str) -> None:
+def _sampling_table(n: int, steps: int, out: str, device) -> None:
     """Seconds per reverse step of the tiny VQ-DDM (vqddm_tiny at K = 256,
     16 x 16 codes: the demo tokenizer's codebook) sampling ``n`` code maps,
     with the kernels and with PYVQ_BACKEND=reference. A step is one UNet
@@ -140,8 +148,8 @@ def _sampling_table(n: int, steps: int, out: str) -> None:
 
     torch.manual_seed(0)
     config = dataclasses.replace(get_preset("vqddm_tiny"), num_classes=256, code_size=16)
-    model = MultinomialDiffusion(config).eval()
-    table = Table(f"vqddm_tiny sampling, K = 256, 16x16 codes, n = {n}, {steps} strided steps per run",
+    model = MultinomialDiffusion(config).eval().to(device)
+    table = Table(f"vqddm_tiny sampling, K = 256, 16x16 codes, n = {n}, {steps} strided steps per run, {device}",
                   ["backend", "s/step", "ref/kernel"])
     table.header()
     times = {}
@@ -149,7 +157,7 @@ def _sampling_table(n: int, steps: int, out: str) -> None:
         os.environ["PYVQ_BACKEND"] = backend
 
         def run():
-            model.sample(n, steps=steps, generator=torch.Generator().manual_seed(0))
+            model.sample(n, steps=steps, generator=torch.Generator(device).manual_seed(0))
 
         times[backend] = median_time(run, repeats=3, warmup=1, budget_s=60.0) / steps
     os.environ.pop("PYVQ_BACKEND")

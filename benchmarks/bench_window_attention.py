@@ -1,6 +1,7 @@
 """Windowed (shifted) attention: pyvq against its reference and the public peers.
 
-The attention core of a Swin block, float32, all cores. Every column starts
+The attention core of a Swin block, float32, all cores (or one GPU:
+``--device cuda``, where pyvq's side is its Triton kernels). Every column starts
 from the same tensor, ``qkv`` (B, H, W, 3C) as the qkv linear writes it, and
 returns (B, H, W, C) as the proj linear reads it, so the linears themselves
 are excluded for every column alike, while each column's own layout work
@@ -17,9 +18,10 @@ are excluded for every column alike, while each column's own layout work
           softmax, @ v), window_reverse, torch.roll back
   flex    torch.nn.attention.flex_attention, compiled, on the grid's tokens in
           place: a block mask for "same window of the rolled grid and same
-          region", a score_mod adding the bias; forward only (its CPU backward
-          is not supported: "FlexAttention does not support backward on CPU"),
-          the block mask built once per shape outside the timing
+          region", a score_mod adding the bias; forward only on the CPU (its CPU
+          backward is not supported: "FlexAttention does not support backward
+          on CPU"), forward and backward on CUDA; the block mask built once per
+          shape outside the timing
 
 Two tables, each per shape and shift: forward + backward (the gradients of
 qkv and the bias table for a given grad_out) and forward only (no_grad).
@@ -32,6 +34,7 @@ recompute, dP, dq, dk, dv), and each column's peak extra memory (MiB).
     python benchmarks/bench_window_attention.py --quick    # B = 2, half the grid, one timed run
     python benchmarks/bench_window_attention.py --columns pyvq,timm --no-forward-only
     python benchmarks/bench_window_attention.py --threads 1   # on a loaded machine
+    python benchmarks/bench_window_attention.py --quick --device cuda
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (  # noqa: E402
     Table,
+    add_device_argument,
+    attention_side,
+    current_device,
+    measure_column,
     ratio,
     reexec_with_mmap_threshold,
+    select_device,
+    set_recompile_limit,
     time_and_memory,
 )
 
@@ -86,7 +95,7 @@ def _timm_core(B, H, W, heads, d, w, shift):
     from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
     C = heads * d
-    block = SwinTransformerBlock(C, (H, W), heads, window_size=w, shift_size=shift)
+    block = SwinTransformerBlock(C, (H, W), heads, window_size=w, shift_size=shift).to(current_device())
     attn, mask = block.attn, block.attn_mask  # mask: (nW, N, N) 0 / -100, or None
     N = w * w
 
@@ -112,7 +121,7 @@ def _timm_core(B, H, W, heads, d, w, shift):
 
 
 def _flex_core(B, H, W, heads, d, w, shift):
-    """FlexAttention on the grid's tokens (forward only on CPU), or None where it is missing."""
+    """FlexAttention on the grid's tokens (forward only on the CPU), or None where it is missing."""
     import torch
 
     try:
@@ -121,7 +130,8 @@ def _flex_core(B, H, W, heads, d, w, shift):
         print("torch.nn.attention.flex_attention not available: no flex column")
         return None
     L = H * W
-    tok = torch.arange(L)
+    device = current_device()
+    tok = torch.arange(L, device=device)
     rr, rc = (tok // W - shift) % H, (tok % W - shift) % W  # the rolled position of each token
 
     def axis_region(p, n):
@@ -134,7 +144,7 @@ def _flex_core(B, H, W, heads, d, w, shift):
     def mask_mod(b, h, qi, ki):
         return (window[qi] == window[ki]) & (region[qi] == region[ki])
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device="cpu")
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=str(device))
     flex = torch.compile(flex_attention, dynamic=False)
 
     def core(qkv, table):
@@ -185,22 +195,22 @@ def op_tables(args) -> list:
     import pyvq
     from pyvq import reference
 
-    torch._dynamo.config.recompile_limit = 64  # one graph per shape, shift and grad mode
+    set_recompile_limit(64)  # one graph per shape, shift and grad mode
     compiled = torch.compile(reference.window_attention, dynamic=False)
-    kernel = pyvq._backend.use_kernel("window_attention", "cpu")
-    isa = pyvq.info()["ops"]["window_attention"]["cpu_isa"]
-    side = f"kernel ({isa})" if kernel else "reference (no window_attention kernel in this build)"
+    device = current_device()
+    side, where = attention_side("window_attention", device)
     columns = [c for c in args.columns.split(",") if c]
     passes = ["fwd+bwd"] + ([] if args.no_forward_only else ["forward"])
-    if "flex" in columns and "fwd+bwd" in passes:
+    flex_backward = device.type == "cuda"
+    if "flex" in columns and "fwd+bwd" in passes and not flex_backward:
         print("flex: forward only (FlexAttention does not support backward on CPU)")
     repeats = 1 if args.quick else args.repeats
     tables = []
     for pass_name in passes:
-        cols = [c for c in columns if c != "flex" or pass_name == "forward"]
+        cols = [c for c in columns if c != "flex" or pass_name == "forward" or flex_backward]
         peers = [c for c in cols if c != "pyvq"]
         table = Table(
-            f"window attention {pass_name}, float32, {torch.get_num_threads()} threads, pyvq side: {side}; "
+            f"window attention {pass_name}, float32, {where}, pyvq side: {side}; "
             f"from qkv (B, H, W, 3C) to (B, H, W, C), linears excluded",
             ["shape", "shift"] + [f"{c}_ms" for c in cols] + [f"{c}/pyvq" for c in peers]
             + ["pyvq_GFLOP/s"] + [f"{c}_MiB" for c in cols],
@@ -220,21 +230,20 @@ def _op_row(cols, pass_name, shape, B, H, W, C, heads, w, shift, compiled, repea
     d = C // heads
     cores, table = _cores(cols, B, H, W, heads, d, w, shift, compiled)
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, H, W, 3 * C, generator=g).requires_grad_()
+    device = current_device()
+    qkv = torch.randn(B, H, W, 3 * C, generator=g).to(device).requires_grad_()
     with torch.no_grad():
-        table.normal_(0.0, 0.02, generator=g)
-    grad = torch.randn(B, H, W, C, generator=g)
+        table.copy_(torch.empty(table.shape).normal_(0.0, 0.02, generator=g))
+    grad = torch.randn(B, H, W, C, generator=g).to(device)
     row = {"shape": shape, "shift": shift, "B": B, "H": H, "W": W, "C": C, "heads": heads, "window": w}
     for name, core in cores.items():
         fn = _timed(core, qkv, table, grad, pass_name, detached=name == "flex")
         # The reference is slow: its memory run is its warm-up.
-        t, mem = time_and_memory(fn, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
-        row[f"{name}_ms"] = 1e3 * t
-        row[f"{name}_MiB"] = mem
+        measure_column(row, name, fn, repeats=repeats, budget_s=BUDGET_S, warm=name != "ref")
     for name in cores:
         if name != "pyvq":
             row[f"{name}/pyvq"] = ratio(row.get(f"{name}_ms"), row.get("pyvq_ms"))
-    if "pyvq_ms" in row:
+    if row.get("pyvq_ms"):
         flop = _window_gflop(B, H, W, heads, d, w, 7 if pass_name == "fwd+bwd" else 2)
         row["pyvq_GFLOP/s"] = flop / (row["pyvq_ms"] * 1e-3)
     return row
@@ -273,20 +282,22 @@ def tokenizer_tables(args) -> list:
 
     from pyvq.models import get_preset, model_class_for
 
+    device = current_device()
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     table = Table(
-        f"tokenizer reconstruction throughput, float32, {torch.get_num_threads()} threads, batch {args.batch}",
+        f"tokenizer reconstruction throughput, float32, {where}, batch {args.batch}",
         ["model", "peer", "size", "latent", "model_img/s", "peer_img/s", "model/peer", "model_Mparams",
          "peer_Mparams"],
     )
     table.header()
     repeats = 1 if args.quick else 3
     for name, peer, size in (QUICK_TOKENIZER_PAIRS if args.quick else TOKENIZER_PAIRS):
-        x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         row = {"model": name, "peer": peer, "size": size}
         for key, preset in (("model", name), ("peer", peer)):
             torch.manual_seed(0)
             config = get_preset(preset)
-            model = model_class_for(config)(config).eval()
+            model = model_class_for(config)(config).eval().to(device)
             row["latent"] = size // model.downsample_factor
 
             def reconstruct(model=model):
@@ -314,7 +325,9 @@ def main() -> None:
     p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer throughput table")
     p.add_argument("--batch", type=int, default=2, help="images per reconstruction call (tokenizer table)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "window_attention.json"))
+    add_device_argument(p)
     args = p.parse_args()
+    select_device(args.device)
     if args.threads is not None:
         import torch
 

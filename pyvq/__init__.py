@@ -15,6 +15,16 @@ import importlib
 
 __version__ = "0.1.0"
 
+import torch as _torch  # noqa: E402
+
+from pyvq._requirements import torch_problem as _torch_problem  # noqa: E402
+
+# Before pyvq._C loads: an extension built for another torch fails there with
+# an undefined symbol, which names neither torch nor the version needed.
+if _torch_problem(_torch.__version__):
+    raise ImportError(_torch_problem(_torch.__version__) + f" at {_torch.__file__}")
+del _torch, _torch_problem
+
 from pyvq._backend import backend, info  # noqa: E402,F401
 from pyvq import ops, reference  # noqa: E402,F401
 

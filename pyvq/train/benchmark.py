@@ -26,6 +26,7 @@ def time_train_steps(config: TrainConfig, backend: str, *, steps: int = 10, warm
             trainer.logger.close()
             g = torch.Generator().manual_seed(config.seed)
             x = torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=g) * 2 - 1
+            x = x.to(trainer.dist.device)
             times = []
             for i in range(warmup + steps):
                 t0 = time.perf_counter()
