@@ -80,9 +80,9 @@ _SCALE = {
 
 # --- strategies -------------------------------------------------------------
 
-def values(draw, shape, dtype, kind=None, specials=(math.inf, -math.inf, math.nan)):
-    """A tensor of ``shape`` and ``dtype`` with values of ``kind`` (drawn when None)."""
-    kind = draw(st.sampled_from(KINDS)) if kind is None else kind
+def values(draw, shape, dtype, kind=None, specials=(math.inf, -math.inf, math.nan), kinds=KINDS):
+    """A tensor of ``shape`` and ``dtype`` with values of ``kind`` (drawn from ``kinds`` when None)."""
+    kind = draw(st.sampled_from(kinds)) if kind is None else kind
     event(f"values: {kind}")
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     if kind == "integers":
@@ -520,10 +520,10 @@ def test_fuzz_kmeans(data):
 
 # --- attention ---------------------------------------------------------------------
 
-def _qkv(draw, dtype, B, heads, H, W, d):
-    kind = draw(st.sampled_from(KINDS))
-    return [arrange(draw, values(draw, (B, heads, H, W, d), dtype, kind if draw(st.booleans()) else None))
-            for _ in range(3)]
+def _qkv(draw, dtype, B, heads, H, W, d, kinds=KINDS):
+    kind = draw(st.sampled_from(kinds))
+    return [arrange(draw, values(draw, (B, heads, H, W, d), dtype, kind if draw(st.booleans()) else None,
+                                 kinds=kinds)) for _ in range(3)]
 
 
 def _attention_atol(dtype, tensors, n_keys):
@@ -619,8 +619,26 @@ def test_fuzz_multigrained_attention(data):
 
 # The interpreter takes about 0.5 s for one tiny call, so these properties
 # draw fewer, smaller examples (forward only; the gradients and larger
-# shapes are in tests/ops/test_*_attention_triton.py).
+# shapes are in tests/ops/test_*_attention_triton.py). Finite values only:
+# see test_triton_attention_all_scores_minus_inf for the known difference.
 TRITON_FUZZ = settings(FUZZ, max_examples=max(4, FUZZ.max_examples // 4))
+FINITE_KINDS = tuple(k for k in KINDS if k != "specials")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "found by fuzzing, not fixed here: the Triton attention kernels cannot tell a masked key (score -inf) from a "
+    "real -inf score (an inf input), so a query whose every score is -inf gets 0 instead of the reference's NaN "
+    "(softmax 0 / 0); the C++ kernels give NaN"))
+def test_triton_attention_all_scores_minus_inf():
+    dev = _triton_device()
+    import pyvq.ops._window_attention_triton  # noqa: F401  (registers the Triton ops)
+
+    q = torch.full((1, 1, 1, 1, 1), math.inf, dtype=torch.float64)
+    k, v = -torch.ones_like(q), torch.ones_like(q)
+    out, _ = torch.ops.pyvq.window_attention_triton(q.to(dev), k.to(dev), v.to(dev), None, 1, 0, 1.0)
+    ref = reference.window_attention(q, k, v, window_size=1, scale=1.0)
+    assert bool(torch.isnan(ref).all())
+    assert bool(torch.isnan(out.cpu()).all()), out
 
 
 def _triton_device():
@@ -644,8 +662,8 @@ def test_fuzz_window_attention_triton(data):
     d = draw(st.sampled_from([1, 3, 8]))
     shift = draw(st.integers(0, w - 1))
     heads = draw(st.integers(1, 2))
-    q, k, v = _qkv(draw, dtype, 1, heads, H, W, d)
-    bias = values(draw, ((2 * w - 1) ** 2, heads), dtype) if draw(st.booleans()) else None
+    q, k, v = _qkv(draw, dtype, 1, heads, H, W, d, kinds=FINITE_KINDS)
+    bias = values(draw, ((2 * w - 1) ** 2, heads), dtype, kinds=FINITE_KINDS) if draw(st.booleans()) else None
     scale = d ** -0.5
     out, _ = torch.ops.pyvq.window_attention_triton(*(t if t is None else t.to(dev) for t in (q, k, v, bias)),
                                                     w, shift, scale)
@@ -672,8 +690,8 @@ def test_fuzz_multigrained_attention_triton(data):
     d = draw(st.sampled_from([1, 4, 8]))
     halo = draw(st.sampled_from([0, 1, 5]))
     G = draw(st.integers(0, 3))
-    q, k, v = _qkv(draw, dtype, 1, 1, H, W, d)
-    gk, gv = (values(draw, (1, 1, G, d), dtype) for _ in range(2))
+    q, k, v = _qkv(draw, dtype, 1, 1, H, W, d, kinds=FINITE_KINDS)
+    gk, gv = (values(draw, (1, 1, G, d), dtype, kinds=FINITE_KINDS) for _ in range(2))
     scale = d ** -0.5
     tensors = [q, k, v, gk, gv]
     out, _ = torch.ops.pyvq.multigrained_attention_triton(*(t.to(dev) for t in tensors), ws, halo, scale)
