@@ -380,9 +380,25 @@ def _posterior_case(draw):
     alpha_t, bad_a = _alpha(draw, B, adtype, "alpha_t")
     alpha_bar_prev, bad_ab = _alpha(draw, B, adtype, "alpha_bar_prev")
     x_t, bad_xt = indices(draw, (B, *S), K, bad_ok=True)
-    logits = arrange(draw, values(draw, (B, K, *S), dtype, specials=(math.inf, -math.inf, -math.inf, math.nan)))
+    # No "huge" logits: see test_posterior_huge_equal_logits (a known kernel bug, not fixed yet).
+    logits = arrange(draw, values(draw, (B, K, *S), dtype, specials=(math.inf, -math.inf, -math.inf, math.nan),
+                                  kinds=tuple(k for k in KINDS if k != "huge")))
     return dict(dtype=dtype, B=B, K=K, S=S, alpha_t=alpha_t, alpha_bar_prev=alpha_bar_prev, x_t=x_t,
                 logits=logits, bad={"alpha_t": bad_a, "alpha_bar_prev": bad_ab, "x_t": bad_xt})
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "found by fuzzing, not fixed here: the posterior kernels form log softmax as l - lse with lse = m + log(sum), "
+    "which loses log(sum) when |m| is beyond 1 / eps (float64 1e140, float32 1e8 with K = 1000): equal huge logits "
+    "then give softmax 1 per class instead of 1/K. Fix: keep (l - m) - log(sum) (csrc/posterior/posterior.h)"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_posterior_huge_equal_logits(dtype):
+    K = 1000
+    logits = torch.full((1, K), 1e140 if dtype == torch.float64 else 1e10, dtype=dtype)
+    x_t, a, ab = torch.zeros(1, dtype=torch.long), torch.tensor([0.5], dtype=dtype), torch.ones(1, dtype=dtype)
+    out = ops.multinomial_posterior(x_t, logits, a, ab)
+    ref = reference.multinomial_posterior(x_t, logits, a, ab)
+    torch.testing.assert_close(out, ref)
 
 
 def _posterior_atol(c, ref64, dtype=None):
