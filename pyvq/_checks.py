@@ -23,7 +23,9 @@ import torch
 
 __all__ = [
     "ArgumentTypeError",
+    "HOST_CHECKED_DEVICES",
     "accumulation_dtype",
+    "assert_values",
     "check_bool",
     "check_choice",
     "check_float",
@@ -36,6 +38,7 @@ __all__ = [
     "check_tensor",
     "int_tuple",
     "is_int",
+    "value_check",
 ]
 
 
@@ -168,3 +171,35 @@ def check_image(x, *, where: str, channels: int, factor: int, name: str = "x") -
             f"{where}: image height and width must be divisible by the downsampling factor {factor}, "
             f"got {tuple(x.shape[2:])}"
         )
+
+
+# --- value checks (the data of a tensor, not its shape) ----------------------
+#
+# Reading a tensor's values on the host costs a device-to-host copy and a
+# synchronisation on CUDA, which stalls a GPU pipeline. So value checks have
+# two forms: on the devices listed here (the CPU) they read the data and raise
+# a ValueError at once; on any other device they run on the device with
+# ``torch._assert_async``: no host read, and a bad value surfaces as a
+# device-side assertion at the next synchronisation (CUDA:
+# ``RuntimeError: CUDA error: device-side assert triggered``, the message
+# printed by the device; the CUDA context is unusable afterwards, as after
+# any device-side assert in PyTorch).
+HOST_CHECKED_DEVICES = ("cpu",)
+
+
+def value_check(t: torch.Tensor) -> str:
+    """How to check the values of ``t``: ``"skip"`` (empty, meta or fake,
+    or while torch.compile traces: the kernels guard themselves), ``"host"``
+    (read now and raise ``ValueError``) or ``"device"`` (``assert_values``:
+    no host synchronisation)."""
+    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+        return "skip"
+    if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+        return "skip"
+    return "host" if t.device.type in HOST_CHECKED_DEVICES else "device"
+
+
+def assert_values(ok: torch.Tensor, message: str) -> None:
+    """Assert on the device, without a host synchronisation, that the 0-d
+    bool tensor ``ok`` is True; ``message`` says which argument was bad."""
+    torch._assert_async(ok, message)

@@ -58,7 +58,10 @@ PYVQ_POSTERIOR_FN double plog1p(double x) { return ::log1p(x); }
 // polynomials (Cephes' expf and logf coefficients, within about 2 ulp of
 // libm) that the compiler vectorises; float on CUDA and every double: libm.
 // fast_log expects a positive normal argument, fast_log1p a non-negative
-// one; fast_exp gives 0 below -87.3 (so exp(-inf) = 0) and NaN for NaN.
+// one; fast_exp gives 0 below -87.3 (so exp(-inf) = 0). Both return NaN
+// for NaN explicitly: the vectorised clamp (min/max instructions) and the
+// bit tricks would otherwise turn a NaN into a finite number, and a NaN or
+// +inf logit would then give a finite, wrong posterior instead of NaN.
 PYVQ_POSTERIOR_FN float fast_exp(float x) {
 #if PYVQ_ON_DEVICE
   return ::expf(x);
@@ -74,7 +77,7 @@ PYVQ_POSTERIOR_FN float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(kf) + 127) << 23);
-  return x < -87.3f ? 0.0f : y;
+  return x < -87.3f ? 0.0f : (x != x ? x : y);
 #endif
 }
 
@@ -99,7 +102,8 @@ PYVQ_POSTERIOR_FN float fast_log(float x) {
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
   const float y = f * z * p - 2.12194440e-4f * e - 0.5f * z;
-  return (f + y) + 0.693359375f * e;
+  const float out = (f + y) + 0.693359375f * e;
+  return x != x ? x : out;
 #endif
 }
 

@@ -56,7 +56,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2")
         (indices, distances): int64 and x.dtype tensors of shape
         ``x.shape[:-1]``. Ties go to the lowest index. A row containing NaN
         gets index 0 and a NaN distance (as ``torch.argmin``); a NaN code is
-        chosen by every row, again as ``argmin``. Half-precision inputs are
+        chosen by every finite row, again as ``argmin``. An inf in a row or
+        in the codebook leaves the row's index unspecified (any code; the
+        distance to it, inf or NaN, is returned). Half-precision inputs are
         computed in float32. ``distances`` is differentiable with respect to
         ``x`` and ``codebook`` (the index is treated as a constant).
     """

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from pyvq import reference
-from pyvq._checks import accumulation_dtype, check_floating, is_int
+from pyvq._checks import accumulation_dtype, assert_values, check_floating, is_int, value_check
 from pyvq.ops._common import use_kernel
 from pyvq.reference.grid import HASH_PRIMES, INDEX_MODES, corner_rows  # noqa: F401  (re-exported for pyvq.nn)
 
@@ -61,7 +61,10 @@ def _check(coords, tables, resolutions, index) -> list[int]:
         raise ValueError(f"{_OP}: argument 'resolutions' has {len(res)} entries but 'tables' has L = {L} levels (dim 1)")
     if coords.device != tables.device:
         raise ValueError(f"{_OP}: 'coords' and 'tables' must be on the same device, got {coords.device} and {tables.device}")
-    if N and coords.device.type != "meta" and bool(torch.isnan(coords).any()):
+    mode = value_check(coords)
+    if mode == "device":
+        assert_values(~torch.isnan(coords).any(), f"{_OP}: argument 'coords' contains NaN")
+    elif mode == "host" and bool(torch.isnan(coords).any()):
         raise ValueError(f"{_OP}: argument 'coords' contains NaN")
     return res
 
@@ -90,13 +93,19 @@ def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, index: 
 
     Args:
         coords: (N, G, d) points, d in [1, 7] (BRICS: key length + 2 spatial
-            coordinates). Values outside [0, 1] are clamped to it; as with
-            ``torch.clamp``, the gradient is zero outside (0, 1) and at its
-            ends. NaN raises ``ValueError``.
+            coordinates). Values outside [0, 1] (``+-inf`` included) are
+            clamped to it; as with ``torch.clamp``, the gradient is zero
+            outside (0, 1) and at its ends. NaN raises ``ValueError`` on CPU;
+            on CUDA it is a device-side assertion, checked without a host
+            synchronisation and raised as ``RuntimeError: CUDA error:
+            device-side assert triggered`` at the next synchronisation (the
+            device prints "argument 'coords' contains NaN"; the CUDA context
+            is unusable after it).
         tables: (G, L, T, F) grid entries, F in {1, 2, 4, 8}; float16,
             bfloat16, float32 or float64 (CPU and CUDA).
         resolutions: L ints r_l in [1, 2**20] (see ``level_resolutions``):
-            level l is a lattice of (r_l + 1)**d vertices.
+            level l is a lattice of (r_l + 1)**d vertices. Host data: a
+            list or tuple (a CUDA tensor here would be read with a sync).
         index: how a level with more vertices than T rows indexes them:
             ``"dense_mod"`` (BRICS eq. 6: the dense index modulo T) or
             ``"hash"`` (Instant-NGP: xor of v_k * pi_k, modulo T). Levels
@@ -107,7 +116,10 @@ def grid_encode(coords: torch.Tensor, tables: torch.Tensor, resolutions, index: 
         (``out[n, g, l * F + f]``), accumulated in float32 (float64 for
         float64 tables). Differentiable with respect to ``tables`` and
         ``coords`` (first derivatives; the kernels have no double
-        backward); the CPU backward is deterministic.
+        backward); the CPU backward is deterministic. NaN or inf table
+        entries propagate: an output is non-finite where a corner it
+        interpolates is (the reference's arithmetic, ``0 * inf = NaN``
+        included).
     """
     res = _check(coords, tables, resolutions, index)
     if use_kernel("grid_encode", coords):

@@ -183,6 +183,11 @@ def kmeans(
     so no centroid is ever NaN. When x has fewer than k distinct points some
     centroids are necessarily duplicates.
 
+    Host synchronisation: k-means is an iterative algorithm that reads the
+    device every iteration (the seeding's draws, the convergence test), so
+    unlike the other ops it synchronises on CUDA by design, and checks that
+    ``x`` is finite with a plain ``ValueError`` on every device.
+
     The assignment step is ``pyvq.ops.nearest_code`` (ties to the lowest
     index); updates use ``index_add_`` and ``bincount``. On CPU every step is
     deterministic. On CUDA ``index_add_`` accumulates with atomics, so

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from pyvq import reference
-from pyvq._checks import accumulation_dtype, check_floating, check_int, check_tensor
+from pyvq._checks import accumulation_dtype, assert_values, check_floating, check_int, check_tensor, value_check
 from pyvq.ops._common import use_kernel
 
 _POSTERIOR = "pyvq.multinomial_posterior"
@@ -34,20 +34,17 @@ def _check_index_tensor(t, name: str, op: str) -> None:
         raise TypeError(f"{op}: argument '{name}' must be an int64 tensor of class indices, got dtype {t.dtype}")
 
 
-def _has_data(t: torch.Tensor) -> bool:
-    """Whether value checks can (and need to) read ``t``: not empty, not a
-    meta or fake tensor, not while torch.compile traces (the checks would
-    break the graph; the kernels check indices themselves)."""
-    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
-        return False
-    return not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
-
-
 def _check_indices(t: torch.Tensor, name: str, K: int, op: str) -> None:
-    if _has_data(t):
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= K:
-            raise ValueError(f"{op}: argument '{name}' must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
+    mode = value_check(t)
+    if mode == "skip":
+        return
+    lo, hi = torch.aminmax(t)
+    if mode == "device":
+        assert_values((lo >= 0) & (hi < K), f"{op}: argument '{name}' must hold class indices in [0, {K})")
+        return
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= K:
+        raise ValueError(f"{op}: argument '{name}' must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
 
 
 def _check_alpha(t, name: str, B: int, op: str) -> None:
@@ -56,13 +53,16 @@ def _check_alpha(t, name: str, B: int, op: str) -> None:
         raise TypeError(f"{op}: argument '{name}' must be a floating-point tensor, got dtype {t.dtype}")
     if t.shape != (B,):
         raise ValueError(f"{op}: argument '{name}' must have shape (B,) = ({B},), got {tuple(t.shape)}")
-    if _has_data(t):
-        bad = torch.isnan(t) | (t <= 0) | (t > 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{op}: argument '{name}' must hold values in (0, 1], got {t[bad][0].item()!r} at index "
-                f"{int(bad.nonzero()[0, 0])}"
-            )
+    mode = value_check(t)
+    if mode == "skip":
+        return
+    good = (t > 0) & (t <= 1)  # False for NaN
+    if mode == "device":
+        assert_values(good.all(), f"{op}: argument '{name}' must hold values in (0, 1] (no NaN)")
+        return
+    if not bool(good.all()):
+        at = int((~good).nonzero()[0, 0])
+        raise ValueError(f"{op}: argument '{name}' must hold values in (0, 1], got {t[at].item()!r} at index {at}")
 
 
 def _check_common(x_t, logits_shape, logits_name: str, alpha_t, alpha_bar_prev, tensors, op: str) -> None:
@@ -97,8 +97,9 @@ def _check_posterior_args(x_t, x0, alpha_t, alpha_bar_prev, num_classes=None, *,
     non-floating logits or alphas, a non-int ``num_classes``) and ValueError
     for wrong shapes or devices, a missing or mismatched ``num_classes``,
     indices outside [0, K) and alphas outside (0, 1] or NaN; each message
-    names the argument. Value checks read the data (one host sync each)
-    and are skipped on meta / fake tensors and under torch.compile.
+    names the argument. Value checks (``pyvq._checks.value_check``) read the
+    data on CPU; on CUDA they are device-side assertions (no host sync); they
+    are skipped on meta / fake tensors and under torch.compile.
     """
     _check_x_t(x_t, op)
     check_tensor(x0, "x0", op)
@@ -176,7 +177,18 @@ def multinomial_posterior(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Te
     Returns:
         (B, K, *S) log-probabilities (``-inf`` where the probability is 0),
         in the logits' dtype, or alpha_t's for indices. Differentiable with
-        respect to the logits.
+        respect to the logits. A position whose logits hold a NaN or a
+        ``+inf`` (or are all ``-inf``) is NaN in every class, as
+        ``torch.log_softmax`` makes it; a ``-inf`` logit is a class of
+        probability 0.
+
+    Bad values: indices outside [0, K) and alphas outside (0, 1] (or NaN)
+    raise ``ValueError`` naming the argument on CPU. On CUDA the same checks
+    run on the device, without a host synchronisation: a bad value is a
+    device-side assertion, raised as ``RuntimeError: CUDA error: device-side
+    assert triggered`` at the next synchronisation, with the message (naming
+    the argument) printed by the device; the CUDA context is unusable after
+    it, as after any device-side assert.
     """
     K = _check_posterior_args(x_t, x0, alpha_t, alpha_bar_prev, num_classes)
     if use_kernel("multinomial_posterior", x_t):
@@ -199,7 +211,12 @@ def multinomial_kl(x_t: torch.Tensor, x0: torch.Tensor, x0_logits: torch.Tensor,
         (B, *S) in the logits' dtype, ``sum_k q_k (log q_k - log p_k)`` with
         ``0 log 0 = 0``, accumulated in float32 (float64 for float64 logits);
         differentiable with respect to ``x0_logits``. With
-        ``alpha_bar_prev == 1`` it is ``-log p_theta(z_0 | z_t)``.
+        ``alpha_bar_prev == 1`` it is ``-log p_theta(z_0 | z_t)``. A
+        position whose logits hold a NaN or a ``+inf`` (or are all
+        ``-inf``) is NaN.
+
+    Bad values are reported as in ``multinomial_posterior`` (``ValueError``
+    on CPU, a device-side assertion without a host sync on CUDA).
     """
     _check_kl_args(x_t, x0, x0_logits, alpha_t, alpha_bar_prev)
     if use_kernel("multinomial_kl", x_t):

@@ -64,6 +64,8 @@ def multigrained_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gl
     extended local window and the global keys; see the module docstring."""
     B, heads, H, W, d = q.shape
     ws = block_size
+    if H == 0 or W == 0:  # no block and no query (unfold needs a non-empty grid); zero gradients
+        return q + 0 * (k + v) + 0 * (global_k.sum() + global_v.sum())
     halo = min(halo, max(H, W))  # a larger halo covers no more of the grid
     acc = accumulation_dtype(q.dtype, k.dtype, v.dtype, global_k.dtype, global_v.dtype)
     if scale is None:

@@ -214,12 +214,27 @@ def test_empty_inputs(shape, G):
     gk, gv = (torch.randn(B, heads, G, d, dtype=torch.float64) for _ in range(2))
     grad = torch.randn(shape, dtype=torch.float64)
     ours = _forward_backward(pyvq.ops.multigrained_attention, (q, k, v, gk, gv), grad, block_size=4, halo=2)
-    # (The reference cannot unfold a halo-padded empty axis, so the expectations are written out.)
+    # (The expectations are written out: the kernel is checked against its documented result.)
     for a, t in zip(ours, (q, q, k, v, gk, gv)):
         assert a.shape == t.shape and a.dtype == t.dtype
     assert not ours[4].any() and not ours[5].any()
     out, lse = FWD(q, k, v, gk, gv, 4, 2, 0.5)
     assert out.shape == shape and lse.shape == shape[:4] and lse.dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 8, 8), (1, 2, 8, 0, 8), (1, 1, 0, 0, 3)], ids=["H0", "W0", "H0W0"])
+def test_reference_empty_grid(shape, reference_backend):
+    """Regression (found by tests/ops/test_fuzz.py): the reference, and so
+    PYVQ_BACKEND=reference, crashed in unfold on a grid with no rows or
+    columns; it now gives an empty output and zero gradients, as the kernel."""
+    B, heads, H, W, d = shape
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    gk, gv = (torch.randn(B, heads, 3, d, dtype=torch.float64) for _ in range(2))
+    grad = torch.randn(shape, dtype=torch.float64)
+    ref = _forward_backward(pyvq.ops.multigrained_attention, (q, k, v, gk, gv), grad, block_size=4, halo=2)
+    for a, t in zip(ref, (q, q, k, v, gk, gv)):
+        assert a.shape == t.shape and a.dtype == t.dtype
+    assert not ref[4].any() and not ref[5].any()
 
 
 @needs_kernel

@@ -595,6 +595,30 @@ def test_op_matches_reference_under_cpu_isa_cap(isa, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ["avx512", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_op_nan_or_inf_logit_gives_nan(bad, dtype, isa, monkeypatch):
+    """Regression (found by tests/ops/test_fuzz.py): the float32 CPU passes
+    (fast_exp / fast_log) turned a NaN into a finite number, so a position
+    with a NaN or +inf logit got a finite, wrong model posterior instead of
+    NaN (the reference's, torch.log_softmax's, and the float64 kernel's
+    answer). Other positions are unaffected."""
+    monkeypatch.setenv("PYVQ_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(5)
+    x_t, x0, logits, alpha_t, alpha_bar_prev = _inputs(g, 2, 6, (3,), torch.float64)
+    logits = logits.to(dtype)
+    logits[0, 2, 1] = bad
+    for fn, args in ((pyvq.ops.multinomial_posterior, (x_t, logits, alpha_t, alpha_bar_prev)),
+                     (pyvq.ops.multinomial_kl, (x_t, x0, logits, alpha_t, alpha_bar_prev))):
+        out = fn(*args).double()
+        ref = getattr(reference, fn.__name__)(*args)
+        poisoned = torch.isnan(ref.double())
+        assert poisoned.any() and torch.isnan(out[poisoned]).all(), (fn.__name__, out)
+        torch.testing.assert_close(out[~poisoned], ref.double()[~poisoned], rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
 def test_cpu_isa_generic_reaches_the_posterior(monkeypatch):
     """On an AVX-512 CPU, PYVQ_CPU_ISA=generic switches the float32 passes to
     their baseline build. The two builds round differently (the AVX-512 one
