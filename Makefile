@@ -36,14 +36,21 @@ test: install
 # csrc/ with CMake (PYVQ_SANITIZE=ON) into build-sanitize/ and runs the tests
 # against that library instead of pyvq._C (tools/sanitize/run.py). Needs only
 # the venv, not `make install`. SANITIZE_TESTS: the C++ ops' test files, not
-# their Triton ones (interpreted Triton is numpy code, not pyvq's); the
-# torch.compile tests are left out (inductor's C++ compile dominates and adds
-# no pyvq code path the eager tests miss).
+# their Triton ones (interpreted Triton is numpy code, not pyvq's) nor
+# test_kmeans.py (Python over nearest_code, whose kernel test_codebook.py
+# covers; its statistical tests were the slowest under ASan). Left out:
+# the torch.compile tests (inductor's C++ compile dominates and adds no pyvq
+# code path the eager tests miss) and the two tests asserting that the
+# generic and AVX-512 builds of a loop round differently, which holds for
+# the -O3 build only (at -O1 GCC does not auto-vectorize, so both builds
+# give the same bits).
 CMAKE ?= cmake
 SANITIZE_BUILD ?= build-sanitize
 SANITIZE_TESTS ?= tests/ops/test_codebook.py tests/ops/test_grid.py tests/ops/test_posterior.py \
-	tests/ops/test_window_attention.py tests/ops/test_multigrained_attention.py tests/ops/test_kmeans.py
-SANITIZE_PYTEST ?= -q -p no:cacheprovider -k "not compile"
+	tests/ops/test_window_attention.py tests/ops/test_multigrained_attention.py
+SANITIZE_PYTEST ?= -q -p no:cacheprovider -k "not compile" \
+	--deselect tests/ops/test_posterior.py::test_cpu_isa_generic_reaches_the_posterior \
+	--deselect tests/ops/test_multigrained_attention.py::test_generic_build_is_reached
 sanitize: venv
 	@command -v $(CMAKE) >/dev/null || { echo "sanitize: need $(CMAKE) (3.18 or newer; set CMAKE=...)"; exit 1; }
 	@mkdir -p $(SANITIZE_BUILD) && rm -rf $(SANITIZE_BUILD)/reports
