@@ -94,8 +94,12 @@ def online_step(m_i, l_i, acc, s, v, ACC: tl.constexpr):
 @triton.jit
 def store_out_lse(o_base, so_r, so_c, so_d, l_base, sl_r, sl_c, row, col, offs_d, valid, d_mask, acc, m_i, l_i):
     """Normalise the online softmax of a query tile and store out (in out's
-    dtype) and lse = m + log(l) at grid positions (row, col)."""
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    dtype) and lse = m + log(l) at grid positions (row, col). Every stored
+    query has a key that is not masked, so l = 0 only when all its scores
+    are -inf (an inf input): out and lse are then NaN, as softmax's 0 / 0 in
+    the reference and the C++ kernels. Rows past the grid (l = 0 too) are
+    not stored."""
+    l_safe = tl.where(l_i > 0, l_i, float("nan"))
     o_ptrs = o_base + row[:, None] * so_r + col[:, None] * so_c + offs_d[None, :] * so_d
     tl.store(o_ptrs, to_storage(acc / l_safe[:, None], o_base.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
     tl.store(l_base + row * sl_r + col * sl_c, m_i + tl.log(l_safe), mask=valid)

@@ -31,6 +31,7 @@
 // output; every pass recomputes what it needs from the logits.
 #pragma once
 
+#include "common/fast_math.h"
 #include "common/macros.h"
 
 #include <cmath>
@@ -54,71 +55,10 @@ PYVQ_POSTERIOR_FN double plog(double x) { return ::log(x); }
 PYVQ_POSTERIOR_FN float plog1p(float x) { return ::log1pf(x); }
 PYVQ_POSTERIOR_FN double plog1p(double x) { return ::log1p(x); }
 
-// exp / log / log1p of the per-class loops. float on the host: branch-free
-// polynomials (Cephes' expf and logf coefficients, within about 2 ulp of
-// libm) that the compiler vectorises; float on CUDA and every double: libm.
-// fast_log expects a positive normal argument, fast_log1p a non-negative
-// one; fast_exp gives 0 below -87.3 (so exp(-inf) = 0). Both return NaN
-// for NaN explicitly: the vectorised clamp (min/max instructions) and the
-// bit tricks would otherwise turn a NaN into a finite number, and a NaN or
-// +inf logit would then give a finite, wrong posterior instead of NaN.
-PYVQ_POSTERIOR_FN float fast_exp(float x) {
-#if PYVQ_ON_DEVICE
-  return ::expf(x);
-#else
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float kf = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2)
-  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;          // x - k ln 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(kf) + 127) << 23);
-  return x < -87.3f ? 0.0f : (x != x ? x : y);
-#endif
-}
-
-PYVQ_POSTERIOR_FN float fast_log(float x) {
-#if PYVQ_ON_DEVICE
-  return ::logf(x);
-#else
-  const int32_t bits = __builtin_bit_cast(int32_t, x);
-  const float m1 =
-      __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
-  const bool big = m1 > 1.41421356f;
-  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
-  const float f = (big ? 0.5f * m1 : m1) - 1.0f;  // in [sqrt(1/2) - 1, sqrt(2) - 1)
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const float y = f * z * p - 2.12194440e-4f * e - 0.5f * z;
-  const float out = (f + y) + 0.693359375f * e;
-  return x != x ? x : out;
-#endif
-}
-
-PYVQ_POSTERIOR_FN float fast_log1p(float x) {
-#if PYVQ_ON_DEVICE
-  return ::log1pf(x);
-#else
-  const float u = 1.0f + x;
-  return fast_log(u) - ((u - 1.0f) - x) / u;  // corrects the rounding of 1 + x
-#endif
-}
-
-PYVQ_POSTERIOR_FN double fast_exp(double x) { return ::exp(x); }
-PYVQ_POSTERIOR_FN double fast_log(double x) { return ::log(x); }
-PYVQ_POSTERIOR_FN double fast_log1p(double x) { return ::log1p(x); }
+// The vectorisable float exp / log / log1p (common/fast_math.h).
+using ::pyvq::fast_exp;
+using ::pyvq::fast_log;
+using ::pyvq::fast_log1p;
 
 template <typename A>
 PYVQ_POSTERIOR_FN A neg_inf() {
@@ -233,8 +173,22 @@ PYVQ_POSTERIOR_FN A model_log_z(A g_hit, const Coeffs<A>& c) {
 // little and keeps float32 results as accurate as the reference's; the
 // accumulation type A on CUDA), everything else in A.
 
+// log sum_k exp(l_k) kept as its two parts, the max m and log sum exp(l - m):
+// l - lse is formed as (l - m) - log_sum, so huge logits (|l| >> log K,
+// where m + log_sum would round to m) keep the log_sum term.
+template <typename A>
+struct Lse {
+  A m;
+  A log_sum;
+};
+
+template <typename A>
+PYVQ_POSTERIOR_FN A operator-(A l, const Lse<A>& lse) {
+  return (l - lse.m) - lse.log_sum;
+}
+
 template <typename scalar_t, typename A, typename Sum, int TILE>
-PYVQ_POSTERIOR_FN void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S, int n, A* lse) {
+PYVQ_POSTERIOR_FN void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S, int n, Lse<A>* lse) {
   A m[TILE];
   Sum sum[TILE];
   for (int i = 0; i < n; ++i) m[i] = neg_inf<A>(), sum[i] = Sum(0);
@@ -249,11 +203,11 @@ PYVQ_POSTERIOR_FN void log_sum_exp_tile(const scalar_t* lg, int64_t K, int64_t S
     const scalar_t* row = lg + k * S;
     for (int i = 0; i < n; ++i) sum[i] += fast_exp(static_cast<A>(row[i]) - m[i]);
   }
-  for (int i = 0; i < n; ++i) lse[i] = m[i] + static_cast<A>(plog(sum[i]));
+  for (int i = 0; i < n; ++i) lse[i] = Lse<A>{m[i], static_cast<A>(plog(sum[i]))};
 }
 
 template <typename scalar_t, typename A>
-PYVQ_POSTERIOR_FN A log_softmax_at(const scalar_t* lg, int64_t S, int i, int64_t k, A lse) {
+PYVQ_POSTERIOR_FN A log_softmax_at(const scalar_t* lg, int64_t S, int i, int64_t k, const Lse<A>& lse) {
   return static_cast<A>(lg[k * S + i]) - lse;
 }
 
@@ -275,7 +229,8 @@ PYVQ_POSTERIOR_FN void true_posterior_tile(const int64_t* xt, const int64_t* x0,
 template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* xt, int64_t K,
                                             int64_t S, int n, const Coeffs<A>& c, scalar_t* out) {
-  A lse[TILE], log_z[TILE];
+  Lse<A> lse[TILE];
+  A log_z[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   for (int i = 0; i < n; ++i)
     log_z[i] = model_log_z(model_log_g(log_softmax_at(lg, S, i, xt[i], lse[i]), c), c);
@@ -292,7 +247,7 @@ PYVQ_POSTERIOR_FN void model_posterior_tile(const scalar_t* lg, const int64_t* x
 
 // w = alpha * abar * softmax[z_t] / Z, the z_t weight of d log Z / d logits.
 template <typename scalar_t, typename A>
-PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64_t xt, A lse,
+PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64_t xt, const Lse<A>& lse,
                                      const Coeffs<A>& c) {
   const A ls = log_softmax_at(lg, S, i, xt, lse);
   const A g = model_log_g(ls, c);
@@ -303,7 +258,7 @@ PYVQ_POSTERIOR_FN A model_hit_weight(const scalar_t* lg, int64_t S, int i, int64
 // coef(k, i) gives coef_k of position i.
 template <typename scalar_t, typename A, int TILE, typename Coef>
 PYVQ_POSTERIOR_FN void write_grad_tile(const scalar_t* lg, const int64_t* xt, int64_t K, int64_t S,
-                                       int n, const Coeffs<A>& c, const A* lse, const A* scale,
+                                       int n, const Coeffs<A>& c, const Lse<A>* lse, const A* scale,
                                        const A* W, const A* Ssum, Coef coef, scalar_t* grad) {
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* row = lg + k * S;
@@ -348,7 +303,8 @@ template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const scalar_t* lg,
                                                      const int64_t* xt, int64_t K, int64_t S, int n,
                                                      const Coeffs<A>& c, scalar_t* grad) {
-  A lse[TILE], Ra[TILE], W[TILE], one[TILE];
+  Lse<A> lse[TILE];
+  A Ra[TILE], W[TILE], one[TILE];
   Sum R[TILE], G[TILE];
   const bool all_live = c.c1 > A(0);
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
@@ -377,7 +333,7 @@ PYVQ_POSTERIOR_FN void model_posterior_backward_tile(const scalar_t* gout, const
 // the backward sums r_k.
 template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void kl_sums_tile(const scalar_t* lg, int64_t K, int64_t S, int n,
-                                    const Coeffs<A>& c, const A* lse, bool forward, A* out) {
+                                    const Coeffs<A>& c, const Lse<A>* lse, bool forward, A* out) {
   Sum acc[TILE];
   for (int i = 0; i < n; ++i) acc[i] = Sum(0);
   if (c.c1 > A(0) && c.c2 > A(0)) {
@@ -409,7 +365,8 @@ template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void kl_forward_tile(const scalar_t* lg, const int64_t* xt, const int64_t* x0,
                                        int64_t K, int64_t S, int n, const Coeffs<A>& c,
                                        scalar_t* out) {
-  A lse[TILE], sum_h[TILE];
+  Lse<A> lse[TILE];
+  A sum_h[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   kl_sums_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, c, lse, true, sum_h);
   const TrueQ<A> q_same = make_true_q(c, true, K), q_diff = make_true_q(c, false, K);
@@ -442,7 +399,8 @@ template <typename scalar_t, typename A, typename Sum, int TILE>
 PYVQ_POSTERIOR_FN void kl_backward_tile(const scalar_t* gout, const scalar_t* lg, const int64_t* xt,
                                         const int64_t* x0, int64_t K, int64_t S, int n,
                                         const Coeffs<A>& c, scalar_t* grad) {
-  A lse[TILE], sum_r[TILE], scale[TILE], W[TILE], Ssum[TILE];
+  Lse<A> lse[TILE];
+  A sum_r[TILE], scale[TILE], W[TILE], Ssum[TILE];
   log_sum_exp_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, lse);
   kl_sums_tile<scalar_t, A, Sum, TILE>(lg, K, S, n, c, lse, false, sum_r);
   const TrueQ<A> q_same = make_true_q(c, true, K), q_diff = make_true_q(c, false, K);

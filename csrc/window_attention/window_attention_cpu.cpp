@@ -45,7 +45,7 @@
 #include "common/build_facts.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
-#include "posterior/posterior.h"  // fast_exp, fast_log: the vectorisable float exp and log
+#include "common/fast_math.h"  // fast_exp, fast_log: the vectorisable float exp and log
 #include "window_attention/window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -194,9 +194,9 @@ PYVQ_WA_INLINE void matmul(int64_t M, int64_t ncols, int64_t nt, const T* A, int
   }
 }
 
-PYVQ_WA_INLINE float wa_exp(float x) { return posterior::fast_exp(x); }
+PYVQ_WA_INLINE float wa_exp(float x) { return fast_exp(x); }
 PYVQ_WA_INLINE double wa_exp(double x) { return ::exp(x); }
-PYVQ_WA_INLINE float wa_log(float x) { return posterior::fast_log(x); }
+PYVQ_WA_INLINE float wa_log(float x) { return fast_log(x); }
 PYVQ_WA_INLINE double wa_log(double x) { return ::log(x); }
 
 // Lane l of the result holds lane l ^ half of v (swaps blocks of `half` lanes).
