@@ -32,9 +32,10 @@ tables), summary.json (everything the report says, as data), build.log,
 tests.log, junit.xml, benchmarks.log and benchmarks.json (every table the
 benchmarks wrote).
 
-The build is the long pole: on 2 loaded cores here single CPU files took
-several minutes (multigrained_attention_cpu.cpp the longest), so on a
-machine where it eats the budget, run again at once, while the machine is
+The build is the long pole: the CUDA files and the attention CPU files
+take a minute or more each on one core (multigrained_attention_cpu.cpp took
+13 minutes until GCC's RTL GCSE was switched off for it; 91 s since), so on
+a machine where it eats the budget, run again at once, while the machine is
 still warm and the build outputs are still in the tree, with
 ``--skip-build`` (``make gpu-check OUT=... GPU_CHECK_ARGS=--skip-build``).
 
