@@ -8,7 +8,8 @@ counts as much as one at the top of a module. The rules:
 - ``reference`` imports only torch (and ``pyvq._checks``);
 - ``ops`` imports ``reference`` and the extension;
 - ``nn`` imports ``ops``;
-- ``models`` import ``nn`` and ``ops``, never ``losses``, ``train``, ``data``
+- ``models`` import ``nn`` and ``ops`` (and ``pyvq._hub``, the Hub folder
+  resolver of ``from_pretrained``), never ``losses``, ``train``, ``data``
   or ``cli``;
 - ``losses`` import ``nn``;
 - ``train``, ``cli`` and ``demo`` may import anything below them;
@@ -36,7 +37,7 @@ ALLOWED = {
     "reference": {"_checks"},
     "ops": {"_checks", "_backend", "_C", "reference", "triton_kernels"},
     "nn": {"_checks", "ops", "reference"},
-    "models": {"_checks", "nn", "ops", "reference"},
+    "models": {"_checks", "_hub", "nn", "ops", "reference"},
     "losses": {"_checks", "_weights", "nn", "ops", "reference"},
 }
 # Layers whose third-party imports are limited too (the references are plain PyTorch).
