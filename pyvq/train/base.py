@@ -180,6 +180,9 @@ class BaseTrainer:
                 f"({c.batch_size} x {self.dist.world_size} processes)"
             )
         self.step, self.epoch, self.sample_in_epoch = 0, 0, 0
+        # Run state of the non-finite guard and the logger (train() may be called again after a stop_after).
+        self.nonfinite_steps, self._nonfinite_streak, self._skipped = 0, 0, []
+        self._last_saved, self._logger_closed = None, False
         if resume:
             found = latest_checkpoint(self.out_dir)
             if found is None:
@@ -302,7 +305,7 @@ class BaseTrainer:
             why = (f"loss {float(loss.detach().float().sum())}" if not bool(loss_ok) else
                    f"gradient norm {float(norm)}" if not bool(torch.isfinite(norm)) else
                    "non-finite on another rank")
-            self.__dict__.setdefault("_skipped", []).append(f"optimizer {name!r}: {why}")
+            self._skipped.append(f"optimizer {name!r}: {why}")
             return False
         optimizer.step()
         return True
@@ -347,7 +350,7 @@ class BaseTrainer:
                                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                       "sample_in_epoch": self.sample_in_epoch, "world_size": self.dist.world_size,
                                       "batch_size": self.config.batch_size,
-                                      "nonfinite_steps": getattr(self, "nonfinite_steps", 0)})
+                                      "nonfinite_steps": self.nonfinite_steps})
 
     def _save_in_run(self, last: bool) -> None:
         """``save``; a failure warns and the run goes on, except for the
@@ -387,14 +390,14 @@ class BaseTrainer:
     def _nonfinite_step(self, scalars: dict, skipped: list) -> NonFiniteLossError | None:
         """Count a skipped step and warn; the error that stops the run when
         there were too many in a row."""
-        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+        self.nonfinite_steps += 1
         self._nonfinite_streak += 1
         terms = skipped + [f"{k}={v}" for k, v in sorted(scalars.items())
                            if isinstance(v, float) and not math.isfinite(v)]
         limit = self.config.max_nonfinite_steps
         name = type(self).__name__
         if self._nonfinite_streak > limit:
-            last = getattr(self, "_last_saved", None) or self._last_checkpoint()
+            last = self._last_saved or self._last_checkpoint()
             return NonFiniteLossError(
                 f"{name}: stopped at step {self.step}: {self._nonfinite_streak} consecutive steps with a "
                 f"non-finite loss or gradient norm, more than max_nonfinite_steps={limit}; at step {self.step}: "
@@ -414,7 +417,7 @@ class BaseTrainer:
 
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
-        if getattr(self, "_logger_closed", False):  # train() again after a stop_after: log on
+        if self._logger_closed:  # train() again after a stop_after: log on
             self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
             self._logger_closed = False
         self.model.train()
@@ -426,7 +429,6 @@ class BaseTrainer:
                    dynamic_ncols=True, unit="step")
         logged: dict = {}
         sample = None
-        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0)
         self._nonfinite_streak = 0
         buffers = self._buffers()
         try:
