@@ -80,12 +80,17 @@ def _train(args) -> int:
     if args.device:
         data["device"] = args.device
     config = TrainConfig.from_dict(data)
-    if config.codes is not None:
-        from pyvq.train.prior_trainer import PriorTrainer
+    from pyvq.train.base import RunFolderError
 
-        trainer = PriorTrainer(config, args.out, resume=args.resume)
-    else:
-        trainer = Trainer(config, args.out, resume=args.resume)
+    try:
+        if config.codes is not None:
+            from pyvq.train.prior_trainer import PriorTrainer
+
+            trainer = PriorTrainer(config, args.out, resume=args.resume, overwrite=args.overwrite)
+        else:
+            trainer = Trainer(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    except (RunFolderError, PermissionError, NotADirectoryError) as exc:  # the run folder: one clear line
+        raise SystemExit(f"pyvq train: {exc}") from None
     from pyvq.train.base import NonFiniteLossError
     from pyvq.train.checkpoint import CheckpointWriteError
 
@@ -227,11 +232,28 @@ def _prior_kwargs(prior, args, command: str, method: str, defaults: dict | None 
     return kwargs
 
 
+def _output_png(out: str | None, prior: str, default: str, command: str) -> str:
+    """The PNG path of ``sample``/``inpaint`` (``--out``, or ``default`` in
+    the prior's folder), checked writable before any work."""
+    import os
+
+    from pyvq.train.logger import check_writable_dir
+
+    path = out or os.path.join(prior, default)
+    what = "the folder of --out" if out else f"--prior (where {default} is written without --out)"
+    try:
+        check_writable_dir(os.path.dirname(os.path.abspath(path)), what)
+    except (PermissionError, NotADirectoryError) as exc:
+        raise SystemExit(f"pyvq {command}: {exc}") from None
+    return path
+
+
 def _sample(args) -> int:
     import os
 
     from pyvq.train.generate import sample_images, save_image_grid
 
+    out = _output_png(args.out, args.prior, "samples.png", "sample")
     prior = _load(args.prior, "--prior", "sample")
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
     kwargs = _prior_kwargs(prior, args, "sample", "sample")
@@ -240,7 +262,7 @@ def _sample(args) -> int:
                                   **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq sample: {exc}") from None
-    out = args.out or os.path.join(args.prior, "samples.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_image_grid(out, images, nrow=args.nrow or max(1, int(args.n**0.5 + 0.5)))
     print(f"wrote {out}")
     return 0
@@ -254,6 +276,7 @@ def _inpaint(args) -> int:
     from pyvq.train.generate import (box_mask, inpaint_image, outpaint_canvas, read_image, read_mask,
                                      save_image_grid)
 
+    target = _output_png(args.out, args.prior, "inpaint.png", "inpaint")
     prior = _load(args.prior, "--prior", "inpaint")
     tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
     f = tokenizer.downsample_factor
@@ -282,7 +305,7 @@ def _inpaint(args) -> int:
                             **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq inpaint: {exc}") from None
-    target = args.out or os.path.join(args.prior, "inpaint.png")
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     save_image_grid(target, out["completion"][None], nrow=1)
     panel = os.path.splitext(target)[0] + "_panel.png"
     masked = image * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0])[:, None, None]  # holes in magenta
@@ -324,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                          "keycode_diffusion_*, mgt_*)")
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="start a new run into a non-empty --out: its old contents are moved to "
+                         "OUT.replaced-<date>-<time> once the new run is set up (nothing is deleted)")
     p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p_train.add_argument("--device", choices=("cpu", "cuda"))
     for name, kind in _TRAIN_FLAGS.items():

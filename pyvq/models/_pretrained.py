@@ -359,7 +359,17 @@ def _load(cls, directory, data: dict, map_location):
 
     config = config_from_dict(cls.config_class, data)
     model = cls(config)
-    state = load_file(os.path.join(os.fspath(directory), WEIGHTS_NAME), device="cpu")
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError: incomplete metadata, ...)
+        raise ValueError(
+            f"{cls.__name__}.from_pretrained: {path} is not a readable safetensors file "
+            f"({type(exc).__name__}: {str(exc)[:200]}); it is truncated or damaged (an interrupted copy or "
+            f"download, a full disk): copy or download it again, or write it again with save_pretrained (a "
+            f"training run's model/: `pyvq train --resume` with the run's --out writes it again from the last "
+            f"checkpoint once that is at the final step)"
+        ) from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 
@@ -50,11 +51,12 @@ from pyvq.train.checkpoint import (
 )
 from pyvq.train.config import TrainConfig
 from pyvq.train.distributed import DistInfo, all_reduce_mean, collective_guard, init_distributed
-from pyvq.train.logger import RunLogger
+from pyvq.train.logger import RunLogger, check_writable_dir
 from pyvq.train.recipes import Recipe, recipe_for
 from pyvq.train.schedule import warmup_cosine
 
-__all__ = ["BaseTrainer", "NonFiniteLossError", "NonFiniteStepWarning", "trainable_params"]
+__all__ = ["BaseTrainer", "NonFiniteLossError", "NonFiniteStepWarning", "RunFolderError", "describe_run_folder",
+           "trainable_params"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,6 +71,41 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteStepWarning(UserWarning):
     """A training step was skipped because its loss or gradient norm was not finite."""
+
+
+class RunFolderError(FileExistsError):
+    """A run would start into a folder that already holds something (a
+    previous run, say) without ``resume`` or ``overwrite``; the message
+    names the folder, what is in it and the two ways on."""
+
+
+def describe_run_folder(path: str) -> str:
+    """What a run folder holds, in words: "checkpoints up to step 20 (2),
+    model/, log.jsonl (25 rows), config.json, tensorboard/"."""
+    names = sorted(os.listdir(path))
+    parts = []
+    for name in names:
+        full = os.path.join(path, name)
+        if name == "checkpoints" and os.path.isdir(full):
+            steps = sorted(int(n[5:]) for n in os.listdir(full)
+                           if n.startswith("step_") and n[5:].isdigit() and os.path.isdir(os.path.join(full, n)))
+            parts.append(f"checkpoints up to step {steps[-1]} ({len(steps)})" if steps else "checkpoints/ (no step_N)")
+        elif name == "log.jsonl" and os.path.isfile(full):
+            with open(full, "rb") as f:
+                parts.append(f"log.jsonl ({sum(1 for line in f if line.strip())} rows)")
+        else:
+            parts.append(name + ("/" if os.path.isdir(full) else ""))
+    return ", ".join(parts[:12]) + (f" and {len(parts) - 12} more" if len(parts) > 12 else "")
+
+
+def _aside_name(path: str) -> str:
+    """A free sibling name for moving ``path``'s contents aside."""
+    base = f"{os.path.normpath(path)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = base, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}-{n}"
+    return target
 
 
 def trainable_params(module: torch.nn.Module) -> list:
@@ -96,8 +133,24 @@ class BaseTrainer:
         out_dir: the run directory (config.json, log.jsonl, tensorboard/,
             checkpoints/, the final model in model/).
         resume: continue from ``out_dir``'s latest checkpoint.
+        overwrite: start afresh into an ``out_dir`` that already holds
+            something; see "Run folders" below.
         model: the model to train; None: ``_new_model()`` builds it.
         dataset: the training data; None: ``_new_dataset()`` builds it.
+
+    Run folders. ``out_dir`` is checked first, before any work: it must be
+    writable (or creatable: ``check_writable_dir``), and a folder that
+    already holds anything is refused (``RunFolderError``, naming what is in
+    it) unless ``resume`` (go on from its newest valid checkpoint) or
+    ``overwrite``. ``overwrite`` never deletes: once the new run is set up
+    (model, data, resume state), the old contents are moved to the sibling
+    folder ``<out_dir>.replaced-<date>-<time>`` (a warning names it) and the
+    run starts in the emptied folder. A start that fails before its first
+    step completes (a bad image size, say) removes what it created, and
+    only that. ``resume`` continues the saved run exactly, LR schedule
+    included: a changed ``steps`` is refused (``ValueError`` naming the
+    saved and the given value). Rows of ``log.jsonl`` after the resumed
+    checkpoint (logged by the run that died) go to ``log.discarded.jsonl``.
 
     Attributes after set-up: ``config`` (with the recipe's defaults),
     ``dist``, ``model``, ``recipe``, ``loss`` (None without a loss module),
@@ -125,10 +178,11 @@ class BaseTrainer:
     progress_key = "train/loss"  # the scalar the progress bar shows
     recipe_kind: type = Recipe  # the kind of recipe this trainer runs
 
-    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False, overwrite: bool = False,
                  model: torch.nn.Module | None = None, dataset=None):
         self.config = config
         self.out_dir = out_dir
+        self._overwrite = self._check_run_folder(resume, overwrite)
         self.dist: DistInfo = init_distributed(config.device, timeout_s=config.dist_timeout_s)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.dataset = dataset
@@ -143,6 +197,60 @@ class BaseTrainer:
         if self.dataset is None:
             self.dataset = self._new_dataset()
         self._finish_setup(resume)
+
+    # -- the run folder
+    def _check_run_folder(self, resume: bool, overwrite: bool) -> bool:
+        """Before any work: ``out_dir`` writable, and empty unless
+        ``resume`` or ``overwrite``; returns whether old contents are to be
+        moved aside (see the class docstring)."""
+        name, out = type(self).__name__, self.out_dir
+        if resume and overwrite:
+            raise ValueError(f"{name}: resume=True and overwrite=True contradict each other (resume continues "
+                             f"the run in {out}, overwrite starts a new one there); pass one")
+        check_writable_dir(out, "out_dir")
+        if resume or not os.path.isdir(out) or not os.listdir(out):
+            return False
+        if not overwrite:
+            raise RunFolderError(
+                f"{name}: the run folder {out} is not empty: it holds {describe_run_folder(out)}. Continue that "
+                f"run with resume=True (`pyvq train --resume`), or start a new one there with overwrite=True "
+                f"(`pyvq train --overwrite`: the old contents are moved to {os.path.normpath(out)}.replaced-<time>), "
+                f"or choose another folder")
+        check_writable_dir(os.path.dirname(os.path.abspath(out)), "the parent folder of out_dir")
+        return True
+
+    def _take_run_folder(self) -> None:
+        """Rank 0, once set-up succeeded: move old contents aside
+        (overwrite), create the folder, note what this start creates."""
+        out = self.out_dir
+        if self._overwrite:
+            aside = _aside_name(out)
+            os.makedirs(aside)
+            for entry in sorted(os.listdir(out)):
+                os.replace(os.path.join(out, entry), os.path.join(aside, entry))
+            warnings.warn(f"{type(self).__name__}: overwrite=True: the previous contents of {out} were moved to "
+                          f"{aside}", UserWarning, stacklevel=4)
+            self._overwrite = False
+        existed = os.path.isdir(out)
+        self._before = set(os.listdir(out)) if existed else None
+        os.makedirs(out, exist_ok=True)
+
+    def _remove_failed_start(self) -> None:
+        """Remove what this start created in the run folder (the folder
+        itself when it created it), never what was there before."""
+        out, before = self.out_dir, self._before
+        try:
+            if before is None:
+                shutil.rmtree(out, ignore_errors=True)
+                return
+            for entry in set(os.listdir(out)) - before:
+                path = os.path.join(out, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        except OSError:
+            pass
 
     # -- set-up hooks
     def _new_model(self) -> torch.nn.Module:
@@ -186,9 +294,15 @@ class BaseTrainer:
         if resume:
             found = latest_checkpoint(self.out_dir)
             if found is None:
-                raise FileNotFoundError(f"{type(self).__name__}: resume=True but {self.out_dir} has no checkpoint")
+                held = (f"it holds {describe_run_folder(self.out_dir)}" if os.path.isdir(self.out_dir)
+                        and os.listdir(self.out_dir) else "it is empty" if os.path.isdir(self.out_dir)
+                        else "it does not exist")
+                raise FileNotFoundError(f"{type(self).__name__}: resume=True but {self.out_dir} has no checkpoint "
+                                        f"({held}); start a new run without resume (with overwrite=True, "
+                                        f"`pyvq train --overwrite`, if the folder is not empty)")
             info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
                                    schedulers=self._schedulers(), map_location=self.dist.device)
+            self._check_schedule(info["extra"], found)
             self.step = info["step"]
             self._resume_position(info["extra"], found)
             self.nonfinite_steps = int(info["extra"].get("nonfinite_steps", 0))
@@ -198,10 +312,38 @@ class BaseTrainer:
                 with collective_guard(self.dist, f"wrapping {name!r} in DDP"):  # DDP broadcasts rank 0's weights
                     module = DDP(module, device_ids=ids)
             setattr(self, f"{name}_ddp", module)
-        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
+        self._before, self._started = None, False
+        if self.dist.is_main:
+            self._take_run_folder()
+        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume else None)
         if self.dist.is_main:
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(c.to_dict(), f, indent=1)
+
+    def _schedule_record(self) -> dict:
+        """What fixes the LR schedule as a function of the step (saved with
+        every checkpoint, checked on resume)."""
+        c = self.config
+        return {"steps": c.steps, "warmup_steps": self._warmup_steps(), "min_lr_ratio": c.min_lr_ratio}
+
+    def _check_schedule(self, extra: dict, path: str) -> None:
+        """Refuse to resume with a schedule other than the saved one (the LR
+        would jump); checkpoints without a record are taken to match."""
+        saved = extra.get("schedule")
+        if not isinstance(saved, dict):
+            return
+        mine = self._schedule_record()
+        if int(saved.get("steps", mine["steps"])) != mine["steps"]:
+            raise ValueError(
+                f"{type(self).__name__}: resume: {path} was written by a run of steps={saved['steps']}, and this "
+                f"one has steps={mine['steps']} (--steps): the LR schedule (warm-up then cosine decay over the "
+                f"run) would change under the resumed run and its rate jump. Resume with steps={saved['steps']}, "
+                f"or start a new run (a fine-tune from its model/) for more steps")
+        changed = [f"{k}={saved[k]} (now {mine[k]})" for k in ("warmup_steps", "min_lr_ratio")
+                   if k in saved and saved[k] != mine[k]]
+        if changed:
+            raise ValueError(f"{type(self).__name__}: resume: {path} was written with a different LR schedule: "
+                             f"{', '.join(changed)}; resume with the saved values")
 
     def _resume_position(self, extra: dict, path: str) -> None:
         """The epoch and the position in it from a checkpoint's ``extra``,
@@ -275,11 +417,16 @@ class BaseTrainer:
         c = self.config
         return torch.optim.AdamW(params, lr=lr, betas=c.betas, eps=eps, weight_decay=c.weight_decay)
 
-    def _lr_schedule(self, opt):
-        """Warm-up then cosine decay over the run."""
+    def _warmup_steps(self) -> int:
+        """``warmup_steps``, at most a tenth of the run: a short run (fewer
+        than 10 x warmup_steps) warms up over its first tenth, then decays."""
         c = self.config
-        return warmup_cosine(opt, warmup_steps=min(c.warmup_steps, c.steps), total_steps=c.steps,
-                             min_ratio=c.min_lr_ratio)
+        return min(c.warmup_steps, c.steps // 10)
+
+    def _lr_schedule(self, opt):
+        """Warm-up (``_warmup_steps``) then cosine decay over the run."""
+        c = self.config
+        return warmup_cosine(opt, warmup_steps=self._warmup_steps(), total_steps=c.steps, min_ratio=c.min_lr_ratio)
 
     def _optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params,
                         name: str = "g") -> bool:
@@ -350,7 +497,8 @@ class BaseTrainer:
                                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                       "sample_in_epoch": self.sample_in_epoch, "world_size": self.dist.world_size,
                                       "batch_size": self.config.batch_size,
-                                      "nonfinite_steps": self.nonfinite_steps})
+                                      "nonfinite_steps": self.nonfinite_steps,
+                                      "schedule": self._schedule_record()})
 
     def _save_in_run(self, last: bool) -> None:
         """``save``; a failure warns and the run goes on, except for the
@@ -441,6 +589,7 @@ class BaseTrainer:
                     scalars = self.train_step(x)
                 skipped, self._skipped = self._skipped, []
                 self.step += 1
+                self._started = True  # a failure from here on leaves the run folder as it is
                 bar.update(1)
                 stop = None
                 if skipped:
@@ -467,15 +616,33 @@ class BaseTrainer:
         except BaseException:
             self.logger.close()  # stopped by an error: leave the logs complete
             self._logger_closed = True
+            if not self._started and self.dist.is_main:  # a failed start: take back what it created
+                self._remove_failed_start()
             raise
         finally:
             bar.close()
         if self.dist.is_main and self.step == c.steps:
-            final = self.ema.module if self.ema is not None else self.model
-            final.save_pretrained(os.path.join(self.out_dir, "model"))
+            self._save_final_model()
         self.logger.close()
         self._logger_closed = True
         return logged
+
+    def _save_final_model(self) -> None:
+        """The final model (the EMA when there is one) into ``model/``,
+        written beside it first and then renamed into place, so ``model/``
+        is always a whole model (the previous one until the new one is)."""
+        final = self.ema.module if self.ema is not None else self.model
+        target = os.path.join(self.out_dir, "model")
+        tmp, old = f"{target}.tmp-{os.getpid()}", f"{target}.old-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            final.save_pretrained(tmp)
+            if os.path.exists(target):
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _log_images(self, x) -> None:
         """Images to log every ``image_every`` steps (none by default)."""

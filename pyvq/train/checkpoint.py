@@ -16,17 +16,23 @@ Write order (each file fsynced): the three files into a temporary directory
 ``<run>/checkpoints/latest`` (a one-line file, itself replaced atomically)
 rewritten to name it, then older checkpoints pruned (renamed to
 ``.del-...`` first, so a half-deleted one is never a ``step_`` directory).
-``latest`` is the commit point: a writer killed at any point before it leaves
-``latest`` naming the previous checkpoint, intact. A failed write (``ENOSPC``,
-say) removes what it wrote and raises ``CheckpointWriteError``;
-leftovers of a killed writer are removed by the next save.
+A ``step_`` directory exists only once complete (the rename of a finished,
+fsynced directory): a writer killed at any point leaves every ``step_``
+directory whole, and ``latest`` naming the newest one or the one before. A
+failed write (``ENOSPC``, say) removes what it wrote and raises
+``CheckpointWriteError``; leftovers of a killed writer are removed by the
+next save. Before writing step N, the ``step_`` directories of later steps
+(a future the run left: it resumed from N or earlier, because they are
+corrupt) are moved to ``checkpoints/superseded/`` with a warning, never
+deleted; so ``latest`` always names the newest ``step_`` directory and
+pruning only ever removes older ones.
 
-Reading (``latest_checkpoint``, ``load_checkpoint``) verifies a checkpoint
-before using it: ``meta.json`` parses, sizes and SHA-256 match, the
-safetensors header parses and ``state.pt`` loads (``verify_checkpoint``).
-When the checkpoint ``latest`` names is missing or corrupt (or ``latest``
-itself is), they fall back to the newest valid ``step_`` directory, with a
-``CheckpointWarning`` naming each bad file; when none is valid they raise
+Reading (``latest_checkpoint``, ``load_checkpoint``) goes by the folder's
+contents: the newest ``step_`` directory that verifies (``meta.json``
+parses, sizes and SHA-256 match, the safetensors header parses and
+``state.pt`` loads: ``verify_checkpoint``), whatever ``latest`` says (a
+warning names the bad files skipped, and a ``latest`` that is missing or
+names another one); when none is valid they raise
 ``CorruptCheckpointError`` naming the folder.
 """
 
@@ -247,6 +253,29 @@ def _step_dirs(root: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def _set_aside_newer(root: str, step: int) -> None:
+    """Move the ``step_`` directories of steps after ``step`` (about to be
+    written) into ``root/superseded/``, with a warning naming them."""
+    newer = [name for s, name in _step_dirs(root) if s > step]
+    if not newer:
+        return
+    aside = os.path.join(root, "superseded")
+    os.makedirs(aside, exist_ok=True)
+    moved = []
+    for name in newer:
+        target = os.path.join(aside, name)
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(aside, f"{name}-{n}")
+        os.replace(os.path.join(root, name), target)
+        moved.append(target)
+    _fsync_dir(root)
+    warnings.warn(f"save_checkpoint: writing step {step}, so the later checkpoints of this run (a future it left, "
+                  f"having resumed from step {step} or earlier) were moved aside, not deleted: "
+                  f"{', '.join(moved)}", CheckpointWarning, stacklevel=4)
+
+
 def _prune(root: str, keep: int, newest: int, protect: str) -> None:
     """Remove all but the ``keep`` newest checkpoints, counting ``newest``
     (the one just written, which ``latest`` names: ``protect``); only
@@ -296,6 +325,7 @@ def save_checkpoint(
     try:
         os.makedirs(root, exist_ok=True)
         _clean_leftovers(root)
+        _set_aside_newer(root, step)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         tensors = {}
@@ -416,10 +446,11 @@ def _warn(message: str) -> None:
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest valid checkpoint directory of a run, or None when it has none.
 
-    The one ``latest`` names when it verifies (``verify_checkpoint``);
-    otherwise, with a ``CheckpointWarning`` naming each bad file, the newest
-    ``step_`` directory that does. A newer directory that ``latest`` does not
-    name (a save interrupted before its commit) is left alone, with a warning.
+    Found from the folder's contents: the ``step_`` directory of the highest
+    step that verifies (``verify_checkpoint``). A ``CheckpointWarning``
+    names each bad one skipped, and ``latest`` when it is missing or names
+    another directory (a writer killed between the rename of a complete
+    checkpoint and the update of ``latest``, or a ``latest`` edited by hand).
 
     Raises:
         CorruptCheckpointError: the run has checkpoints but none is valid
@@ -435,17 +466,10 @@ def latest_checkpoint(run_dir: str) -> str | None:
     if committed is None and not dirs:
         return None
     problems = []
-    if committed is None:
-        what = "is missing" if not os.path.exists(latest) else "does not name a step_<N> checkpoint"
-        problems.append(f"{latest} {what}")
-        _warn(f"latest_checkpoint: {latest} {what}; looking for the newest valid checkpoint in {root}")
-    candidates = ([committed] if committed else []) + [name for _, name in dirs if name != committed]
-    for name in candidates:
+    if committed is not None and not os.path.isdir(os.path.join(root, committed)):
+        problems.append(f"{latest} names {committed}, which does not exist")
+    for _, name in dirs:
         path = os.path.join(root, name)
-        if not os.path.isdir(path):  # only the committed one can be missing
-            problems.append(f"{latest} names {name}, which does not exist")
-            _warn(f"latest_checkpoint: {latest} names {name}, which does not exist; falling back")
-            continue
         try:
             _verified_state(path)
         except CorruptCheckpointError as exc:
@@ -453,13 +477,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
             _warn(f"latest_checkpoint: skipping {exc}")
             continue
         if name != committed:
-            _warn(f"latest_checkpoint: using {path}, the newest valid checkpoint in {root}")
-            return path
-        step = int(_STEP_DIR.fullmatch(name).group(1))
-        newer = [n for s, n in dirs if s > step]
-        if newer:
-            _warn(f"latest_checkpoint: {latest} names {name}; ignoring the newer {', '.join(newer)} in {root}, "
-                  f"never committed (a save interrupted before it updated 'latest')")
+            what = ("is missing" if not os.path.exists(latest) else
+                    f"names {committed}" if committed else "does not name a step_<N> checkpoint")
+            _warn(f"latest_checkpoint: {latest} {what}; using {path}, the newest valid checkpoint in {root}")
         return path
     raise CorruptCheckpointError(f"latest_checkpoint: no valid checkpoint in {root}: " + "; ".join(problems))
 

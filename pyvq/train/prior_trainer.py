@@ -61,6 +61,8 @@ class PriorTrainer(BaseTrainer):
         out_dir: the run directory (config.json, log.jsonl, tensorboard/,
             checkpoints/, the final prior in model/).
         resume: continue from ``out_dir``'s latest checkpoint.
+        overwrite: start afresh into a non-empty ``out_dir`` (its contents
+            are moved aside; ``BaseTrainer``).
         dataset: a ``CodesDataset`` (or any dataset of code maps with a
             ``meta`` dict) instead of ``config.codes``.
         model: a prior to train instead of a new preset.
@@ -69,15 +71,15 @@ class PriorTrainer(BaseTrainer):
     progress_key = "train/loss"
     recipe_kind = PriorRecipe
 
-    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False, dataset=None,
-                 model: torch.nn.Module | None = None):
+    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False, overwrite: bool = False,
+                 dataset=None, model: torch.nn.Module | None = None):
         if dataset is None:
             from pyvq.data.codes import CodesDataset
 
             if config.codes is None:
                 raise ValueError("PriorTrainer: set 'codes' (a folder written by `pyvq encode`) or pass a dataset")
             dataset = CodesDataset(config.codes)
-        super().__init__(config, out_dir, resume=resume, model=model, dataset=dataset)
+        super().__init__(config, out_dir, resume=resume, overwrite=overwrite, model=model, dataset=dataset)
 
     def _new_model(self) -> torch.nn.Module:
         """The ``config.model`` preset sized for the dataset's codes."""

@@ -59,6 +59,8 @@ class Trainer(BaseTrainer):
         out_dir: the run directory (config.json, log.jsonl, tensorboard/,
             images/, checkpoints/, and the final model in model/).
         resume: continue from ``out_dir``'s latest checkpoint.
+        overwrite: start afresh into a non-empty ``out_dir`` (its contents
+            are moved aside; ``BaseTrainer``).
         perceptual: a perceptual-loss module to use instead of LPIPS-VGG
             (tests inject a random-backbone LPIPS).
         dataset: a dataset to use instead of ``config.data``.
@@ -73,11 +75,11 @@ class Trainer(BaseTrainer):
     progress_key = "train/rec_loss"  # the scalar the progress bar shows
     recipe_kind = TokenizerRecipe
 
-    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, out_dir: str, *, resume: bool = False, overwrite: bool = False,
                  perceptual: torch.nn.Module | None = None, dataset=None,
                  model: torch.nn.Module | None = None):
         self.perceptual = perceptual  # read by _setup_optimization
-        super().__init__(config, out_dir, resume=resume, model=model, dataset=dataset)
+        super().__init__(config, out_dir, resume=resume, overwrite=overwrite, model=model, dataset=dataset)
 
     def _new_model(self) -> torch.nn.Module:
         c = self.config

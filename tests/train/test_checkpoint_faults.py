@@ -133,7 +133,7 @@ _KILL_POINTS = {
     "weights": (1, ".tmp-step_000000002-"),
     "state": (1, ".tmp-step_000000002-"),
     "meta": (1, ".tmp-step_000000002-"),
-    "renamed": (1, "step_000000002"),  # complete but never committed by 'latest'
+    "renamed": (2, "step_000000002"),  # complete, 'latest' not yet updated: found from the folder, with a warning
     "latest": (2, None),  # committed; killed before pruning
     "prune": (2, ".del-step_000000001-"),  # the old checkpoint half removed, out of the step_ names
 }
@@ -315,16 +315,19 @@ def test_prune_keeps_latest_and_only_removes_older_steps(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(str(tmp_path), step, {"model": _model(float(step))}, keep=2)
     assert sorted(os.listdir(root)) == ["latest", "step_000000002", "step_000000003"]
-    # a newer folder from an abandoned run (it resumed from an older checkpoint): never pruned, never picked
+    # a newer folder from a future the run left (it resumed from an older checkpoint): never pruned, never
+    # deleted: moved to checkpoints/superseded/ before the older step is written, so 'latest' names the newest
     os.rename(root / "step_000000002", root / "step_000000009")
-    save_checkpoint(str(tmp_path), 4, {"model": _model(4.0)}, keep=1)
-    assert sorted(os.listdir(root)) == ["latest", "step_000000004", "step_000000009"]
+    with pytest.warns(CheckpointWarning, match=r"moved aside, not deleted: .*superseded/step_000000009"):
+        save_checkpoint(str(tmp_path), 4, {"model": _model(4.0)}, keep=1)
+    assert sorted(os.listdir(root)) == ["latest", "step_000000004", "superseded"]
+    assert os.listdir(root / "superseded") == ["step_000000009"]
     assert (root / "latest").read_text().strip() == "step_000000004"
-    with pytest.warns(CheckpointWarning, match="ignoring the newer step_000000009"):
+    with _no_warnings():
         assert _step_of(latest_checkpoint(str(tmp_path))) == 4
     # re-saving the committed step replaces it and 'latest' still names a whole checkpoint
     save_checkpoint(str(tmp_path), 4, {"model": _model(5.0)}, keep=1)
-    with pytest.warns(CheckpointWarning):
+    with _no_warnings():
         assert _loaded_value(tmp_path) == 5.0
     # keep <= 0 still keeps the new one
     save_checkpoint(str(tmp_path / "b"), 1, {"model": _model(1.0)}, keep=0)

@@ -65,13 +65,16 @@ def toy_codes(n: int = 16):
     return codes
 
 
-def toy_trainer(out_dir, *, resume: bool = False, bad=(), bad_kind: str = "nan", **config) -> PriorTrainer:
-    """A PriorTrainer of a ToyPrior (log and checkpoint every step by default)."""
+def toy_trainer(out_dir, *, resume: bool = False, overwrite: bool = False, bad=(), bad_kind: str = "nan",
+                dataset=None, **config) -> PriorTrainer:
+    """A PriorTrainer of a ToyPrior (log and checkpoint every step by default;
+    ``dataset`` instead of ``toy_codes()``)."""
     base = dict(model="vqddm_tiny", steps=6, batch_size=4, lr=1e-2, warmup_steps=2, log_every=1,
                 image_every=100, ckpt_every=1, seed=0)
     base.update(config)
     torch.manual_seed(0)  # the same initial weights in every run
-    return PriorTrainer(TrainConfig(**base), str(out_dir), resume=resume, dataset=toy_codes(),
+    return PriorTrainer(TrainConfig(**base), str(out_dir), resume=resume, overwrite=overwrite,
+                        dataset=toy_codes() if dataset is None else dataset,
                         model=ToyPrior(bad, bad_kind))
 
 
