@@ -55,8 +55,13 @@ from pyvq.train.logger import RunLogger, check_writable_dir
 from pyvq.train.recipes import Recipe, recipe_for
 from pyvq.train.schedule import warmup_cosine
 
-__all__ = ["BaseTrainer", "NonFiniteLossError", "NonFiniteStepWarning", "RunFolderError", "describe_run_folder",
-           "trainable_params"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run-folder lock
+    fcntl = None
+
+__all__ = ["LOCK_NAME", "BaseTrainer", "NonFiniteLossError", "NonFiniteStepWarning", "RunFolderError",
+           "describe_run_folder", "trainable_params"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,10 +84,40 @@ class RunFolderError(FileExistsError):
     names the folder, what is in it and the two ways on."""
 
 
+LOCK_NAME = ".pyvq-run.lock"  # held (flock) by the process training into the folder
+
+
+def _lock_holder(path: str) -> int | None:
+    """The pid of another live process holding the run folder's lock, else None."""
+    lock = os.path.join(path, LOCK_NAME)
+    if fcntl is None or not os.path.isfile(lock):
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held
+        try:
+            pid = int(os.read(fd, 32).decode().strip() or 0)
+        except ValueError:
+            pid = 0
+        return None if pid == os.getpid() else pid  # this process (another trainer object): let it be
+    finally:
+        os.close(fd)  # releases a lock taken here
+    return None
+
+
+def _run_entries(path: str) -> list[str]:
+    """The entries of a run folder, but for its lock file."""
+    return sorted(n for n in os.listdir(path) if n != LOCK_NAME)
+
+
 def describe_run_folder(path: str) -> str:
     """What a run folder holds, in words: "checkpoints up to step 20 (2),
     model/, log.jsonl (25 rows), config.json, tensorboard/"."""
-    names = sorted(os.listdir(path))
+    names = _run_entries(path)
     parts = []
     for name in names:
         full = os.path.join(path, name)
@@ -208,7 +243,12 @@ class BaseTrainer:
             raise ValueError(f"{name}: resume=True and overwrite=True contradict each other (resume continues "
                              f"the run in {out}, overwrite starts a new one there); pass one")
         check_writable_dir(out, "out_dir")
-        if resume or not os.path.isdir(out) or not os.listdir(out):
+        holder = _lock_holder(out) if os.path.isdir(out) else None
+        if holder is not None:
+            raise RunFolderError(f"{name}: another process (pid {holder}) is training into {out} now; wait until "
+                                 f"it ends (or stop it) before resuming or overwriting that run, or choose another "
+                                 f"folder")
+        if resume or not os.path.isdir(out) or not _run_entries(out):
             return False
         if not overwrite:
             raise RunFolderError(
@@ -234,11 +274,41 @@ class BaseTrainer:
         existed = os.path.isdir(out)
         self._before = set(os.listdir(out)) if existed else None
         os.makedirs(out, exist_ok=True)
+        self._lock()
+
+    def _lock(self) -> None:
+        """Hold the run folder's lock (rank 0, while set up or training): a
+        second process resuming or overwriting the run is refused meanwhile."""
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(os.path.join(self.out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = _lock_holder(self.out_dir)
+            if holder is None:  # held by this process (another trainer object of the same folder)
+                return
+            raise RunFolderError(f"{type(self).__name__}: another process (pid {holder}) is training into "
+                                 f"{self.out_dir} now; wait until it ends, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __del__(self):  # a trainer set up and never trained (or dropped) lets the folder go
+        if getattr(self, "_lock_fd", None) is not None:  # None too when __init__ failed before the set-up
+            self._unlock()
 
     def _remove_failed_start(self) -> None:
         """Remove what this start created in the run folder (the folder
         itself when it created it), never what was there before."""
         out, before = self.out_dir, self._before
+        self._unlock()
         try:
             if before is None:
                 shutil.rmtree(out, ignore_errors=True)
@@ -295,7 +365,7 @@ class BaseTrainer:
             found = latest_checkpoint(self.out_dir)
             if found is None:
                 held = (f"it holds {describe_run_folder(self.out_dir)}" if os.path.isdir(self.out_dir)
-                        and os.listdir(self.out_dir) else "it is empty" if os.path.isdir(self.out_dir)
+                        and _run_entries(self.out_dir) else "it is empty" if os.path.isdir(self.out_dir)
                         else "it does not exist")
                 raise FileNotFoundError(f"{type(self).__name__}: resume=True but {self.out_dir} has no checkpoint "
                                         f"({held}); start a new run without resume (with overwrite=True, "
@@ -312,7 +382,7 @@ class BaseTrainer:
                 with collective_guard(self.dist, f"wrapping {name!r} in DDP"):  # DDP broadcasts rank 0's weights
                     module = DDP(module, device_ids=ids)
             setattr(self, f"{name}_ddp", module)
-        self._before, self._started = None, False
+        self._before, self._started, self._lock_fd = None, False, None
         if self.dist.is_main:
             self._take_run_folder()
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume else None)
@@ -337,8 +407,9 @@ class BaseTrainer:
             raise ValueError(
                 f"{type(self).__name__}: resume: {path} was written by a run of steps={saved['steps']}, and this "
                 f"one has steps={mine['steps']} (--steps): the LR schedule (warm-up then cosine decay over the "
-                f"run) would change under the resumed run and its rate jump. Resume with steps={saved['steps']}, "
-                f"or start a new run (a fine-tune from its model/) for more steps")
+                f"run) would change under the resumed run and its rate jump. Resume with steps={saved['steps']} (the "
+                f"run's own count); to train for {mine['steps']} steps, start a new run (another out_dir, or "
+                f"overwrite=True: `pyvq train --overwrite`)")
         changed = [f"{k}={saved[k]} (now {mine[k]})" for k in ("warmup_steps", "min_lr_ratio")
                    if k in saved and saved[k] != mine[k]]
         if changed:
@@ -566,6 +637,8 @@ class BaseTrainer:
         c = self.config
         end = c.steps if stop_after is None else min(c.steps, stop_after)
         if self._logger_closed:  # train() again after a stop_after: log on
+            if self.dist.is_main:
+                self._lock()
             self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
             self._logger_closed = False
         self.model.train()
@@ -618,13 +691,17 @@ class BaseTrainer:
             self._logger_closed = True
             if not self._started and self.dist.is_main:  # a failed start: take back what it created
                 self._remove_failed_start()
+            self._unlock()
             raise
         finally:
             bar.close()
-        if self.dist.is_main and self.step == c.steps:
-            self._save_final_model()
-        self.logger.close()
-        self._logger_closed = True
+        try:
+            if self.dist.is_main and self.step == c.steps:
+                self._save_final_model()
+        finally:
+            self.logger.close()
+            self._logger_closed = True
+            self._unlock()
         return logged
 
     def _save_final_model(self) -> None:

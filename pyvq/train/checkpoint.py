@@ -515,9 +515,19 @@ def load_checkpoint(
         if not sub and modules[prefix].state_dict():
             raise KeyError(f"load_checkpoint: checkpoint {path} has no weights for module {prefix!r}")
     for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+        try:
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+        except RuntimeError as exc:  # missing / unexpected keys, other shapes
+            raise ValueError(f"load_checkpoint: the weights of module {prefix!r} in {path} do not fit the "
+                             f"{type(module).__name__} given (a checkpoint of another model or configuration? "
+                             f"resume a run with the config it was started with): {str(exc)[:400]}") from None
     for name, opt in (optimizers or {}).items():
-        opt.load_state_dict(state["optimizers"][name])
+        try:
+            opt.load_state_dict(state["optimizers"][name])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"load_checkpoint: the state of optimizer {name!r} in {path} does not fit this "
+                             f"run's optimizer (other parameters: another model or configuration?): "
+                             f"{type(exc).__name__}: {exc}") from None
     for name, sched in (schedulers or {}).items():
         sched.load_state_dict(state["schedulers"][name])
     if restore_rng:

@@ -395,3 +395,13 @@ def test_trainer_resume_with_no_valid_checkpoint_names_the_folder(tmp_path, toy_
     _garbage(tmp_path / "checkpoints" / "step_000000003" / "state.pt")
     with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpointError, match="no valid checkpoint in"):
         toy_trainer(tmp_path, resume=True)
+
+
+def test_checkpoint_of_another_model_is_named_on_load(tmp_path):
+    path = save_checkpoint(str(tmp_path), 1, {"model": _model(1.0)}, optimizers={
+        "g": torch.optim.AdamW(_model(1.0).parameters())})
+    with pytest.raises(ValueError, match=r"weights of module 'model' in .*step_000000001 do not fit the Linear"):
+        load_checkpoint(path, {"model": torch.nn.Linear(5, 2)})
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="weights of module 'model'"):
+        load_checkpoint(path, {"model": other})

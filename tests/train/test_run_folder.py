@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from pyvq.train.base import RunFolderError
+from pyvq.train.base import LOCK_NAME, RunFolderError
 from pyvq.train.checkpoint import CheckpointWarning, latest_checkpoint
 from pyvq.train.logger import DISCARDED_LOG, RunLogger, check_writable_dir, read_jsonl
 from tests.train.toy_prior import ToyPrior, toy_recipe, toy_trainer  # noqa: F401
@@ -122,7 +124,7 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     assert not run.exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="were moved to"):
         toy_trainer(tmp_path / "mine", steps=3, dataset=_bad_codes(), overwrite=True).train(progress=False)
     assert os.listdir(tmp_path / "mine") == []  # what this start created is gone ...
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("mine.replaced-")]
@@ -242,4 +244,25 @@ def test_final_model_is_replaced_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         resumed.train(progress=False)
     assert (run / "model" / "config.json").read_text() == good  # the previous model, whole
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "log.jsonl", "model", "tensorboard"]
+    assert sorted(os.listdir(run)) == [LOCK_NAME, "checkpoints", "config.json", "log.jsonl", "model", "tensorboard"]
+
+
+def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path):
+    run = tmp_path / "run"
+    toy_trainer(run, steps=4, ckpt_every=2).train(progress=False, stop_after=2)
+    holder = subprocess.Popen(  # another process holding the folder's lock, as a running trainer does
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(run / LOCK_NAME)!r}, os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.ftruncate(fd, 0)\nos.write(fd, str(os.getpid()).encode())\n"
+         "print('held', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for kwargs in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(RunFolderError, match=f"another process \\(pid {holder.pid}\\) is training into"):
+                toy_trainer(run, steps=4, **kwargs)
+    finally:
+        holder.communicate("", timeout=30)
+    resumed = toy_trainer(run, steps=4, ckpt_every=2, resume=True)  # free again
+    resumed.train(progress=False)
+    assert resumed.step == 4
