@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,13 +26,17 @@ def _pyvq(*args, timeout=300):
 @pytest.mark.slow
 def test_train_resume_and_eval(tmp_path):
     run = str(tmp_path / "run")
-    out = _pyvq("train", *SMALL, "--out", run, "--steps", "4")
+    out = _pyvq("train", *SMALL, "--out", run, "--steps", "6", "--ckpt-every", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     assert os.path.isdir(os.path.join(run, "model"))
-    out = _pyvq("train", *SMALL, "--out", run, "--steps", "6", "--resume")
+    # as if killed after the step-4 checkpoint: the step-6 one and model/ never written
+    for gone in ("checkpoints/step_000000006", "model"):
+        shutil.rmtree(os.path.join(run, gone))
+    out = _pyvq("train", *SMALL, "--out", run, "--steps", "6", "--ckpt-every", "2", "--resume")
     assert out.returncode == 0, out.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "log.jsonl"))]
-    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, not restarted; the first run's 5 and 6 moved out
+    assert os.path.isdir(os.path.join(run, "model"))
     out = _pyvq("eval", "--run", run, "--no-lpips", "--image-size", "32")
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.load(open(os.path.join(run, "metrics.json")))
