@@ -53,7 +53,7 @@ from pyvq.train.config import TrainConfig
 from pyvq.train.distributed import DistInfo, all_reduce_mean, collective_guard, init_distributed
 from pyvq.train.logger import RunLogger, check_writable_dir
 from pyvq.train.recipes import Recipe, recipe_for
-from pyvq.train.schedule import warmup_cosine
+from pyvq.train.schedule import WarmupCosine, warmup_cosine
 
 try:
     import fcntl
@@ -183,8 +183,10 @@ class BaseTrainer:
     run starts in the emptied folder. A start that fails before its first
     step completes (a bad image size, say) removes what it created, and
     only that. ``resume`` continues the saved run exactly, LR schedule
-    included: a changed ``steps`` is refused (``ValueError`` naming the
-    saved and the given value). Rows of ``log.jsonl`` after the resumed
+    included: the schedulers keep the schedule they were saved with (a
+    warning says so when ``steps`` or the warm-up changed: more steps than
+    saved hold its final rate), and a checkpoint past ``steps`` is refused.
+    Rows of ``log.jsonl`` after the resumed
     checkpoint (logged by the run that died) go to ``log.discarded.jsonl``.
 
     Attributes after set-up: ``config`` (with the recipe's defaults),
@@ -372,8 +374,8 @@ class BaseTrainer:
                                         f"`pyvq train --overwrite`, if the folder is not empty)")
             info = load_checkpoint(found, self._modules(), optimizers=self._optimizers(),
                                    schedulers=self._schedulers(), map_location=self.dist.device)
-            self._check_schedule(info["extra"], found)
             self.step = info["step"]
+            self._check_schedule(found)
             self._resume_position(info["extra"], found)
             self.nonfinite_steps = int(info["extra"].get("nonfinite_steps", 0))
         for name, module in self._trained_modules().items():
@@ -390,31 +392,25 @@ class BaseTrainer:
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
                 json.dump(c.to_dict(), f, indent=1)
 
-    def _schedule_record(self) -> dict:
-        """What fixes the LR schedule as a function of the step (saved with
-        every checkpoint, checked on resume)."""
-        c = self.config
-        return {"steps": c.steps, "warmup_steps": self._warmup_steps(), "min_lr_ratio": c.min_lr_ratio}
-
-    def _check_schedule(self, extra: dict, path: str) -> None:
-        """Refuse to resume with a schedule other than the saved one (the LR
-        would jump); checkpoints without a record are taken to match."""
-        saved = extra.get("schedule")
-        if not isinstance(saved, dict):
+    def _check_schedule(self, path: str) -> None:
+        """After loading a checkpoint: the schedulers follow the schedule
+        they were saved with (``WarmupCosine`` is in their state); say so
+        when this run's settings would have given another, and refuse a
+        checkpoint past ``steps``."""
+        c, name = self.config, type(self).__name__
+        if self.step > c.steps:
+            raise ValueError(f"{name}: resume: {path} is at step {self.step}, past this run's steps={c.steps} "
+                             f"(--steps); resume with steps >= {self.step}")
+        saved = self.sched_g.lr_lambdas[0]
+        mine = WarmupCosine(self._warmup_steps(), c.steps, c.min_lr_ratio)
+        if not isinstance(saved, WarmupCosine) or vars(saved) == vars(mine) or not self.dist.is_main:
             return
-        mine = self._schedule_record()
-        if int(saved.get("steps", mine["steps"])) != mine["steps"]:
-            raise ValueError(
-                f"{type(self).__name__}: resume: {path} was written by a run of steps={saved['steps']}, and this "
-                f"one has steps={mine['steps']} (--steps): the LR schedule (warm-up then cosine decay over the "
-                f"run) would change under the resumed run and its rate jump. Resume with steps={saved['steps']} (the "
-                f"run's own count); to train for {mine['steps']} steps, start a new run (another out_dir, or "
-                f"overwrite=True: `pyvq train --overwrite`)")
-        changed = [f"{k}={saved[k]} (now {mine[k]})" for k in ("warmup_steps", "min_lr_ratio")
-                   if k in saved and saved[k] != mine[k]]
-        if changed:
-            raise ValueError(f"{type(self).__name__}: resume: {path} was written with a different LR schedule: "
-                             f"{', '.join(changed)}; resume with the saved values")
+        after = (f"; steps {saved.total_steps + 1} to {c.steps} hold its final rate" if c.steps > saved.total_steps
+                 else f"; the run ends at step {c.steps}, before its decay does" if c.steps < saved.total_steps else "")
+        warnings.warn(f"{name}: going on from {path} with steps={c.steps}, warmup_steps={c.warmup_steps}, "
+                      f"min_lr_ratio={c.min_lr_ratio}: the learning rate follows the schedule the run was saved "
+                      f"with ({saved.describe()}), not this run's ({mine.describe()}), so it does not jump{after}",
+                      UserWarning, stacklevel=4)
 
     def _resume_position(self, extra: dict, path: str) -> None:
         """The epoch and the position in it from a checkpoint's ``extra``,
@@ -568,8 +564,7 @@ class BaseTrainer:
                                extra={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                                       "sample_in_epoch": self.sample_in_epoch, "world_size": self.dist.world_size,
                                       "batch_size": self.config.batch_size,
-                                      "nonfinite_steps": self.nonfinite_steps,
-                                      "schedule": self._schedule_record()})
+                                      "nonfinite_steps": self.nonfinite_steps})
 
     def _save_in_run(self, last: bool) -> None:
         """``save``; a failure warns and the run goes on, except for the

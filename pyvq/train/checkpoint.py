@@ -481,7 +481,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
                     f"names {committed}" if committed else "does not name a step_<N> checkpoint")
             _warn(f"latest_checkpoint: {latest} {what}; using {path}, the newest valid checkpoint in {root}")
         return path
-    raise CorruptCheckpointError(f"latest_checkpoint: no valid checkpoint in {root}: " + "; ".join(problems))
+    raise CorruptCheckpointError(f"latest_checkpoint: no valid checkpoint in {root}: " + "; ".join(problems)
+                                 + ". Nothing to resume from: start the run again (into another folder, or with "
+                                 "`pyvq train --overwrite`, which moves this one's contents aside)")
 
 
 def load_checkpoint(

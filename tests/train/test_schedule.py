@@ -1,6 +1,7 @@
 """The trainer's LR schedule: short runs warm up over a tenth of the run
 and then decay, long runs keep their warm-up, and a resumed run follows the
-saved schedule step by step (a changed step count is refused)."""
+saved schedule step by step (with more steps, held at its final rate;
+a checkpoint past the given steps is refused)."""
 
 from __future__ import annotations
 
@@ -53,12 +54,22 @@ def test_a_resumed_run_follows_the_uninterrupted_schedule_step_by_step(tmp_path)
         assert math.isclose(a, b, rel_tol=0, abs_tol=0), (step, a, b)
 
 
-def test_resume_with_another_step_count_is_refused(tmp_path):
+def test_resume_with_more_steps_keeps_the_saved_schedule(tmp_path):
+    toy_trainer(tmp_path, steps=20, warmup_steps=5, ckpt_every=10).train(progress=False)
+    done = _lrs(tmp_path)
+    with pytest.warns(UserWarning, match=r"going on from .*step_000000020 with steps=30.*follows the schedule the "
+                                         r"run was saved with \(warm-up over 2 steps, cosine decay to 0.1 x lr at "
+                                         r"step 20\).*steps 21 to 30 hold its final rate"):
+        t = toy_trainer(tmp_path, steps=30, warmup_steps=5, ckpt_every=10, resume=True)
+    t.train(progress=False)
+    lrs = _lrs(tmp_path)
+    assert lrs[:20] == done
+    assert lrs[20:] == [pytest.approx(LR * t.config.min_lr_ratio, rel=1e-12)] * 10  # no jump back up
+    assert _lrs(tmp_path)[19] == pytest.approx(LR * t.config.min_lr_ratio, rel=1e-12)
+
+
+def test_resume_past_the_given_steps_is_refused(tmp_path):
     toy_trainer(tmp_path, steps=20, ckpt_every=10).train(progress=False)
-    for steps in (30, 10):
-        with pytest.raises(ValueError, match=f"written by a run of steps=20, and this one has steps={steps}"
-                                             r" \(--steps\).*Resume with steps=20"):
-            toy_trainer(tmp_path, steps=steps, resume=True)
-    with pytest.raises(ValueError, match="warmup_steps=2 .now 1."):  # the same steps, another warm-up
-        toy_trainer(tmp_path, steps=20, warmup_steps=1, resume=True)
+    with pytest.raises(ValueError, match=r"step_000000020 is at step 20, past this run's steps=10 \(--steps\)"):
+        toy_trainer(tmp_path, steps=10, resume=True)
     assert toy_trainer(tmp_path, steps=20, resume=True).step == 20
