@@ -43,6 +43,7 @@ from pyvq._checks import check_bool, check_float, check_image, check_int, check_
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
 from pyvq.nn import NearestUpsample, PatchEmbed, PatchExpanding, PatchMerging, SwinStage, VectorQuantizer
+from pyvq.nn.vector_quantizer import check_code_indices
 from pyvq.ops.window_attention import MAX_WINDOW
 
 __all__ = ["EfficientVQGAN", "EfficientVQGANConfig"]
@@ -286,8 +287,9 @@ class EfficientVQGAN(PretrainedModel, nn.Module):
         return self.decoder(z_q)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 code indices -> (B, out_ch, h*f, w*f) images."""
+        """(B, h, w) int64 code indices in [0, n_embed) -> (B, out_ch, h*f, w*f) images."""
         if isinstance(indices, torch.Tensor) and indices.dim() == 3:
+            check_code_indices(indices, self.quantize.num_codes, where="EfficientVQGAN.decode_indices")
             return self.decode(self.quantize.codes_from_indices(indices))
         got = f"shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ValueError(f"EfficientVQGAN.decode_indices: argument 'indices' must be a (B, h, w) integer tensor, "
