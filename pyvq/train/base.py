@@ -201,7 +201,12 @@ class BaseTrainer:
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-                json.dump(c.to_dict(), f, indent=1)
+                json.dump(self._config_record(), f, indent=1)
+
+    def _config_record(self) -> dict:
+        """What config.json holds: the config's fields (a subclass may leave
+        out those its runs do not use)."""
+        return self.config.to_dict()
 
     def _resume_position(self, extra: dict, path: str) -> None:
         """The epoch and the position in it from a checkpoint's ``extra``,
