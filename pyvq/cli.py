@@ -19,8 +19,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 
 
 def _print_info(as_json: bool) -> int:
@@ -171,9 +173,12 @@ def _eval_inpaint(args) -> int:
 
         lpips = build_lpips()
     out = args.out or os.path.join(args.decoder, f"inpaint_{args.masks}")
-    report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
-                              masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
-                              fid=args.fid, example_split=args.example_split, seed=args.seed)
+    try:
+        report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
+                                  masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
+                                  fid=args.fid, example_split=args.example_split, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"pyvq eval-inpaint: {exc}") from None
     print(f"report: {report}")
     return 0
 
@@ -227,6 +232,16 @@ def _prior_kwargs(prior, args, command: str, method: str, defaults: dict | None 
     return kwargs
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Inside the block, a warning prints as one line ``pyvq COMMAND:
+    warning: ...`` on stderr (no source location)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"pyvq {command}: warning: {message}",
+                                                             file=sys.stderr)
+        yield
+
+
 def _sample(args) -> int:
     import os
 
@@ -236,8 +251,10 @@ def _sample(args) -> int:
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
     kwargs = _prior_kwargs(prior, args, "sample", "sample")
     try:
-        images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
-                                  **kwargs)
+        with _warnings_as_lines("sample"):
+            images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
+                                      tokenizer_name=f"--tokenizer {args.tokenizer}",
+                                      force_tokenizer=args.force_tokenizer, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq sample: {exc}") from None
     out = args.out or os.path.join(args.prior, "samples.png")
@@ -251,7 +268,7 @@ def _inpaint(args) -> int:
 
     import torch
 
-    from pyvq.train.generate import (box_mask, inpaint_image, outpaint_canvas, read_image, read_mask,
+    from pyvq.train.generate import (box_mask, image_size, inpaint_image, outpaint_canvas, read_image, read_mask,
                                      save_image_grid)
 
     prior = _load(args.prior, "--prior", "inpaint")
@@ -262,11 +279,12 @@ def _inpaint(args) -> int:
     for path, flag in files:
         if not os.path.isfile(path):
             raise SystemExit(f"pyvq inpaint: {flag} {path} is not a file")
+    source = image_size(args.image)
     image = read_image(args.image, size)
     defaults = None
     try:
         if args.mask:
-            mask = read_mask(args.mask, size)
+            mask = read_mask(args.mask, size, like=source)
         elif args.outpaint is not None:
             image, mask = outpaint_canvas(image, args.outpaint * f)
             defaults = {"order": "center_out"}  # grow the image outwards from the known centre
@@ -278,8 +296,10 @@ def _inpaint(args) -> int:
                          f"{size // f} x {size // f} codes)") from None
     kwargs = _prior_kwargs(prior, args, "inpaint", "inpaint", defaults)
     try:
-        out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
-                            **kwargs)
+        with _warnings_as_lines("inpaint"):
+            out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
+                                tokenizer_name=f"--tokenizer {args.tokenizer}",
+                                force_tokenizer=args.force_tokenizer, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq inpaint: {exc}") from None
     target = args.out or os.path.join(args.prior, "inpaint.png")
@@ -289,11 +309,20 @@ def _inpaint(args) -> int:
     save_image_grid(panel, torch.stack([image, masked, out["decoded"], out["completion"]]), nrow=4)
     print(f"wrote {target} and {panel} (input, masked, decoded codes, completion); "
           f"{int((~out['keep']).sum())} of {out['keep'].numel()} codes generated")
+    if source != (size, size):
+        w, h = source
+        print(f"note: the image is {w} x {h} pixels; its centre {min(w, h)} x {min(w, h)} square was resized to "
+              f"{size} x {size} (the prior's {size // f} x {size // f} codes x the tokenizer's factor {f}), "
+              f"so the completion is {size} x {size}")
     return 0
 
 
 _STEPS_HELP = ("sampling steps: a diffusion prior's strided reverse steps (default: all); a "
                "MultiGrainedTransformer's decoding steps per block (default: its config's)")
+
+
+_FORCE_HELP = ("use --tokenizer although its weights are not those of the tokenizer the prior was trained "
+               "with (same K and code shape; a warning instead of an error)")
 
 
 def _add_prior_flags(parser) -> None:
@@ -352,16 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--finetune-steps", type=int, default=None)
 
     p_inp = sub.add_parser("eval-inpaint", help="compare an Asymmetric VQGAN decoder with the vanilla one on masks")
-    p_inp.add_argument("--tokenizer", required=True, help="run directory of the base VQGAN / AutoencoderKL")
+    p_inp.add_argument("--tokenizer", help="run directory of the decoder's base VQGAN / AutoencoderKL (default: the "
+                       "base its run was trained on, train --base; another tokenizer is refused)")
     p_inp.add_argument("--decoder", required=True, help="run directory of the AsymmetricVQGAN")
     p_inp.add_argument("--data", default="builtin", help="'builtin' or an image folder")
-    p_inp.add_argument("--split", default="val", choices=("train", "val"))
+    p_inp.add_argument("--split", default="val", choices=("train", "val"),
+                       help="split of the built-in photographs (an image folder is used whole)")
     p_inp.add_argument("--masks", default="thick", choices=("thick", "medium", "thin", "box", "hard"))
     p_inp.add_argument("--num", type=int, default=32, help="number of images")
     p_inp.add_argument("--image-size", type=int)
     p_inp.add_argument("--seed", type=int, default=0, help="mask seed")
     p_inp.add_argument("--example-split", default="train", choices=("train", "val", "all"),
-                       help="built-in split of the example images ('text', 'page' are train)")
+                       help="built-in split of the example images ('text', 'page' are train); with --data "
+                       "FOLDER the examples are its first two images")
     p_inp.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True)
     p_inp.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False)
     p_inp.add_argument("--out", help="report directory (default DECODER_RUN/inpaint_MASKS)")
@@ -392,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--nrow", type=int, help="images per row (default: about sqrt(n))")
     p_sample.add_argument("--out", help="PNG path (default PRIOR/samples.png)")
+    p_sample.add_argument("--force-tokenizer", action="store_true", help=_FORCE_HELP)
     _add_prior_flags(p_sample)
 
     p_inpt = sub.add_parser("inpaint", help="complete the masked region of an image through a prior")
@@ -412,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p_inpt.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
                         help="put the known pixels back after decoding")
     p_inpt.add_argument("--out", help="PNG path (default PRIOR/inpaint.png; a _panel.png is written beside it)")
+    p_inpt.add_argument("--force-tokenizer", action="store_true", help=_FORCE_HELP)
     _add_prior_flags(p_inpt)
 
     args = parser.parse_args(argv)

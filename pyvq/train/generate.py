@@ -10,10 +10,12 @@ transformer's ``labels`` or ``temperature``) pass through ``prior_kwargs``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from pyvq._checks import check_int
-import torch.nn.functional as F
 
 
 def decode_codes(tokenizer, codes: torch.Tensor) -> torch.Tensor:
@@ -28,14 +30,75 @@ def decode_codes(tokenizer, codes: torch.Tensor) -> torch.Tensor:
     return out.float().clamp(-1, 1)
 
 
-def _check_pair(prior, tokenizer) -> None:
-    """The prior models the kind of codes the tokenizer makes."""
+def _codebook_size(prior) -> int:
+    """K of an indices prior (``num_codes`` or, for the diffusion priors, ``num_classes``)."""
+    return int(getattr(prior, "num_codes", None) or prior.num_classes)
+
+
+def _described(record: dict) -> str:
+    where = record.get("path") or "an unrecorded folder"
+    return f"{where} ({record.get('class') or 'unknown class'}, {record.get('fingerprint') or 'no fingerprint'})"
+
+
+def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, force: bool = False) -> None:
+    """Refuse a tokenizer whose codes the prior does not model.
+
+    Errors (``ValueError``, naming both values): a prior of the other kind
+    of codes; indices: the prior's K against the tokenizer's codebook size;
+    keys: the prior's code channels against the tokenizer's
+    ``code_channels``; a prior whose tokenizer record (``config.tokenizer``,
+    written by ``PriorTrainer``) disagrees with the prior's own K / code
+    shape; and, unless ``force``, a tokenizer whose weights' fingerprint
+    (``pyvq.data.codes.tokenizer_fingerprint``) is not the recorded one (its
+    codes mean other things, even at the same K). With ``force`` that last
+    one is a warning. A prior without a record (trained before pyvq wrote
+    it) or a record without a fingerprint gets one warning and only the K /
+    shape checks. ``tokenizer_name`` (e.g. the folder it came from) names
+    the tokenizer in the messages.
+    """
+    from pyvq.data.codes import tokenizer_fingerprint
+
     kind = getattr(prior, "code_kind", None)
     if kind is None:
         raise ValueError(f"the prior is a {type(prior).__name__}, not a pyvq prior")
     makes = "indices" if hasattr(tokenizer, "decode_indices") else "keys"
+    name = tokenizer_name or f"the {type(tokenizer).__name__} tokenizer"
     if kind != makes:
-        raise ValueError(f"the prior models {kind} but the {type(tokenizer).__name__} tokenizer makes {makes}")
+        raise ValueError(f"the prior models {kind} but {name} makes {makes}")
+    shape = tuple(prior.code_shape)
+    if kind == "indices":
+        K, tok_K = _codebook_size(prior), int(tokenizer.quantize.num_codes)
+        if K != tok_K:
+            raise ValueError(f"the prior models K = {K} code indices but {name} has a codebook of K = {tok_K} "
+                             "codes: give the tokenizer whose codes the prior was trained on")
+    else:
+        C, tok_C = shape[0], int(tokenizer.config.code_channels)
+        if C != tok_C:
+            raise ValueError(f"the prior models key codes of {C} channels but {name} makes {tok_C} "
+                             "(code_channels): give the tokenizer whose codes the prior was trained on")
+    record = getattr(prior.config, "tokenizer", None)
+    if record is None:
+        warnings.warn(f"the {type(prior).__name__} prior records no tokenizer (trained before pyvq recorded "
+                      f"it): only its kind, K and code shape were checked against {name}", stacklevel=2)
+        return
+    if record.get("kind") != kind or tuple(record.get("shape") or ()) != shape or (
+            kind == "indices" and record.get("num_classes") != _codebook_size(prior)):
+        raise ValueError(f"the prior's tokenizer record ({record.get('kind')}, shape {record.get('shape')}, "
+                         f"K = {record.get('num_classes')}) does not match the prior ({kind}, shape {list(shape)}"
+                         + (f", K = {_codebook_size(prior)})" if kind == "indices" else ")"))
+    if not record.get("fingerprint"):
+        warnings.warn(f"the prior's tokenizer record ({_described(record)}) has no fingerprint (codes written "
+                      f"before pyvq recorded it): only its kind, K and code shape were checked against {name}",
+                      stacklevel=2)
+        return
+    got = tokenizer_fingerprint(tokenizer)
+    if got != record["fingerprint"]:
+        message = (f"the prior was trained on the codes of tokenizer {_described(record)}, but {name} "
+                   f"({type(tokenizer).__name__}, {got}) has other weights, so its codes mean other things")
+        if not force:
+            raise ValueError(message + "; give the tokenizer the prior was trained with, or force it "
+                             "(pyvq sample / inpaint: --force-tokenizer)")
+        warnings.warn(message + " (forced)", stacklevel=2)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -46,12 +109,15 @@ def _generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: int = 0, batch_size: int = 16,
-                  progress: bool = False, **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool = False, tokenizer_name: str | None = None, force_tokenizer: bool = False,
+                  **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, H, W) in [-1, 1], codes) sampled from ``prior`` and
     decoded by ``tokenizer``; ``steps`` strided reverse steps (default: all;
-    the prior's meaning of ``steps``); ``prior_kwargs`` go to ``prior.sample``."""
+    the prior's meaning of ``steps``); ``prior_kwargs`` go to ``prior.sample``.
+    The tokenizer is checked first (``check_code_space``, which
+    ``tokenizer_name`` and ``force_tokenizer`` go to)."""
     check_int("n", n, where="sample_images", minimum=1)
-    _check_pair(prior, tokenizer)
+    check_code_space(prior, tokenizer, tokenizer_name=tokenizer_name, force=force_tokenizer)
     prior.eval(), tokenizer.eval()
     g = _generator(seed)
     codes = torch.cat([prior.sample(min(batch_size, n - i), steps=steps, generator=g, progress=progress,
@@ -62,7 +128,8 @@ def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: i
 
 @torch.no_grad()
 def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, steps: int | None = None,
-                  seed: int = 0, paste: bool = True, progress: bool = False, **prior_kwargs) -> dict:
+                  seed: int = 0, paste: bool = True, progress: bool = False, tokenizer_name: str | None = None,
+                  force_tokenizer: bool = False, **prior_kwargs) -> dict:
     """Complete the masked region of one image through the prior.
 
     Args:
@@ -70,6 +137,8 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         mask: (1, H, W) or (H, W), 1 = region to generate.
         paste: put the known pixels back after decoding (the tokenizer's
             reconstruction of them is lossy).
+        tokenizer_name, force_tokenizer: for ``check_code_space``, which
+            checks the tokenizer first.
         prior_kwargs: further keyword arguments of ``prior.inpaint``.
 
     A code is kept (re-imposed from the image at every reverse step) when
@@ -82,7 +151,7 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
     """
     from pyvq.data.codes import tokenizer_codes
 
-    _check_pair(prior, tokenizer)
+    check_code_space(prior, tokenizer, tokenizer_name=tokenizer_name, force=force_tokenizer)
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"inpaint_image: argument 'image' must be (3, H, W), got {tuple(image.shape)}")
     mask = mask.float()
@@ -139,6 +208,14 @@ def _centre_square(img, size: int, resample):
     return img.resize((size, size), resample, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
 def read_image(path: str, size: int) -> torch.Tensor:
     """(3, size, size) in [-1, 1]: the image's centre square, resized."""
     from PIL import Image
@@ -149,12 +226,18 @@ def read_image(path: str, size: int) -> torch.Tensor:
         return pil_to_tensor(_centre_square(to_rgb(img), size, Image.Resampling.BICUBIC))
 
 
-def read_mask(path: str, size: int) -> torch.Tensor:
+def read_mask(path: str, size: int, like: tuple[int, int] | None = None) -> torch.Tensor:
     """(1, size, size) {0, 1} from a mask image (white / non-zero = region to
-    generate), cropped and resized like ``read_image`` (nearest)."""
+    generate), cropped and resized like ``read_image`` (nearest).
+    ``like``: the (width, height) of the image the mask belongs to; a mask of
+    another size is refused (``ValueError`` naming both sizes), as cropping
+    and resizing it would move the region."""
     from PIL import Image
 
     with Image.open(path) as img:
+        if like is not None and tuple(img.size) != tuple(like):
+            raise ValueError(f"the mask {path} is {img.size[0]} x {img.size[1]} pixels but the image is "
+                             f"{like[0]} x {like[1]}: give a mask of the image's size")
         img = _centre_square(img.convert("L"), size, Image.Resampling.NEAREST)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size)
     return (data > 127).float()[None]
