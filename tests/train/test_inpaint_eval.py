@@ -273,6 +273,6 @@ def test_cli_eval_inpaint_reports_and_shows_the_folder_it_used(tiny_vq, tmp_path
     assert str(folder) in info["examples"]
     import numpy as np
 
-    px = torch.from_numpy(np.asarray(Image.open(tmp_path / "report" / "examples.png").convert("RGB"))).int()
+    px = torch.from_numpy(np.array(Image.open(tmp_path / "report" / "examples.png").convert("RGB"))).int()
     red = ((px[..., 0] > 200) & (px[..., 1] < 50) & (px[..., 2] < 50)).float().mean()
     assert red > 0.05, float(red)  # the folder's images, not the built-in "text" and "page"
