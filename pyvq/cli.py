@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import warnings
@@ -232,14 +231,20 @@ def _prior_kwargs(prior, args, command: str, method: str, defaults: dict | None 
     return kwargs
 
 
-@contextlib.contextmanager
-def _warnings_as_lines(command: str):
-    """Inside the block, a warning prints as one line ``pyvq COMMAND:
-    warning: ...`` on stderr (no source location)."""
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"pyvq {command}: warning: {message}",
-                                                             file=sys.stderr)
-        yield
+def _check_tokenizer(prior, tokenizer, args, command: str) -> None:
+    """``check_code_space`` of --prior and --tokenizer, before any work: an
+    error exits with one line naming both; a warning prints as one line."""
+    from pyvq.train.generate import check_code_space
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            check_code_space(prior, tokenizer, tokenizer_name=f"--tokenizer {args.tokenizer}",
+                             force=args.force_tokenizer)
+        except ValueError as exc:
+            raise SystemExit(f"pyvq {command}: --prior {args.prior}: {exc}") from None
+    for w in caught:
+        print(f"pyvq {command}: warning: {w.message}", file=sys.stderr)
 
 
 def _sample(args) -> int:
@@ -249,12 +254,11 @@ def _sample(args) -> int:
 
     prior = _load(args.prior, "--prior", "sample")
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
+    _check_tokenizer(prior, tokenizer, args, "sample")
     kwargs = _prior_kwargs(prior, args, "sample", "sample")
     try:
-        with _warnings_as_lines("sample"):
-            images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
-                                      tokenizer_name=f"--tokenizer {args.tokenizer}",
-                                      force_tokenizer=args.force_tokenizer, **kwargs)
+        images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
+                                  check_tokenizer=False, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq sample: {exc}") from None
     out = args.out or os.path.join(args.prior, "samples.png")
@@ -273,6 +277,7 @@ def _inpaint(args) -> int:
 
     prior = _load(args.prior, "--prior", "inpaint")
     tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
+    _check_tokenizer(prior, tokenizer, args, "inpaint")
     f = tokenizer.downsample_factor
     size = prior.code_shape[-1] * f  # the image size the prior's codes come from
     files = [(args.image, "--image")] + ([(args.mask, "--mask")] if args.mask else [])
@@ -296,10 +301,8 @@ def _inpaint(args) -> int:
                          f"{size // f} x {size // f} codes)") from None
     kwargs = _prior_kwargs(prior, args, "inpaint", "inpaint", defaults)
     try:
-        with _warnings_as_lines("inpaint"):
-            out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
-                                tokenizer_name=f"--tokenizer {args.tokenizer}",
-                                force_tokenizer=args.force_tokenizer, **kwargs)
+        out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
+                            check_tokenizer=False, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq inpaint: {exc}") from None
     target = args.out or os.path.join(args.prior, "inpaint.png")

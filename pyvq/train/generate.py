@@ -36,8 +36,9 @@ def _codebook_size(prior) -> int:
 
 
 def _described(record: dict) -> str:
-    where = record.get("path") or "an unrecorded folder"
-    return f"{where} ({record.get('class') or 'unknown class'}, {record.get('fingerprint') or 'no fingerprint'})"
+    """"VQGAN /runs/tok (sha256:...)" from a tokenizer record, what it has of it."""
+    parts = [record.get("class") or "tokenizer", record.get("path") or "(folder not recorded)"]
+    return " ".join(parts) + (f" ({record['fingerprint']})" if record.get("fingerprint") else "")
 
 
 def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, force: bool = False) -> None:
@@ -60,9 +61,19 @@ def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, for
 
     kind = getattr(prior, "code_kind", None)
     if kind is None:
-        raise ValueError(f"the prior is a {type(prior).__name__}, not a pyvq prior")
-    makes = "indices" if hasattr(tokenizer, "decode_indices") else "keys"
+        raise ValueError(f"the prior is a {type(prior).__name__}, not a pyvq prior (a vqddm_*, keycode_diffusion_* "
+                         "or mgt_* run expected)")
     name = tokenizer_name or f"the {type(tokenizer).__name__} tokenizer"
+    if getattr(tokenizer, "code_kind", None) is not None:
+        raise ValueError(f"{name} is a prior ({type(tokenizer).__name__}), not a tokenizer: give the tokenizer run "
+                         "whose codes the prior models (a VQGAN, EfficientVQGAN or BRICS run)")
+    if hasattr(tokenizer, "decode_indices"):
+        makes = "indices"
+    elif hasattr(getattr(tokenizer, "config", None), "code_channels"):
+        makes = "keys"
+    else:
+        raise ValueError(f"{name} is a {type(tokenizer).__name__}, which makes neither code indices nor key codes "
+                         "(a VQGAN, EfficientVQGAN or BRICS run expected)")
     if kind != makes:
         raise ValueError(f"the prior models {kind} but {name} makes {makes}")
     shape = tuple(prior.code_shape)
@@ -87,9 +98,9 @@ def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, for
                          f"K = {record.get('num_classes')}) does not match the prior ({kind}, shape {list(shape)}"
                          + (f", K = {_codebook_size(prior)})" if kind == "indices" else ")"))
     if not record.get("fingerprint"):
-        warnings.warn(f"the prior's tokenizer record ({_described(record)}) has no fingerprint (codes written "
-                      f"before pyvq recorded it): only its kind, K and code shape were checked against {name}",
-                      stacklevel=2)
+        warnings.warn(f"the prior records its tokenizer ({_described(record)}) without a fingerprint (codes "
+                      f"written before pyvq recorded it): only its kind, K and code shape were checked against "
+                      f"{name}", stacklevel=2)
         return
     got = tokenizer_fingerprint(tokenizer)
     if got != record["fingerprint"]:
@@ -109,15 +120,17 @@ def _generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: int = 0, batch_size: int = 16,
-                  progress: bool = False, tokenizer_name: str | None = None, force_tokenizer: bool = False,
+                  progress: bool = False, force_tokenizer: bool = False, check_tokenizer: bool = True,
                   **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, H, W) in [-1, 1], codes) sampled from ``prior`` and
     decoded by ``tokenizer``; ``steps`` strided reverse steps (default: all;
     the prior's meaning of ``steps``); ``prior_kwargs`` go to ``prior.sample``.
-    The tokenizer is checked first (``check_code_space``, which
-    ``tokenizer_name`` and ``force_tokenizer`` go to)."""
+    The tokenizer is checked first (``check_code_space``, with
+    ``force=force_tokenizer``) unless ``check_tokenizer`` is False (the
+    caller checked it)."""
     check_int("n", n, where="sample_images", minimum=1)
-    check_code_space(prior, tokenizer, tokenizer_name=tokenizer_name, force=force_tokenizer)
+    if check_tokenizer:
+        check_code_space(prior, tokenizer, force=force_tokenizer)
     prior.eval(), tokenizer.eval()
     g = _generator(seed)
     codes = torch.cat([prior.sample(min(batch_size, n - i), steps=steps, generator=g, progress=progress,
@@ -128,8 +141,8 @@ def sample_images(prior, tokenizer, n: int, *, steps: int | None = None, seed: i
 
 @torch.no_grad()
 def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, steps: int | None = None,
-                  seed: int = 0, paste: bool = True, progress: bool = False, tokenizer_name: str | None = None,
-                  force_tokenizer: bool = False, **prior_kwargs) -> dict:
+                  seed: int = 0, paste: bool = True, progress: bool = False, force_tokenizer: bool = False,
+                  check_tokenizer: bool = True, **prior_kwargs) -> dict:
     """Complete the masked region of one image through the prior.
 
     Args:
@@ -137,8 +150,9 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         mask: (1, H, W) or (H, W), 1 = region to generate.
         paste: put the known pixels back after decoding (the tokenizer's
             reconstruction of them is lossy).
-        tokenizer_name, force_tokenizer: for ``check_code_space``, which
-            checks the tokenizer first.
+        force_tokenizer: ``check_code_space``'s ``force``; it checks the
+            tokenizer first, unless ``check_tokenizer`` is False (the
+            caller checked it).
         prior_kwargs: further keyword arguments of ``prior.inpaint``.
 
     A code is kept (re-imposed from the image at every reverse step) when
@@ -151,7 +165,8 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
     """
     from pyvq.data.codes import tokenizer_codes
 
-    check_code_space(prior, tokenizer, tokenizer_name=tokenizer_name, force=force_tokenizer)
+    if check_tokenizer:
+        check_code_space(prior, tokenizer, force=force_tokenizer)
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"inpaint_image: argument 'image' must be (3, H, W), got {tuple(image.shape)}")
     mask = mask.float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 
@@ -94,7 +95,13 @@ class PriorTrainer(BaseTrainer):
     def _new_model(self) -> torch.nn.Module:
         """The ``config.model`` preset sized for the dataset's codes."""
         c = self.config
-        return build_prior(c.model, self.dataset.meta, c.model_overrides)
+        model = build_prior(c.model, self.dataset.meta, c.model_overrides)
+        if getattr(model, "class_embed", None) is not None:  # a class-conditional MultiGrainedTransformer
+            warnings.warn(f"PriorTrainer: {c.model!r} with num_classes={model.config.num_classes} is "
+                          "class-conditional, but a codes folder holds no class labels: it trains the null "
+                          "class only, so its class embeddings stay untrained (set num_classes=0 for an "
+                          "unconditional prior)", stacklevel=2)
+        return model
 
     def _config_record(self) -> dict:
         """config.json of a prior run: the codes folder (absolute) instead of

@@ -228,3 +228,30 @@ def test_inpaint_says_the_image_was_resized(vq256, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "96 x 64" in out and "resized to 32 x 32" in out and "completion is 32 x 32" in out
     assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+# ------------------------------------------------------ wrong kinds of run
+def test_runs_of_the_wrong_kind_are_named(vq256, tmp_path):
+    from pyvq.models.tokenizers import AsymmetricVQGAN
+
+    tok_dir, prior_dir = vq256
+    with pytest.raises(SystemExit, match=r"--tokenizer .* is a prior \(MultinomialDiffusion\), not a tokenizer"):
+        _sample(prior_dir, prior_dir, tmp_path / "x.png")
+    with pytest.raises(SystemExit, match="is a VQGAN, not a pyvq prior"):
+        _sample(tok_dir, tok_dir, tmp_path / "x.png")
+    asym = str(tmp_path / "asym")
+    AsymmetricVQGAN.from_base(_vqgan()).save_pretrained(asym)
+    with pytest.raises(SystemExit, match="AsymmetricVQGAN, which makes neither code indices nor key codes"):
+        _sample(prior_dir, asym, tmp_path / "x.png")
+
+
+def test_class_conditional_prior_on_codes_without_labels_warns(tmp_path):
+    from pyvq.train.config import TrainConfig
+    from pyvq.train.prior_trainer import PriorTrainer
+
+    data = torch.utils.data.TensorDataset(torch.randint(0, 16, (8, 4, 4)))
+    data.meta = {"kind": "indices", "shape": [4, 4], "num_classes": 16}
+    config = TrainConfig(model="mgt_tiny", steps=1, batch_size=2, model_overrides={"num_classes": 3})
+    with pytest.warns(UserWarning, match="holds no class labels"):
+        trainer = PriorTrainer(config, str(tmp_path / "run"), dataset=data)
+    trainer.logger.close()
