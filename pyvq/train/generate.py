@@ -95,6 +95,9 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
                          f"{tuple(image.shape[1:])}, got {tuple(mask.shape)}")
     prior.eval(), tokenizer.eval()
     _, codes = tokenizer_codes(tokenizer, image[None])
+    if not hasattr(tokenizer, "known_codes"):
+        raise ValueError(f"inpaint_image: the {type(tokenizer).__name__} tokenizer has no known_codes(mask), "
+                         "the method that says which of its codes a mask leaves known")
     keep = tokenizer.known_codes(mask)  # (h, w): the tokenizer's rule (BRICS: its tiling)
     keep_arg = keep[None] if codes.dtype == torch.int64 else keep[None, None].expand_as(codes)
     out = prior.inpaint(codes, keep_arg, steps=steps, generator=_generator(seed), progress=progress,

@@ -108,3 +108,21 @@ def test_pyvq_inpaint_with_a_brics_prior_counts_the_generated_keys(tmp_path, cap
                      "--out", out])
     assert code in (0, None) and os.path.getsize(out) > 0
     assert "16 of 64 codes generated" in capsys.readouterr().out  # as in the test above
+
+
+def test_inpaint_image_needs_the_tokenizers_rule():
+    tokenizer, prior = _brics_and_prior()
+
+    class Plain(torch.nn.Module):  # a key-code tokenizer that does not say which codes a mask leaves known
+        def __init__(self):
+            super().__init__()
+            self.inner = tokenizer
+
+        def encode(self, x):
+            return self.inner.encode(x)
+
+        def decode(self, keys):
+            return self.inner.decode(keys)
+
+    with pytest.raises(ValueError, match="Plain tokenizer has no known_codes"):
+        inpaint_image(prior, Plain(), torch.zeros(3, 32, 32), box_mask(32, (0, 0, 4, 4)), steps=1)

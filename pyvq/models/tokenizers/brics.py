@@ -344,7 +344,9 @@ class BRICS(PretrainedModel, nn.Module):
         the mask, and every unknown key feeds at least one masked block.
         In decoded pixels each key also reaches a few pixels around its
         blocks (the synthesis convolutions) and, weakly, every pixel (the
-        style is computed from the mean feature).
+        style is computed from the mean feature); and the encoder (its
+        attention at the code resolution) made every key from the whole
+        image, masked pixels included.
         """
         c = self.config
         t = c.tile_factor
