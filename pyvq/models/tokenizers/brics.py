@@ -320,16 +320,11 @@ class BRICS(PretrainedModel, nn.Module):
 
     # ------------------------------------------------------------ inpainting
     def known_codes(self, mask: torch.Tensor) -> torch.Tensor:
-        """Which key codes an inpainting mask leaves known.
-
-        Args:
-            mask: (H, W), (1, H, W) or (B, 1, H, W) pixels, non-zero / True
-                = region to generate; H and W multiples of the
-                downsampling factor f.
-
-        Returns:
-            bool (H / f, W / f) (or (B, H / f, W / f)): True where the key
-            is known (kept from the image).
+        """Which key codes an inpainting mask leaves known: ``mask`` (H, W),
+        (1, H, W) or (B, 1, H, W), non-zero / True = region to generate, H
+        and W multiples of the downsampling factor f -> bool (H / f, W / f)
+        (or (B, H / f, W / f)), True where the key is kept from the image
+        (the shapes of every tokenizer's ``known_codes``).
 
         Key (a, b) is queried at every feature position (i, j) that
         ``tile_codes`` gives it, and position (i, j) is decoded into the
