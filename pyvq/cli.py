@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(N x the tokenizer's factor in pixels) around it; --order defaults to center_out")
     region.add_argument("--box", type=int, nargs=4, metavar=("Y0", "X0", "Y1", "X1"),
                         help="box edit: regenerate the pixel box rows Y0..Y1-1, columns X0..X1-1 of the image "
-                        "resized to the prior's resolution (every code it touches); with --label, as that "
+                        "resized to the prior's resolution (every code that decodes into it: a VQ code whose "
+                        "block it touches, a BRICS key whose tiled cells it touches); with --label, as that "
                         "class (a class-conditional prior)")
     p_inpt.add_argument("--steps", type=int, help=_STEPS_HELP)
     p_inpt.add_argument("--seed", type=int, default=0)

@@ -156,8 +156,10 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
         prior_kwargs: further keyword arguments of ``prior.inpaint``.
 
     A code is kept (re-imposed from the image at every reverse step) when
-    its f x f block of pixels (f the tokenizer's downsampling factor) has no
-    masked pixel; every other code is generated.
+    ``tokenizer.known_codes(mask)`` says so: for VQ tokenizers when its
+    f x f block of pixels (f the downsampling factor) has no masked pixel,
+    for BRICS when every pixel block it feeds through its tiling lies
+    outside the mask; every other code is generated.
 
     Returns:
         dict with ``completion`` (3, H, W), ``decoded`` (3, H, W) (the
@@ -177,9 +179,10 @@ def inpaint_image(prior, tokenizer, image: torch.Tensor, mask: torch.Tensor, *, 
                          f"{tuple(image.shape[1:])}, got {tuple(mask.shape)}")
     prior.eval(), tokenizer.eval()
     _, codes = tokenizer_codes(tokenizer, image[None])
-    h, w = codes.shape[-2:]
-    f = image.shape[-1] // w
-    keep = F.max_pool2d(mask[None], kernel_size=f, stride=f)[0, 0] == 0  # (h, w)
+    if not hasattr(tokenizer, "known_codes"):
+        raise ValueError(f"inpaint_image: the {type(tokenizer).__name__} tokenizer has no known_codes(mask), "
+                         "the method that says which of its codes a mask leaves known")
+    keep = tokenizer.known_codes(mask)  # (h, w): the tokenizer's rule (BRICS: its tiling)
     keep_arg = keep[None] if codes.dtype == torch.int64 else keep[None, None].expand_as(codes)
     out = prior.inpaint(codes, keep_arg, steps=steps, generator=_generator(seed), progress=progress,
                         **prior_kwargs)

@@ -42,6 +42,7 @@ from torch import nn
 from pyvq._checks import check_bool, check_float, check_image, check_int, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
+from pyvq.models.tokenizers.code_masks import BlockKnownCodes
 from pyvq.nn import NearestUpsample, PatchEmbed, PatchExpanding, PatchMerging, SwinStage, VectorQuantizer
 from pyvq.nn.vector_quantizer import check_code_indices
 from pyvq.ops.window_attention import MAX_WINDOW
@@ -232,7 +233,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class EfficientVQGAN(PretrainedModel, nn.Module):
+class EfficientVQGAN(BlockKnownCodes, PretrainedModel, nn.Module):
     """Efficient-VQGAN tokenizer; see the module docstring. The API is
     ``VQGAN``'s: ``encode`` -> ``VQEncoding``, ``decode``,
     ``decode_indices``, ``forward`` -> ``TokenizerOutput`` (aux: a

@@ -24,6 +24,7 @@ from torch import nn
 from pyvq._checks import check_image
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
+from pyvq.models.tokenizers.code_masks import BlockKnownCodes
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs, check_arch_fields
 from pyvq.nn.vector_quantizer import check_beta_term, check_code_indices
@@ -92,7 +93,7 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-class VQGAN(PretrainedModel, nn.Module):
+class VQGAN(BlockKnownCodes, PretrainedModel, nn.Module):
     """VQGAN tokenizer; see the module docstring.
 
     Args:
