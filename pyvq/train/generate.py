@@ -37,8 +37,10 @@ def _codebook_size(prior) -> int:
 
 def _described(record: dict) -> str:
     """"VQGAN /runs/tok (sha256:...)" from a tokenizer record, what it has of it."""
-    parts = [record.get("class") or "tokenizer", record.get("path") or "(folder not recorded)"]
-    return " ".join(parts) + (f" ({record['fingerprint']})" if record.get("fingerprint") else "")
+    text = " ".join(v for v in (record.get("class"), record.get("path")) if v)
+    if record.get("fingerprint"):
+        text += f" ({record['fingerprint']})"
+    return text.strip() or "no class, folder or fingerprint recorded"
 
 
 def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, force: bool = False) -> None:
@@ -67,13 +69,12 @@ def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, for
     if getattr(tokenizer, "code_kind", None) is not None:
         raise ValueError(f"{name} is a prior ({type(tokenizer).__name__}), not a tokenizer: give the tokenizer run "
                          "whose codes the prior models (a VQGAN, EfficientVQGAN or BRICS run)")
-    if hasattr(tokenizer, "decode_indices"):
-        makes = "indices"
-    elif hasattr(getattr(tokenizer, "config", None), "code_channels"):
-        makes = "keys"
-    else:
-        raise ValueError(f"{name} is a {type(tokenizer).__name__}, which makes neither code indices nor key codes "
+    from pyvq.models.tokenizers import AsymmetricVQGAN, AutoencoderKL
+
+    if isinstance(tokenizer, (AsymmetricVQGAN, AutoencoderKL)):
+        raise ValueError(f"{name} is an {type(tokenizer).__name__}, which makes neither code indices nor key codes "
                          "(a VQGAN, EfficientVQGAN or BRICS run expected)")
+    makes = "indices" if hasattr(tokenizer, "decode_indices") else "keys"
     if kind != makes:
         raise ValueError(f"the prior models {kind} but {name} makes {makes}")
     shape = tuple(prior.code_shape)
@@ -82,7 +83,7 @@ def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, for
         if K != tok_K:
             raise ValueError(f"the prior models K = {K} code indices but {name} has a codebook of K = {tok_K} "
                              "codes: give the tokenizer whose codes the prior was trained on")
-    else:
+    elif hasattr(getattr(tokenizer, "config", None), "code_channels"):  # BRICS
         C, tok_C = shape[0], int(tokenizer.config.code_channels)
         if C != tok_C:
             raise ValueError(f"the prior models key codes of {C} channels but {name} makes {tok_C} "
@@ -98,13 +99,13 @@ def check_code_space(prior, tokenizer, *, tokenizer_name: str | None = None, for
                          f"K = {record.get('num_classes')}) does not match the prior ({kind}, shape {list(shape)}"
                          + (f", K = {_codebook_size(prior)})" if kind == "indices" else ")"))
     if not record.get("fingerprint"):
-        warnings.warn(f"the prior records its tokenizer ({_described(record)}) without a fingerprint (codes "
-                      f"written before pyvq recorded it): only its kind, K and code shape were checked against "
-                      f"{name}", stacklevel=2)
+        warnings.warn(f"the prior's record of its tokenizer ({_described(record)}) has no fingerprint (its "
+                      f"codes.json was written before pyvq recorded one, or by hand): only its kind, K and code "
+                      f"shape were checked against {name}", stacklevel=2)
         return
     got = tokenizer_fingerprint(tokenizer)
     if got != record["fingerprint"]:
-        message = (f"the prior was trained on the codes of tokenizer {_described(record)}, but {name} "
+        message = (f"the prior was trained on the codes of {_described(record)}, but {name} "
                    f"({type(tokenizer).__name__}, {got}) has other weights, so its codes mean other things")
         if not force:
             raise ValueError(message + "; give the tokenizer the prior was trained with, or force it "

@@ -241,7 +241,7 @@ def test_runs_of_the_wrong_kind_are_named(vq256, tmp_path):
         _sample(tok_dir, tok_dir, tmp_path / "x.png")
     asym = str(tmp_path / "asym")
     AsymmetricVQGAN.from_base(_vqgan()).save_pretrained(asym)
-    with pytest.raises(SystemExit, match="AsymmetricVQGAN, which makes neither code indices nor key codes"):
+    with pytest.raises(SystemExit, match="an AsymmetricVQGAN, which makes neither code indices nor key codes"):
         _sample(prior_dir, asym, tmp_path / "x.png")
 
 
