@@ -147,10 +147,11 @@ def messy_folder(tmp_path_factory):
     return root
 
 
-def test_train_without_lpips_weights_goes_on_with_a_note(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["vqgan_tiny", "brics_tiny"])
+def test_train_without_lpips_weights_goes_on_with_a_note(tmp_path, capsys, preset):
     _no_vgg()
     run = tmp_path / "run"
-    code, msg = _cli("train", *TINY, "--out", str(run))
+    code, msg = _cli("train", *TINY, "--preset", preset, "--out", str(run))
     assert code == 0, msg
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "perceptual" in line]
