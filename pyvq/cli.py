@@ -163,8 +163,14 @@ def _train(args) -> int:
         config = TrainConfig.from_dict(data)
     except TypeError as exc:  # a field of the wrong kind (a YAML `betas: 3`)
         raise SystemExit(f"pyvq train: {exc}") from None
-    config.check_model()  # the preset, its overrides, codes vs data, the image size
+    config.check_model()  # the preset, its overrides, codes vs data, --base, the image size
     _check_folders(config)
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("pyvq train: --device cuda, but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu")
     if config.codes is None and "perceptual_weight" not in data and not _lpips_weights()[0]:
         config.perceptual_weight = 0.0  # recorded in config.json: the run trains without LPIPS
         _note("train", "training without the perceptual (LPIPS) term: " + _lpips_weights()[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -111,6 +112,15 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
         check_int("max_nonfinite_steps", self.max_nonfinite_steps, where="TrainConfig", minimum=0, what="field")
+        for name in ("num_workers", "warmup_steps", "disc_start", "seed"):
+            check_int(name, getattr(self, name), where="TrainConfig", minimum=0, what="field")
+        for name, ok, expected in (("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)"),
+                                   ("perceptual_weight", lambda v: v >= 0, ">= 0 (0: no perceptual term)"),
+                                   ("ckpt_minutes", lambda v: v > 0, "> 0 minutes"),
+                                   ("grad_clip", lambda v: v >= 0, ">= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ValueError(f"TrainConfig: field '{name}' must be a number {expected}, got {v!r}")
         check_choice("disc_type", self.disc_type, DISC_TYPES, where="TrainConfig", what="field")
         t = self.dist_timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
@@ -168,6 +178,21 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: preset {self.model!r} is a tokenizer ({cls.__name__}) and trains on "
                              f"images (--data), but --codes {self.codes!r} was given; a codes folder trains a "
                              f"prior preset (vqddm_*, keycode_diffusion_*, mgt_*)")
+        if self.base is not None and not cls.__name__.startswith("Asymmetric"):
+            raise ValueError(f"TrainConfig: field 'base' (--base) applies to the asymmetric presets "
+                             f"(asym_vqgan_tiny, asym_vq_f16_base, ...), and preset {self.model!r} is a "
+                             f"{cls.__name__}: drop --base")
+        if self.base is not None and os.path.isdir(self.base):
+            folder = os.path.join(self.base, "model") if os.path.isdir(os.path.join(self.base, "model")) else self.base
+            try:
+                with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                    held = json.load(f).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                held = None  # the loader names what is missing
+            if held is not None and held not in ("VQGAN", "AutoencoderKL"):
+                raise ValueError(f"TrainConfig: field 'base' (--base) {self.base} holds a {held}, expected a "
+                                 f"VQGAN or AutoencoderKL run (the tokenizer whose new decoder {self.model!r} "
+                                 f"trains)")
         factor = getattr(preset, "downsample_factor", None)
         if self.codes is None and self.base is None and isinstance(factor, int) and self.image_size % factor:
             raise ValueError(f"TrainConfig: field 'image_size' (--image-size) must be a multiple of {factor}, the "

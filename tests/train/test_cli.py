@@ -240,6 +240,12 @@ USER_ERRORS = [
     (["encode", "--tokenizer", "{runs}/vq", "--repeats", "0", "--out", "{tmp}/c"], ["--repeats", ">= 1"]),
     (["sample", "--prior", "{tmp}/missing", "--tokenizer", "{runs}/vq"], ["--prior", "missing"]),
     (["eval-inpaint", "--tokenizer", "{runs}/vq", "--decoder", "{tmp}/missing"], ["--decoder", "missing"]),
+    (["train", "--preset", "vqgan_tiny", "--ema-decay", "2", "--out", "{tmp}/r"], ["ema_decay", "[0, 1)", "2"]),
+    (["train", "--preset", "vqgan_tiny", "--num-workers", "-1", "--out", "{tmp}/r"], ["num_workers", ">= 0"]),
+    (["train", "--preset", "vqgan_tiny", "--base", "{runs}/vq", "--out", "{tmp}/r"], ["--base", "asymmetric",
+                                                                                     "VQGAN"]),
+    (["train", "--preset", "asym_vqgan_tiny", "--base", "{runs}/prior", "--out", "{tmp}/r"],
+     ["--base", "MultinomialDiffusion", "expected a VQGAN or AutoencoderKL"]),
     # wrong kinds of run: the kind given and the kind expected
     (["eval", "--run", "{runs}/prior"], ["prior", "MultinomialDiffusion", "tokenizer"]),
     (["eval", "--run", "{runs}/asym"], ["AsymmetricVQGAN", "eval-inpaint"]),
@@ -276,6 +282,14 @@ def test_debug_shows_the_traceback(tmp_path, where):
     argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
     with pytest.raises(ValueError, match="valid presets"):
         main(argv)
+
+
+def test_train_on_cuda_without_a_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here, so --device cuda is fine")
+    code, msg = _cli("train", *TINY, "--no-lpips", "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert code != 0 and "--device cuda" in msg and "--device cpu" in msg
+    assert not (tmp_path / "r").exists()
 
 
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
