@@ -348,9 +348,6 @@ def _eval_inpaint(args) -> int:
 
     from pyvq.train.inpaint_eval import run_inpaint_eval
 
-    for path, flag in ((args.tokenizer, "--tokenizer"), (args.decoder, "--decoder")):
-        if not os.path.isdir(path):
-            raise SystemExit(f"pyvq eval-inpaint: {flag} {path} is not a directory")
     if args.num < 1:
         raise SystemExit(f"pyvq eval-inpaint: --num must be >= 1, got {args.num}")
     lpips = _build_lpips(args.lpips, "eval-inpaint", "evaluate")

@@ -240,6 +240,7 @@ USER_ERRORS = [
     (["encode", "--tokenizer", "{runs}/vq", "--repeats", "0", "--out", "{tmp}/c"], ["--repeats", ">= 1"]),
     (["sample", "--prior", "{tmp}/missing", "--tokenizer", "{runs}/vq"], ["--prior", "missing"]),
     (["eval-inpaint", "--tokenizer", "{runs}/vq", "--decoder", "{tmp}/missing"], ["--decoder", "missing"]),
+    (["eval-inpaint", "--tokenizer", "{runs}/vq", "--decoder", "{runs}/asym", "--num", "0"], ["--num", ">= 1"]),
     (["train", "--preset", "vqgan_tiny", "--ema-decay", "2", "--out", "{tmp}/r"], ["ema_decay", "[0, 1)", "2"]),
     (["train", "--preset", "vqgan_tiny", "--num-workers", "-1", "--out", "{tmp}/r"], ["num_workers", ">= 0"]),
     (["train", "--preset", "vqgan_tiny", "--base", "{runs}/vq", "--out", "{tmp}/r"], ["--base", "asymmetric",
