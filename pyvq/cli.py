@@ -82,10 +82,12 @@ def _choose_perceptual(args, data: dict) -> None:
     asked), ``_train`` decides: LPIPS when its weights are here, else a note
     and weight 0."""
     weight = data.get("perceptual_weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        return  # not a number: TrainConfig says so
     if args.perceptual_weight is not None:
         asked, drop = f"--perceptual-weight {args.perceptual_weight:g}", "--perceptual-weight"
     else:
-        asked = drop = f"perceptual_weight: {weight:g} in {args.config}" if weight is not None else None
+        asked = drop = f"perceptual_weight: {weight} in {args.config}" if weight is not None else None
     if args.lpips is False:
         if weight is not None and weight > 0:
             raise SystemExit(f"pyvq train: --no-lpips contradicts {asked}: drop one of the two")
@@ -649,7 +651,7 @@ def _user_errors() -> tuple:
     import yaml
     from PIL import UnidentifiedImageError
 
-    from pyvq._weights import MissingWeightsError
+    from pyvq.losses import MissingWeightsError
 
     return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
             IsADirectoryError, MissingWeightsError, yaml.YAMLError, UnidentifiedImageError)

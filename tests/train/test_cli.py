@@ -174,7 +174,7 @@ def test_train_yaml_perceptual_weight_counts_as_asked(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("perceptual_weight: 2.0\n")
     code, msg = _cli("train", *TINY, "--config", str(cfg), "--out", str(tmp_path / "run"))
-    assert code != 0 and "perceptual_weight: 2 in" in msg and VGG in msg
+    assert code != 0 and "perceptual_weight: 2.0 in" in msg and VGG in msg
 
 
 @pytest.mark.parametrize("flags", [["--no-lpips", "--perceptual-weight", "1"], ["--lpips", "--perceptual-weight", "0"]])
