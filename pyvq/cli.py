@@ -259,7 +259,6 @@ def _metrics_path(args, folder_data: bool) -> str:
 def _eval(args) -> int:
     import os
 
-    from pyvq.models import load_pretrained
     from pyvq.train.evaluate import data_record, evaluate, readable_subset, write_metrics
 
     model_dir = os.path.join(args.run, "model")
@@ -267,7 +266,7 @@ def _eval(args) -> int:
         raise SystemExit(f"pyvq eval: --run {args.run} is not a directory")
     if not os.path.isdir(model_dir):
         raise SystemExit(f"pyvq eval: {args.run} has no trained model (expected {model_dir})")
-    model = load_pretrained(model_dir)
+    model = _load(args.run, "--run", "eval")
     kind = _run_kind(model)
     if kind == "prior":
         raise SystemExit(f"pyvq eval: --run {args.run} holds a prior ({_describe(model)}); eval measures a "
@@ -368,10 +367,20 @@ def _load(path: str, flag: str, command: str):
 
     from pyvq.models import load_run
 
+    from safetensors import SafetensorError
+
     if not os.path.isdir(path):
         raise SystemExit(f"pyvq {command}: {flag} {path} is not a directory")
+    folder = os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
     try:
         model = load_run(path)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"pyvq {command}: {flag} {path}: {os.path.join(folder, 'config.json')} is not valid "
+                         f"JSON ({exc}); re-save the model or train it again") from None
+    except SafetensorError as exc:
+        raise SystemExit(f"pyvq {command}: {flag} {path}: {os.path.join(folder, 'model.safetensors')} is not a "
+                         f"readable safetensors file ({exc}; truncated or corrupt?); re-save the model or train "
+                         f"it again") from None
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"pyvq {command}: {flag} {path}: {exc}") from None
     kind = _run_kind(model)

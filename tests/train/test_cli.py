@@ -209,6 +209,19 @@ def test_eval_inpaint_lpips_flag_without_weights(runs, tmp_path):
     assert code != 0 and msg.startswith("pyvq eval-inpaint: ") and "Drop --lpips" in msg
 
 
+def _broken_runs(runs, tmp_path):
+    """A run whose weights file is truncated, one whose config.json is not JSON."""
+    import shutil
+
+    root = tmp_path / "broken"
+    for name in ("trunc", "badjson"):
+        shutil.copytree(runs / "vq", root / name)
+    weights = root / "trunc" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    (root / "badjson" / "model" / "config.json").write_text("{bad")
+    return str(root)
+
+
 def _bad_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("steps: [1, 2\nlr: :\n")
@@ -226,7 +239,8 @@ USER_ERRORS = [
     (["train", "--preset", "nope", "--data", "builtin", "--out", "{tmp}/r"], ["'nope'", "vqgan_tiny", "brics_tiny"]),
     (["train", "--preset", "vqgan_tiny", "--data", "{tmp}/missing", "--out", "{tmp}/r"], ["--data", "does not exist"]),
     (["train", "--preset", "vqddm_tiny", "--codes", "{tmp}/missing", "--out", "{tmp}/r"], ["--codes", "missing"]),
-    (["train", "--preset", "vqgan_tiny", "--image-size", "7", "--out", "{tmp}/r"], ["image_size", "multiple of 4", "7"]),
+    (["train", "--preset", "vqgan_tiny", "--image-size", "7", "--out", "{tmp}/r"],
+     ["image_size", "multiple of 4", "7"]),
     (["train", "--preset", "vqgan_tiny", "--steps", "0", "--out", "{tmp}/r"], ["steps", ">= 1", "0"]),
     (["train", "--preset", "vqgan_tiny", "--lr", "-0.1", "--out", "{tmp}/r"], ["lr", "> 0", "-0.1"]),
     (["train", "--config", "{tmp}/none.yaml", "--out", "{tmp}/r"], ["--config", "none.yaml", "does not exist"]),
@@ -247,12 +261,16 @@ USER_ERRORS = [
                                                                                      "VQGAN"]),
     (["train", "--preset", "asym_vqgan_tiny", "--base", "{runs}/prior", "--out", "{tmp}/r"],
      ["--base", "MultinomialDiffusion", "expected a VQGAN or AutoencoderKL"]),
+    (["eval", "--run", "{broken}/trunc"], ["model.safetensors", "truncated"]),
+    (["encode", "--tokenizer", "{broken}/trunc", "--out", "{tmp}/c"], ["model.safetensors", "truncated"]),
+    (["sample", "--prior", "{broken}/badjson", "--tokenizer", "{runs}/vq"], ["config.json", "not valid JSON"]),
     # wrong kinds of run: the kind given and the kind expected
     (["eval", "--run", "{runs}/prior"], ["prior", "MultinomialDiffusion", "tokenizer"]),
     (["eval", "--run", "{runs}/asym"], ["AsymmetricVQGAN", "eval-inpaint"]),
     (["encode", "--tokenizer", "{runs}/prior", "--out", "{tmp}/c"], ["prior", "MultinomialDiffusion", "tokenizer"]),
     (["encode", "--tokenizer", "{runs}/asym", "--out", "{tmp}/c"], ["AsymmetricVQGAN", "base"]),
-    (["sample", "--prior", "{runs}/prior", "--tokenizer", "{runs}/prior"], ["--tokenizer", "holds a prior", "tokenizer"]),
+    (["sample", "--prior", "{runs}/prior", "--tokenizer", "{runs}/prior"],
+     ["--tokenizer", "holds a prior", "tokenizer"]),
     (["sample", "--prior", "{runs}/vq", "--tokenizer", "{runs}/vq"], ["--prior", "VQGAN", "expected a prior"]),
     (["train", "--preset", "vqddm_tiny", "--data", "builtin", "--out", "{tmp}/r"], ["vqddm_tiny", "prior",
                                                                                    "--codes"]),
@@ -264,8 +282,8 @@ USER_ERRORS = [
 @pytest.mark.parametrize("argv, words", USER_ERRORS, ids=[" ".join(a[:3]) + f"#{i}" for i, (a, _) in
                                                           enumerate(USER_ERRORS)])
 def test_user_errors_are_one_line_without_traceback(argv, words, runs, tmp_path):
-    subs = {"tmp": str(tmp_path), "runs": str(runs), "bad_yaml": _bad_yaml(tmp_path),
-            "overrides_yaml": _overrides_yaml(tmp_path)}
+    subs = {"tmp": str(tmp_path), "runs": str(runs), "broken": _broken_runs(runs, tmp_path),
+            "bad_yaml": _bad_yaml(tmp_path), "overrides_yaml": _overrides_yaml(tmp_path)}
     argv = [a.format(**subs) for a in argv]
     code, msg = _cli(*argv)
     assert code != 0 and msg is not None, f"{argv} did not fail with a message"
