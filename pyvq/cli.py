@@ -405,8 +405,19 @@ def _encode(args) -> int:
     for flag, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
         if value < 1:
             raise SystemExit(f"pyvq encode: {flag} must be >= 1, got {value}")
+    from pyvq.models.tokenizers import AutoencoderKL
+
+    if isinstance(tokenizer, AutoencoderKL):
+        raise SystemExit(f"pyvq encode: --tokenizer {args.tokenizer} holds an AutoencoderKL, whose latents are "
+                         f"continuous; encode caches a VQ tokenizer's indices (VQGAN, EfficientVQGAN) or BRICS "
+                         f"key codes")
     size = _image_size(args, args.tokenizer, tokenizer, "encode", trained=False)
     data = build_dataset(args.data, size, args.split)
+    if hasattr(data, "drop_unreadable"):
+        skipped = data.drop_unreadable()
+        if skipped:
+            _note("encode", f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(data)} in "
+                  f"{args.data}: {', '.join(p.name for p in skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
     meta = encode_codes(tokenizer, data, args.out, repeats=args.repeats,
                         batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
     print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")

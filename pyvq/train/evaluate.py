@@ -88,24 +88,13 @@ def data_record(data: str, split: str | None, image_size: int) -> dict:
 
 
 def readable_subset(dataset):
-    """``(dataset, skipped)``: for a dataset that can check its files
-    (``ImageFolder.verify``), the subset of the readable ones and the paths
-    of the others, so that no neighbour stands in for an unreadable file in
-    an evaluation's count; any other dataset unchanged with ``[]``. A folder
-    with no readable image is a ``ValueError`` naming it."""
-    import warnings
-
-    if not hasattr(dataset, "verify"):
+    """``(dataset, skipped)``: a dataset that can drop its unreadable files
+    (``ImageFolder.drop_unreadable``) without them, and their paths, so that
+    no neighbour stands in for an unreadable file in an evaluation's count;
+    any other dataset unchanged with ``[]``."""
+    if not hasattr(dataset, "drop_unreadable"):
         return dataset, []
-    with warnings.catch_warnings():  # the caller reports the skipped files in one line
-        warnings.simplefilter("ignore")
-        bad = {os.fspath(p) for p in dataset.verify()}
-    good = [i for i, p in enumerate(dataset.paths) if os.fspath(p) not in bad]
-    if not good:
-        raise ValueError(f"evaluate: none of the {len(dataset.paths)} image files under {dataset.root} "
-                         f"could be read")
-    skipped = [p for p in dataset.paths if os.fspath(p) in bad]
-    return (dataset if not skipped else torch.utils.data.Subset(dataset, good)), skipped
+    return dataset, dataset.drop_unreadable()
 
 
 def write_metrics(path: str, metrics: dict) -> None:

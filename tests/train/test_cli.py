@@ -116,7 +116,7 @@ def runs(tmp_path_factory):
     """Saved models of each kind of run (random weights, no training): a
     tokenizer, a prior and an asymmetric decoder on that tokenizer."""
     from pyvq.models import MultinomialDiffusion
-    from pyvq.models.tokenizers import VQGAN, AsymmetricVQGAN
+    from pyvq.models.tokenizers import VQGAN, AsymmetricVQGAN, AutoencoderKL
 
     root = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
@@ -124,6 +124,7 @@ def runs(tmp_path_factory):
     vq.save_pretrained(str(root / "vq" / "model"))
     MultinomialDiffusion.from_preset("vqddm_tiny").save_pretrained(str(root / "prior" / "model"))
     AsymmetricVQGAN.from_base(vq).save_pretrained(str(root / "asym" / "model"))
+    AutoencoderKL.from_preset("kl_tiny").save_pretrained(str(root / "kl" / "model"))
     return root
 
 
@@ -269,6 +270,7 @@ USER_ERRORS = [
     (["eval", "--run", "{runs}/asym"], ["AsymmetricVQGAN", "eval-inpaint"]),
     (["encode", "--tokenizer", "{runs}/prior", "--out", "{tmp}/c"], ["prior", "MultinomialDiffusion", "tokenizer"]),
     (["encode", "--tokenizer", "{runs}/asym", "--out", "{tmp}/c"], ["AsymmetricVQGAN", "base"]),
+    (["encode", "--tokenizer", "{runs}/kl", "--out", "{tmp}/c"], ["AutoencoderKL", "continuous", "VQ"]),
     (["sample", "--prior", "{runs}/prior", "--tokenizer", "{runs}/prior"],
      ["--tokenizer", "holds a prior", "tokenizer"]),
     (["sample", "--prior", "{runs}/vq", "--tokenizer", "{runs}/vq"], ["--prior", "VQGAN", "expected a prior"]),
@@ -353,6 +355,27 @@ def test_eval_on_a_messy_folder_counts_only_what_it_read(runs, messy_folder, tmp
     assert _cli("eval", "--run", str(run), "--image-size", "32", "--no-lpips", "--out", str(run / written[0]),
                 "--overwrite")[0] == 0
     assert json.load(open(run / written[0]))["data"]["data"] == "builtin"
+
+
+def test_encode_on_a_messy_folder_encodes_only_what_it_read(runs, messy_folder, tmp_path, capsys):
+    code, msg = _cli("encode", "--tokenizer", str(runs / "vq"), "--data", str(messy_folder), "--image-size", "16",
+                     "--out", str(tmp_path / "codes"))
+    assert code == 0, msg
+    assert json.load(open(tmp_path / "codes" / "codes.json"))["count"] == 5
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s) of 7" in err and "g_empty.png" in err
+
+
+def test_image_folder_drop_unreadable(messy_folder, tmp_path):
+    from pyvq.data import ImageFolder
+
+    ds = ImageFolder(messy_folder, 16)
+    dropped = ds.drop_unreadable()
+    assert [p.name for p in dropped] == ["f_truncated.jpg", "g_empty.png"] and len(ds) == 5
+    assert all(ds[i].shape == (3, 16, 16) for i in range(len(ds))) and ds.bad_paths == dropped
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 1 image files"):
+        ImageFolder(tmp_path, 16).drop_unreadable()
 
 
 def test_eval_defaults_to_the_trained_image_size(runs, tmp_path):
