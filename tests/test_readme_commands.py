@@ -103,6 +103,9 @@ def workdir(tmp_path_factory):
     images.mkdir(parents=True)
     for i, (h, w) in enumerate([(40, 48), (64, 36), (50, 50), (33, 70)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(images / "grey.jpg")
+    (images / "truncated.jpg").write_bytes((images / "grey.jpg").read_bytes()[:200])
+    (images / "empty.png").write_bytes(b"")  # a user's folder: the trainer skips these with a warning
     (root / "my.yaml").write_text("model: vqgan_tiny\nimage_size: 32\nbatch_size: 2\nsteps: 2\n")
     cwd = os.getcwd()
     os.chdir(root)
