@@ -14,6 +14,10 @@
     pyvq inpaint ...       complete the masked region of an image through a prior
                            (--mask FILE), outpaint it (--outpaint N) or
                            regenerate a box, optionally of a class (--box ... --label C)
+
+A user error (a missing folder, an unknown preset, a bad value, a run of the
+wrong kind) prints one line, ``pyvq CMD: message``, and exits with status 1
+(argparse's usage errors: 2); ``pyvq --debug CMD ...`` shows its traceback.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Left out, each for a reason given in ``EXCLUDED``: ``pyvq demo`` /
 ``demo-inpaint`` (minutes of training; tests/train/test_cli.py runs the demo
 on a few steps) and ``pyvq bench`` (benchmarks, never run by tests). The
 run ``runs/demo/train`` that ``pyvq demo`` writes is stood in for by a
-2-step ``vqgan_tiny`` run. The tests depend on one another, in file order.
+2-step ``vqgan_tiny`` run. The README's ``torchrun ... -m pyvq.cli train ...``
+line is a template (its ``...``), not a `pyvq` line; tests/train/test_trainer.py
+runs the CLI under torchrun. The tests depend on one another, in file order.
 """
 
 from __future__ import annotations
