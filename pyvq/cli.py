@@ -280,6 +280,8 @@ def _eval(args) -> int:
                          f"which is evaluated on masks: use `pyvq eval-inpaint --tokenizer BASE_RUN --decoder "
                          f"{args.run}` (or `pyvq eval --run BASE_RUN` for its tokenizer)")
     size = _image_size(args, args.run, model, "eval", trained=True)
+    if args.fid:
+        _check_inception("eval")
     from pyvq.data import build_dataset
 
     dataset = build_dataset(args.data, size, args.split, augment=False)
@@ -299,6 +301,22 @@ def _eval(args) -> int:
     print(json.dumps(metrics, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _check_inception(command: str) -> None:
+    """--fid needs torch-fidelity's Inception weights: a one-line error
+    naming the flag before any work when they are not here."""
+    import os
+
+    import torch
+
+    from pyvq.metrics.fidelity import INCEPTION_FILE, INCEPTION_URL
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"pyvq {command}: --fid needs torch-fidelity's Inception weights {INCEPTION_FILE} at "
+                         f"{path} (pyvq never downloads; fetch it from {INCEPTION_URL}); drop --fid to "
+                         f"evaluate without rFID/IS/KID")
 
 
 def _check_overwrite(path: str, record: dict, overwrite: bool) -> None:
@@ -355,6 +373,8 @@ def _eval_inpaint(args) -> int:
 
     if args.num < 1:
         raise SystemExit(f"pyvq eval-inpaint: --num must be >= 1, got {args.num}")
+    if args.fid:
+        _check_inception("eval-inpaint")
     lpips = _build_lpips(args.lpips, "eval-inpaint", "evaluate")
     out = args.out or os.path.join(args.decoder, f"inpaint_{args.masks}")
     report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,

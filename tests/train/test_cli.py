@@ -305,6 +305,18 @@ def test_debug_shows_the_traceback(tmp_path, where):
         main(argv)
 
 
+def test_eval_fid_without_inception_weights_fails_before_any_work(runs, tmp_path, monkeypatch):
+    from pyvq.metrics.fidelity import INCEPTION_FILE
+
+    if os.path.isfile(hub_checkpoint_path(INCEPTION_FILE)):
+        pytest.skip("torch-fidelity's Inception weights are in the torch hub cache")
+    import pyvq.train.evaluate as ev
+
+    monkeypatch.setattr(ev, "reconstruct", lambda *a, **k: pytest.fail("reconstructed before checking --fid"))
+    code, msg = _cli("eval", "--run", str(runs / "vq"), "--fid", "--no-lpips", "--out", str(tmp_path / "m.json"))
+    assert code != 0 and INCEPTION_FILE in msg and "drop --fid" in msg
+
+
 def test_train_on_cuda_without_a_device(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is here, so --device cuda is fine")
