@@ -14,6 +14,10 @@
     pyvq inpaint ...       complete the masked region of an image through a prior
                            (--mask FILE), outpaint it (--outpaint N) or
                            regenerate a box, optionally of a class (--box ... --label C)
+
+A user error (a missing folder, an unknown preset, a bad value, a run of the
+wrong kind) prints one line, ``pyvq CMD: message``, and exits with status 1
+(argparse's usage errors: 2); ``pyvq --debug CMD ...`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def _print_info(as_json: bool) -> int:
@@ -54,13 +59,94 @@ _TRAIN_FLAGS = {  # CLI flag -> TrainConfig field
 }
 
 
+def _note(command: str, message: str) -> None:
+    """One line on stderr (rank 0 only under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pyvq {command}: {message}", file=sys.stderr)
+
+
+def _lpips_weights() -> tuple[bool, str]:
+    """(whether LPIPS's VGG16 backbone file is on this machine, a sentence
+    naming the file, where it belongs and where it comes from)."""
+    import os
+
+    from pyvq.losses import backbone_weights
+
+    filename, path, url = backbone_weights("vgg")
+    return os.path.isfile(path), (f"the VGG16 weights file {filename} is not at {path} (pyvq never downloads; "
+                                  f"fetch it from {url} and put it there).")
+
+
+def _choose_perceptual(args, data: dict) -> None:
+    """Resolve train's --lpips/--no-lpips and --perceptual-weight (or the
+    YAML field) into ``data["perceptual_weight"]``. A contradiction, or an
+    explicit request for the perceptual term on a machine without LPIPS's
+    weights, is a one-line error naming what to drop. Left unset (nothing
+    asked), ``_train`` decides: LPIPS when its weights are here, else a note
+    and weight 0."""
+    weight = data.get("perceptual_weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        return  # not a number: TrainConfig says so
+    if args.perceptual_weight is not None:
+        asked, drop = f"--perceptual-weight {args.perceptual_weight:g}", "--perceptual-weight"
+    else:
+        asked = drop = f"perceptual_weight: {weight} in {args.config}" if weight is not None else None
+    if args.lpips is False:
+        if weight is not None and weight > 0:
+            raise SystemExit(f"pyvq train: --no-lpips contradicts {asked}: drop one of the two")
+        data["perceptual_weight"] = 0.0
+        return
+    if args.lpips and weight is not None and weight <= 0:
+        raise SystemExit(f"pyvq train: --lpips contradicts {asked} (no perceptual term): drop one of the two")
+    if args.lpips and weight is None:
+        asked = drop = "--lpips"
+    if asked is None or (weight is not None and weight <= 0) or args.codes or data.get("codes"):
+        return  # nothing asked for explicitly, no perceptual term, or a prior (no images, no LPIPS)
+    present, why = _lpips_weights()
+    if not present:
+        raise SystemExit(f"pyvq train: {asked} asks for the perceptual (LPIPS) term, but {why} "
+                         f"Drop {drop} (or pass --no-lpips) to train without it.")
+
+
+def _build_lpips(requested: bool | None, command: str, verb: str):
+    """The LPIPS module for eval / eval-inpaint: ``--no-lpips`` (False):
+    None; no flag (None): LPIPS when its weights are here, else a one-line
+    note and None; ``--lpips`` (True): LPIPS or a one-line error naming the
+    flag to drop."""
+    if requested is False:
+        return None
+    present, why = _lpips_weights()
+    if not present:
+        if requested:
+            raise SystemExit(f"pyvq {command}: --lpips asks for LPIPS, but {why} "
+                             f"Drop --lpips (or pass --no-lpips) to {verb} without it.")
+        _note(command, f"{verb}s without LPIPS (lpips: null): {why} Pass --lpips to require it.")
+        return None
+    from pyvq.losses import build_lpips
+
+    return build_lpips()
+
+
+def _check_folders(config) -> None:
+    """The folders a training run reads exist (before any note or run folder)."""
+    import os
+
+    given = [("--codes", config.codes)] if config.codes is not None else [("--data", config.data)]
+    for flag, path in given:  # (--base may also be a Hub id: its loader names what is missing)
+        if path != "builtin" and not os.path.isdir(path):
+            raise SystemExit(f"pyvq train: {flag} {path} " + ("does not exist" if not os.path.exists(path)
+                                                              else "is not a folder"))
+
+
 def _train(args) -> int:
     from pyvq.train.config import TrainConfig
     from pyvq.train.trainer import Trainer
 
     data = {}
     if args.config:
-        data = TrainConfig.from_yaml(args.config).to_dict()
+        data = TrainConfig.read_yaml(args.config)
     if args.preset:
         data["model"] = args.preset
     if args.data:
@@ -79,7 +165,23 @@ def _train(args) -> int:
         data["bf16"] = True
     if args.device:
         data["device"] = args.device
-    config = TrainConfig.from_dict(data)
+    _choose_perceptual(args, data)
+    try:
+        config = TrainConfig.from_dict(data)
+    except TypeError as exc:  # a field of the wrong kind (a YAML `betas: 3`)
+        raise SystemExit(f"pyvq train: {exc}") from None
+    config.check_model()  # the preset, its overrides, codes vs data, --base, the image size
+    _check_folders(config)
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("pyvq train: --device cuda, but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu")
+    if config.codes is None and "perceptual_weight" not in data and not _lpips_weights()[0]:
+        config.perceptual_weight = 0.0  # recorded in config.json: the run trains without LPIPS
+        _note("train", "training without the perceptual (LPIPS) term: " + _lpips_weights()[1]
+              + " Pass --lpips (or --perceptual-weight W) to require it.")
     from pyvq.train.base import RunFolderError
 
     try:
@@ -109,31 +211,136 @@ def _train(args) -> int:
     return 0
 
 
+def _run_kind(model) -> str:
+    """``"prior"``, ``"asymmetric"`` or ``"tokenizer"``: what a loaded run holds."""
+    from pyvq.models import Prior
+    from pyvq.models.tokenizers import AsymmetricVQGAN
+
+    if isinstance(model, Prior):
+        return "prior"
+    return "asymmetric" if isinstance(model, AsymmetricVQGAN) else "tokenizer"
+
+
+def _describe(model) -> str:
+    preset = getattr(model.config, "name", None)
+    return type(model).__name__ + (f" ({preset})" if isinstance(preset, str) else "")
+
+
+def _image_size(args, run: str, model, command: str, *, trained: bool) -> int:
+    """--image-size, else (``trained``) the size the run trained at (its
+    config.json), else the tokenizer's nominal resolution; checked against
+    its downsampling factor."""
+    import os
+
+    size = args.image_size
+    if size is None and trained:
+        try:
+            with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+                size = json.load(f).get("image_size")
+        except (OSError, ValueError, AttributeError):
+            size = None
+    if size is None:
+        size = getattr(model.config, "resolution", None)
+    factor = model.downsample_factor
+    if not isinstance(size, int) or size < factor or size % factor:
+        raise SystemExit(f"pyvq {command}: --image-size must be a positive multiple of {factor} (the downsampling "
+                         f"factor of {_describe(model)}), got {size}")
+    return size
+
+
+def _metrics_path(args, folder_data: bool) -> str:
+    """Where eval writes: --out, else RUN/metrics.json for the built-in
+    validation split, else a file named after the data
+    (RUN/metrics_builtin_train.json, RUN/metrics_<folder>_<hash>.json)."""
+    import hashlib
+    import os
+
+    if args.out:
+        return args.out
+    if not folder_data:
+        name = "metrics.json" if args.split == "val" else f"metrics_builtin_{args.split}.json"
+    else:
+        folder = os.path.abspath(args.data)
+        tag = hashlib.sha1(folder.encode()).hexdigest()[:8]
+        name = f"metrics_{os.path.basename(folder.rstrip(os.sep)) or 'root'}_{tag}.json"
+    return os.path.join(args.run, name)
+
+
 def _eval(args) -> int:
     import os
 
-    from pyvq.models._pretrained import load_pretrained
-    from pyvq.train.evaluate import evaluate, write_metrics
+    from pyvq.train.evaluate import data_record, evaluate, readable_subset, write_metrics
 
     model_dir = os.path.join(args.run, "model")
+    if not os.path.isdir(args.run):
+        raise SystemExit(f"pyvq eval: --run {args.run} is not a directory")
     if not os.path.isdir(model_dir):
         raise SystemExit(f"pyvq eval: {args.run} has no trained model (expected {model_dir})")
-    model = load_pretrained(model_dir)
-    size = args.image_size or model.config.resolution
+    model = _load(args.run, "--run", "eval")
+    kind = _run_kind(model)
+    if kind == "prior":
+        raise SystemExit(f"pyvq eval: --run {args.run} holds a prior ({_describe(model)}); eval measures a "
+                         f"tokenizer's reconstructions: give a tokenizer run (use `pyvq sample` for a prior)")
+    if kind == "asymmetric":
+        raise SystemExit(f"pyvq eval: --run {args.run} holds an asymmetric decoder ({_describe(model)}), "
+                         f"which is evaluated on masks: use `pyvq eval-inpaint --tokenizer BASE_RUN --decoder "
+                         f"{args.run}` (or `pyvq eval --run BASE_RUN` for its tokenizer)")
+    size = _image_size(args, args.run, model, "eval", trained=True)
+    if args.fid:
+        _check_inception("eval")
     from pyvq.data import build_dataset
 
     dataset = build_dataset(args.data, size, args.split, augment=False)
-    lpips = None
-    if args.lpips:
-        from pyvq.losses import build_lpips
-
-        lpips = build_lpips()  # MissingWeightsError says which file is missing
+    folder_data = args.data != "builtin"
+    out = _metrics_path(args, folder_data)
+    record = data_record(args.data, None if folder_data else args.split, size)
+    _check_overwrite(out, record, args.overwrite)
+    dataset, skipped = readable_subset(dataset)
+    if skipped:
+        names = ", ".join(os.path.relpath(p, args.data) for p in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        _note("eval", f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(dataset)} in {args.data}: "
+              f"{names} (listed in {out} under data.skipped)")
+    lpips = _build_lpips(args.lpips, "eval", "evaluate")
     metrics = evaluate(model, dataset, lpips=lpips, fid=args.fid)
-    out = args.out or os.path.join(args.run, "metrics.json")
+    metrics["data"] = {**record, "num_images": metrics["num_images"], "skipped": [str(p) for p in skipped]}
     write_metrics(out, metrics)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _check_inception(command: str) -> None:
+    """--fid needs torch-fidelity's Inception weights: a one-line error
+    naming the flag before any work when they are not here."""
+    import os
+
+    import torch
+
+    from pyvq.metrics.fidelity import INCEPTION_FILE, INCEPTION_URL
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"pyvq {command}: --fid needs torch-fidelity's Inception weights {INCEPTION_FILE} at "
+                         f"{path} (pyvq never downloads; fetch it from {INCEPTION_URL}); drop --fid to "
+                         f"evaluate without rFID/IS/KID")
+
+
+def _check_overwrite(path: str, record: dict, overwrite: bool) -> None:
+    """Refuse to replace a metrics file that records other data (another
+    folder, split or image size) unless --overwrite."""
+    import os
+
+    if overwrite or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("data")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if isinstance(old, dict) and any(old.get(k) != v for k, v in record.items()):
+        raise SystemExit(f"pyvq eval: {path} holds the metrics of other data ({old.get('data')}, split "
+                         f"{old.get('split')}, {old.get('image_size')} px); pass --out FILE to keep both or "
+                         f"--overwrite to replace it")
 
 
 def _bench(args) -> int:
@@ -170,30 +377,53 @@ def _eval_inpaint(args) -> int:
 
     from pyvq.train.inpaint_eval import run_inpaint_eval
 
-    lpips = None
-    if args.lpips:
-        from pyvq.losses import build_lpips
-
-        lpips = build_lpips()
+    if args.num < 1:
+        raise SystemExit(f"pyvq eval-inpaint: --num must be >= 1, got {args.num}")
+    if args.fid:
+        _check_inception("eval-inpaint")
+    lpips = _build_lpips(args.lpips, "eval-inpaint", "evaluate")
     out = args.out or os.path.join(args.decoder, f"inpaint_{args.masks}")
-    report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
-                              masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
-                              fid=args.fid, example_split=args.example_split, seed=args.seed)
+    try:
+        report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
+                                  masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
+                                  fid=args.fid, example_split=args.example_split, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"pyvq eval-inpaint: {exc}") from None
     print(f"report: {report}")
     return 0
 
 
 def _load(path: str, flag: str, command: str):
+    """The model of a run (or model folder) given as ``flag``; a --prior must
+    hold a prior and a --tokenizer a tokenizer (one line naming what it holds)."""
     import os
 
     from pyvq.models import load_run
 
+    from safetensors import SafetensorError
+
     if not os.path.isdir(path):
         raise SystemExit(f"pyvq {command}: {flag} {path} is not a directory")
+    folder = os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
     try:
-        return load_run(path)
+        model = load_run(path)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"pyvq {command}: {flag} {path}: {os.path.join(folder, 'config.json')} is not valid "
+                         f"JSON ({exc}); re-save the model or train it again") from None
+    except SafetensorError as exc:
+        raise SystemExit(f"pyvq {command}: {flag} {path}: {os.path.join(folder, 'model.safetensors')} is not a "
+                         f"readable safetensors file ({exc}; truncated or corrupt?); re-save the model or train "
+                         f"it again") from None
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"pyvq {command}: {flag} {path}: {exc}") from None
+    kind = _run_kind(model)
+    if flag == "--prior" and kind != "prior":
+        raise SystemExit(f"pyvq {command}: --prior {path} holds a {kind} ({_describe(model)}), expected a prior "
+                         f"run (`pyvq train --preset vqddm_tiny|mgt_tiny|... --codes CODES`)")
+    if flag == "--tokenizer" and kind == "prior":
+        raise SystemExit(f"pyvq {command}: --tokenizer {path} holds a prior ({_describe(model)}), expected a "
+                         f"tokenizer run (VQGAN, EfficientVQGAN, BRICS, ...: the run whose codes the prior models)")
+    return model
 
 
 def _encode(args) -> int:
@@ -201,8 +431,26 @@ def _encode(args) -> int:
     from pyvq.data.codes import encode_codes
 
     tokenizer = _load(args.tokenizer, "--tokenizer", "encode")
-    size = args.image_size or tokenizer.config.resolution
+    if _run_kind(tokenizer) == "asymmetric":
+        raise SystemExit(f"pyvq encode: --tokenizer {args.tokenizer} holds an asymmetric decoder "
+                         f"({_describe(tokenizer)}), whose codes are its base tokenizer's: encode with the base "
+                         f"run (--tokenizer BASE_RUN)")
+    for flag, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SystemExit(f"pyvq encode: {flag} must be >= 1, got {value}")
+    from pyvq.models.tokenizers import AutoencoderKL
+
+    if isinstance(tokenizer, AutoencoderKL):
+        raise SystemExit(f"pyvq encode: --tokenizer {args.tokenizer} holds an AutoencoderKL, whose latents are "
+                         f"continuous; encode caches a VQ tokenizer's indices (VQGAN, EfficientVQGAN) or BRICS "
+                         f"key codes")
+    size = _image_size(args, args.tokenizer, tokenizer, "encode", trained=False)
     data = build_dataset(args.data, size, args.split)
+    if hasattr(data, "drop_unreadable"):
+        skipped = data.drop_unreadable()
+        if skipped:
+            _note("encode", f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(data)} in "
+                  f"{args.data}: {', '.join(p.name for p in skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
     meta = encode_codes(tokenizer, data, args.out, repeats=args.repeats,
                         batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
     print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")
@@ -248,6 +496,22 @@ def _output_png(out: str | None, prior: str, default: str, command: str) -> str:
     return path
 
 
+def _check_tokenizer(prior, tokenizer, args, command: str) -> None:
+    """``check_code_space`` of --prior and --tokenizer, before any work: an
+    error exits with one line naming both; a warning prints as one line."""
+    from pyvq.train.generate import check_code_space
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            check_code_space(prior, tokenizer, tokenizer_name=f"--tokenizer {args.tokenizer}",
+                             force=args.force_tokenizer)
+        except ValueError as exc:
+            raise SystemExit(f"pyvq {command}: --prior {args.prior}: {exc}") from None
+    for w in caught:
+        print(f"pyvq {command}: warning: {w.message}", file=sys.stderr)
+
+
 def _sample(args) -> int:
     import os
 
@@ -256,10 +520,11 @@ def _sample(args) -> int:
     out = _output_png(args.out, args.prior, "samples.png", "sample")
     prior = _load(args.prior, "--prior", "sample")
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
+    _check_tokenizer(prior, tokenizer, args, "sample")
     kwargs = _prior_kwargs(prior, args, "sample", "sample")
     try:
         images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
-                                  **kwargs)
+                                  check_tokenizer=False, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq sample: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -273,23 +538,25 @@ def _inpaint(args) -> int:
 
     import torch
 
-    from pyvq.train.generate import (box_mask, inpaint_image, outpaint_canvas, read_image, read_mask,
+    from pyvq.train.generate import (box_mask, image_size, inpaint_image, outpaint_canvas, read_image, read_mask,
                                      save_image_grid)
 
     target = _output_png(args.out, args.prior, "inpaint.png", "inpaint")
     prior = _load(args.prior, "--prior", "inpaint")
     tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
+    _check_tokenizer(prior, tokenizer, args, "inpaint")
     f = tokenizer.downsample_factor
     size = prior.code_shape[-1] * f  # the image size the prior's codes come from
     files = [(args.image, "--image")] + ([(args.mask, "--mask")] if args.mask else [])
     for path, flag in files:
         if not os.path.isfile(path):
             raise SystemExit(f"pyvq inpaint: {flag} {path} is not a file")
+    source = image_size(args.image)
     image = read_image(args.image, size)
     defaults = None
     try:
         if args.mask:
-            mask = read_mask(args.mask, size)
+            mask = read_mask(args.mask, size, like=source)
         elif args.outpaint is not None:
             image, mask = outpaint_canvas(image, args.outpaint * f)
             defaults = {"order": "center_out"}  # grow the image outwards from the known centre
@@ -302,7 +569,7 @@ def _inpaint(args) -> int:
     kwargs = _prior_kwargs(prior, args, "inpaint", "inpaint", defaults)
     try:
         out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
-                            **kwargs)
+                            check_tokenizer=False, **kwargs)
     except ValueError as exc:
         raise SystemExit(f"pyvq inpaint: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -312,11 +579,20 @@ def _inpaint(args) -> int:
     save_image_grid(panel, torch.stack([image, masked, out["decoded"], out["completion"]]), nrow=4)
     print(f"wrote {target} and {panel} (input, masked, decoded codes, completion); "
           f"{int((~out['keep']).sum())} of {out['keep'].numel()} codes generated")
+    if source != (size, size):
+        w, h = source
+        print(f"note: the image is {w} x {h} pixels; its centre {min(w, h)} x {min(w, h)} square was resized to "
+              f"{size} x {size} (the prior's {size // f} x {size // f} codes x the tokenizer's factor {f}), "
+              f"so the completion is {size} x {size}")
     return 0
 
 
 _STEPS_HELP = ("sampling steps: a diffusion prior's strided reverse steps (default: all); a "
                "MultiGrainedTransformer's decoding steps per block (default: its config's)")
+
+
+_FORCE_HELP = ("use --tokenizer although its weights are not those of the tokenizer the prior was trained "
+               "with (same K and code shape; a warning instead of an error)")
 
 
 def _add_prior_flags(parser) -> None:
@@ -334,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyvq.train.config import DISC_TYPES
 
     parser = argparse.ArgumentParser(prog="pyvq", description="pyvq command-line tools")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="report what was compiled and which backends are used")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -353,7 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p_train.add_argument("--device", choices=("cpu", "cuda"))
     for name, kind in _TRAIN_FLAGS.items():
-        p_train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+        if name != "perceptual_weight":
+            p_train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    p_train.add_argument("--perceptual-weight", dest="perceptual_weight", type=float, metavar="W",
+                         help="weight of the LPIPS term (0: none; needs the VGG16 weights when > 0)")
+    p_train.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
+                         help="--no-lpips: train without the perceptual term (weight 0); --lpips: require it. "
+                         "Default: used when its VGG16 weights are in the torch hub cache, else left out with a note")
     p_train.add_argument("--disc-type", dest="disc_type", choices=DISC_TYPES,
                          help="the GAN discriminator: patchgan (default) or projected (timm backbone, cached weights)")
 
@@ -362,11 +645,15 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--data", default="builtin", help="'builtin' (its validation split) or an image folder")
     p_eval.add_argument("--split", default="val", choices=("train", "val"))
     p_eval.add_argument("--image-size", type=int)
-    p_eval.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
-                        help="LPIPS (needs VGG16 weights in the torch hub cache)")
+    p_eval.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
+                        help="LPIPS (needs the VGG16 weights in the torch hub cache); default: used when they are "
+                        "there, else left out with a note (metrics.json: lpips null)")
     p_eval.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False,
                         help="rFID/IS/KID via torch-fidelity (needs its Inception weights)")
-    p_eval.add_argument("--out", help="metrics file (default RUN/metrics.json)")
+    p_eval.add_argument("--out", help="metrics file (default RUN/metrics.json for the built-in val split, "
+                        "RUN/metrics_builtin_train.json, RUN/metrics_<folder>_<hash>.json for a folder)")
+    p_eval.add_argument("--overwrite", action="store_true",
+                        help="replace a metrics file that records other data (otherwise refused)")
 
     p_bench = sub.add_parser("bench", help="run benchmarks/bench_NAME.py of a source checkout")
     p_bench.add_argument("name", help="codebook, train-step, ...")
@@ -378,17 +665,21 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--finetune-steps", type=int, default=None)
 
     p_inp = sub.add_parser("eval-inpaint", help="compare an Asymmetric VQGAN decoder with the vanilla one on masks")
-    p_inp.add_argument("--tokenizer", required=True, help="run directory of the base VQGAN / AutoencoderKL")
+    p_inp.add_argument("--tokenizer", help="run directory of the decoder's base VQGAN / AutoencoderKL (default: the "
+                       "base its run was trained on, train --base; another tokenizer is refused)")
     p_inp.add_argument("--decoder", required=True, help="run directory of the AsymmetricVQGAN")
     p_inp.add_argument("--data", default="builtin", help="'builtin' or an image folder")
-    p_inp.add_argument("--split", default="val", choices=("train", "val"))
+    p_inp.add_argument("--split", default="val", choices=("train", "val"),
+                       help="split of the built-in photographs (an image folder is used whole)")
     p_inp.add_argument("--masks", default="thick", choices=("thick", "medium", "thin", "box", "hard"))
     p_inp.add_argument("--num", type=int, default=32, help="number of images")
     p_inp.add_argument("--image-size", type=int)
     p_inp.add_argument("--seed", type=int, default=0, help="mask seed")
     p_inp.add_argument("--example-split", default="train", choices=("train", "val", "all"),
-                       help="built-in split of the example images ('text', 'page' are train)")
-    p_inp.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True)
+                       help="built-in split of the example images ('text', 'page' are train); with --data "
+                       "FOLDER the examples are its first two images")
+    p_inp.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
+                       help="LPIPS (needs the VGG16 weights); default: used when they are there, else left out")
     p_inp.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False)
     p_inp.add_argument("--out", help="report directory (default DECODER_RUN/inpaint_MASKS)")
 
@@ -418,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--nrow", type=int, help="images per row (default: about sqrt(n))")
     p_sample.add_argument("--out", help="PNG path (default PRIOR/samples.png)")
+    p_sample.add_argument("--force-tokenizer", action="store_true", help=_FORCE_HELP)
     _add_prior_flags(p_sample)
 
     p_inpt = sub.add_parser("inpaint", help="complete the masked region of an image through a prior")
@@ -431,15 +723,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(N x the tokenizer's factor in pixels) around it; --order defaults to center_out")
     region.add_argument("--box", type=int, nargs=4, metavar=("Y0", "X0", "Y1", "X1"),
                         help="box edit: regenerate the pixel box rows Y0..Y1-1, columns X0..X1-1 of the image "
-                        "resized to the prior's resolution (every code it touches); with --label, as that "
+                        "resized to the prior's resolution (every code that decodes into it: a VQ code whose "
+                        "block it touches, a BRICS key whose tiled cells it touches); with --label, as that "
                         "class (a class-conditional prior)")
     p_inpt.add_argument("--steps", type=int, help=_STEPS_HELP)
     p_inpt.add_argument("--seed", type=int, default=0)
     p_inpt.add_argument("--paste", action=argparse.BooleanOptionalAction, default=True,
                         help="put the known pixels back after decoding")
     p_inpt.add_argument("--out", help="PNG path (default PRIOR/inpaint.png; a _panel.png is written beside it)")
+    p_inpt.add_argument("--force-tokenizer", action="store_true", help=_FORCE_HELP)
     _add_prior_flags(p_inpt)
 
+    for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global one's value)
+        if p is not p_bench:
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     handlers = {"info": lambda a: _print_info(a.json), "train": _train, "eval": _eval,
                 "bench": _bench, "demo": _demo, "eval-inpaint": _eval_inpaint,
@@ -450,6 +747,27 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except DistributedFailure as exc:  # another rank died or is stuck: one line, exit status 1
         raise SystemExit(f"pyvq {args.command}: {exc}") from None
+    except _user_errors() as exc:  # bad input, not a bug: one line, exit status 1 (--debug: the traceback)
+        if args.debug:
+            raise
+        raise SystemExit(f"pyvq {args.command}: {_one_line(exc)}") from None
+
+
+def _user_errors() -> tuple:
+    """The exceptions that mean bad input rather than a bug: printed as one
+    line by ``main``. RuntimeError, AssertionError, ... keep their traceback."""
+    import yaml
+    from PIL import UnidentifiedImageError
+
+    from pyvq.losses import MissingWeightsError
+
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError, MissingWeightsError, yaml.YAMLError, UnidentifiedImageError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (an OSError's names its file)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -5,14 +5,22 @@ tensor ``"codes"`` each) and ``codes.json``::
 
     {"kind": "indices" | "keys", "shape": [H, W] | [C, H, W], "count": N,
      "num_classes": K (indices only), "tokenizer": "<model folder>",
-     "tokenizer_class": "VQGAN", "image_size": S, "shards": [...]}
+     "tokenizer_class": "VQGAN", "tokenizer_fingerprint": "sha256:...",
+     "image_size": S, "shards": [...]}
 
 ``indices`` are a VQ tokenizer's code indices, stored int64 (H, W) per
 image; ``keys`` are BRICS key codes in [0, 1], stored float32 (C, H, W).
+
+``tokenizer_fingerprint`` (``tokenizer_fingerprint(model)``) identifies the
+tokenizer's weights; a prior trained on the codes records it with the rest
+of the tokenizer's description (``tokenizer_record``), so that ``pyvq
+sample`` / ``pyvq inpaint`` can refuse a tokenizer whose codes mean other
+things. Codes folders written before it was recorded lack the key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -23,6 +31,31 @@ from torch.utils.data import DataLoader, Dataset
 
 META_NAME = "codes.json"
 _KINDS = ("indices", "keys")
+
+
+def tokenizer_fingerprint(model) -> str:
+    """``"sha256:<16 hex digits>"`` of a model's weights: every state-dict
+    tensor's name, dtype, shape and bytes, in name order. Equal weights give
+    equal fingerprints on any device; a tokenizer trained further, fine-tuned
+    or re-fitted (ReFiT) gets a new one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def tokenizer_record(meta: dict) -> dict:
+    """What a prior trained on the codes of ``meta`` (a ``codes.json``)
+    records about their tokenizer: ``path`` (its model folder, None when
+    unknown), ``class``, ``fingerprint`` (None for codes folders written
+    before it was recorded), ``kind``, ``num_classes`` (K, indices; None for
+    keys), ``shape`` (one code map) and ``image_size``."""
+    return {"path": meta.get("tokenizer"), "class": meta.get("tokenizer_class"),
+            "fingerprint": meta.get("tokenizer_fingerprint"), "kind": meta["kind"],
+            "num_classes": meta.get("num_classes"), "shape": list(meta["shape"]),
+            "image_size": meta.get("image_size")}
 
 
 def tokenizer_codes(model, x: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -52,6 +85,7 @@ def encode_codes(model, dataset, out_dir: str, *, repeats: int = 1, batch_size: 
     check_int("shard_size", shard_size, where="encode_codes", minimum=1)
     os.makedirs(out_dir, exist_ok=True)
     model = model.to(device).eval()
+    fingerprint = tokenizer_fingerprint(model)
     kind, buffer, shards, count, size = None, [], [], 0, None
 
     def flush():
@@ -79,7 +113,7 @@ def encode_codes(model, dataset, out_dir: str, *, repeats: int = 1, batch_size: 
     shape = list(codes.shape[1:])  # one code map
     meta = {"kind": kind, "shape": shape, "count": count, "image_size": size,
             "tokenizer": os.path.abspath(tokenizer_dir) if tokenizer_dir else None,
-            "tokenizer_class": type(model).__name__, "shards": shards}
+            "tokenizer_class": type(model).__name__, "tokenizer_fingerprint": fingerprint, "shards": shards}
     if kind == "indices":
         meta["num_classes"] = int(model.config.n_embed)
     with open(os.path.join(out_dir, META_NAME), "w") as f:

@@ -32,7 +32,9 @@ falls back to the next readable file (i + 1, i + 2, ..., wrapping around),
 a deterministic choice, using the random draws of the requested index ``i``.
 In DataLoader workers the skip happens in the worker, so the main process's
 ``bad_paths`` stays empty; call ``dataset.verify()`` once beforehand to find
-(and warn about) all bad files up front.
+(and warn about) all bad files up front, or ``dataset.drop_unreadable()`` to
+also remove them from the dataset (``pyvq eval`` and ``pyvq encode`` do, so
+that a count or a code map never comes from a stand-in).
 """
 
 from __future__ import annotations
@@ -213,6 +215,23 @@ class ImageFolder(Dataset):
             except Exception as err:
                 self._mark_bad(i, err)
         return list(self.bad_paths)
+
+    def drop_unreadable(self) -> list[Path]:
+        """Decode every file once (as ``verify``, without the warnings) and
+        keep only the readable ones in ``paths``, so that no neighbour stands
+        in for an unreadable file (an evaluation's count, an encoding's
+        codes). Returns the dropped paths; ``ValueError`` naming the folder
+        when none is readable."""
+        with warnings.catch_warnings():  # the caller reports what was dropped
+            warnings.simplefilter("ignore", CorruptImageWarning)
+            bad = set(self.verify())
+        if len(bad) == len(self.paths):
+            raise ValueError(f"ImageFolder: none of the {len(self.paths)} image files under '{self.root}' "
+                             f"could be read")
+        dropped = [p for p in self.paths if p in bad]
+        self.paths = [p for p in self.paths if p not in bad]
+        self._bad = set()
+        return dropped
 
     def _generator(self, index: int) -> torch.Generator | None:
         if self.seed is None or (self.crop == "center" and not self.flip):

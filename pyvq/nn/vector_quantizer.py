@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pyvq._checks import check_int
+from pyvq._checks import assert_values, check_int, value_check
 from pyvq.ops import nearest_code
 
-__all__ = ["BETA_TERMS", "QuantizerOutput", "VectorQuantizer", "check_beta_term", "code_usage_stats"]
+__all__ = ["BETA_TERMS", "QuantizerOutput", "VectorQuantizer", "check_beta_term", "check_code_indices",
+           "code_usage_stats"]
 
 #: The ``beta_term`` values ``VectorQuantizer`` accepts: the loss term ``beta`` weighs.
 BETA_TERMS = ("commitment", "codebook")
@@ -79,6 +80,26 @@ def _stats_from_counts(counts: torch.Tensor):
     perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
     usage = (counts > 0).to(torch.float32).mean()
     return perplexity, usage
+
+
+def check_code_indices(indices: torch.Tensor, num_codes: int, *, where: str, name: str = "indices") -> None:
+    """``indices`` hold code indices in [0, num_codes): on CPU tensors read
+    now (``ValueError`` with the offending range), on CUDA tensors an
+    asynchronous device assertion (no host synchronisation;
+    ``pyvq._checks.value_check``)."""
+    mode = value_check(indices)
+    if mode == "skip":
+        return
+    lo, hi = torch.aminmax(indices)
+    message = f"{where}: argument '{name}' must hold code indices in [0, {num_codes}) (the codebook size)"
+    if mode == "device":
+        assert_values((lo >= 0) & (hi < num_codes), message)
+        return
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_codes:
+        bad = indices[(indices < 0) | (indices >= num_codes)].unique()
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise ValueError(f"{message}, got values in [{lo}, {hi}] (out of range: {shown})")
 
 
 def code_usage_stats(indices: torch.Tensor, num_codes: int):
@@ -367,9 +388,12 @@ class VectorQuantizer(nn.Module):
         Returns:
             The codes in the codebook's dtype; unit vectors if
             ``l2_normalize``, i.e. exactly the forward value of ``z_q``.
+
+        Indices outside [0, num_codes) are an error (``check_code_indices``).
         """
         if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
             raise TypeError("VectorQuantizer.codes_from_indices: argument 'indices' must be an int64 or int32 tensor")
+        check_code_indices(indices, self.num_codes, where="VectorQuantizer.codes_from_indices")
         out = F.embedding(indices.long(), self._codes())
         if indices.dim() == 3:
             out = out.permute(0, 3, 1, 2)

@@ -390,7 +390,12 @@ class BaseTrainer:
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume else None)
         if self.dist.is_main:
             with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-                json.dump(c.to_dict(), f, indent=1)
+                json.dump(self._config_record(), f, indent=1)
+
+    def _config_record(self) -> dict:
+        """What config.json holds: the config's fields (a subclass may leave
+        out those its runs do not use)."""
+        return self.config.to_dict()
 
     def _check_schedule(self, path: str) -> None:
         """After loading a checkpoint: the schedulers follow the schedule

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 
 from pyvq._checks import check_choice, check_int, check_positive_fields
@@ -110,6 +112,15 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr}")
         check_int("max_nonfinite_steps", self.max_nonfinite_steps, where="TrainConfig", minimum=0, what="field")
+        for name in ("num_workers", "warmup_steps", "disc_start", "seed"):
+            check_int(name, getattr(self, name), where="TrainConfig", minimum=0, what="field")
+        for name, ok, expected in (("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no EMA)"),
+                                   ("perceptual_weight", lambda v: v >= 0, ">= 0 (0: no perceptual term)"),
+                                   ("ckpt_minutes", lambda v: v > 0, "> 0 minutes"),
+                                   ("grad_clip", lambda v: v >= 0, ">= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ValueError(f"TrainConfig: field '{name}' must be a number {expected}, got {v!r}")
         check_choice("disc_type", self.disc_type, DISC_TYPES, where="TrainConfig", what="field")
         t = self.dist_timeout_s
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
@@ -136,6 +147,57 @@ class TrainConfig:
                 changes[name] = value
         return dataclasses.replace(self, **changes) if changes else self
 
+    def check_model(self) -> None:
+        """Check the run against its preset before anything is built: the
+        preset exists, ``model_overrides`` names fields of its config, a
+        prior preset has ``codes`` (and a tokenizer preset has none), and
+        ``image_size`` is a multiple of a tokenizer's downsampling factor.
+        ``ValueError`` naming the field, what is valid and what was given."""
+        import pyvq.models  # noqa: F401  (registers the presets)
+        from pyvq.models import Prior, get_preset, list_presets, model_class_for
+
+        try:
+            preset = get_preset(self.model)
+        except KeyError:
+            raise ValueError(f"TrainConfig: field 'model' (--preset) must be a registered preset, got "
+                             f"{self.model!r}; valid presets: {', '.join(list_presets())}") from None
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"TrainConfig: field 'model_overrides' must be a mapping of {type(preset).__name__} "
+                             f"fields to values, got {self.model_overrides!r}")
+        valid = [f.name for f in dataclasses.fields(preset) if f.init]
+        unknown = sorted(set(self.model_overrides) - set(valid))
+        if unknown:
+            raise ValueError(f"TrainConfig: field 'model_overrides' has unknown {type(preset).__name__} field(s) "
+                             f"{unknown} (preset {self.model!r}); valid fields: {', '.join(valid)}")
+        cls = model_class_for(preset)
+        if issubclass(cls, Prior) and self.codes is None:
+            raise ValueError(f"TrainConfig: preset {self.model!r} is a prior ({cls.__name__}); it trains on the "
+                             f"codes of a tokenizer, not on images: give a codes folder with --codes (written by "
+                             f"`pyvq encode --tokenizer RUN --out CODES`), not --data")
+        if not issubclass(cls, Prior) and self.codes is not None:
+            raise ValueError(f"TrainConfig: preset {self.model!r} is a tokenizer ({cls.__name__}) and trains on "
+                             f"images (--data), but --codes {self.codes!r} was given; a codes folder trains a "
+                             f"prior preset (vqddm_*, keycode_diffusion_*, mgt_*)")
+        if self.base is not None and not cls.__name__.startswith("Asymmetric"):
+            raise ValueError(f"TrainConfig: field 'base' (--base) applies to the asymmetric presets "
+                             f"(asym_vqgan_tiny, asym_vq_f16_base, ...), and preset {self.model!r} is a "
+                             f"{cls.__name__}: drop --base")
+        if self.base is not None and os.path.isdir(self.base):
+            folder = os.path.join(self.base, "model") if os.path.isdir(os.path.join(self.base, "model")) else self.base
+            try:
+                with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                    held = json.load(f).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                held = None  # the loader names what is missing
+            if held is not None and held not in ("VQGAN", "AutoencoderKL"):
+                raise ValueError(f"TrainConfig: field 'base' (--base) {self.base} holds a {held}, expected a "
+                                 f"VQGAN or AutoencoderKL run (the tokenizer whose new decoder {self.model!r} "
+                                 f"trains)")
+        factor = getattr(preset, "downsample_factor", None)
+        if self.codes is None and self.base is None and isinstance(factor, int) and self.image_size % factor:
+            raise ValueError(f"TrainConfig: field 'image_size' (--image-size) must be a multiple of {factor}, the "
+                             f"downsampling factor of preset {self.model!r}, got {self.image_size}")
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -146,13 +208,41 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
+        """The config a YAML file of TrainConfig fields describes."""
+        try:
+            return cls.from_dict(cls.read_yaml(path))
+        except TypeError as exc:  # a field given a value of the wrong kind (betas: 3)
+            raise ValueError(f"TrainConfig: {path}: {exc}") from None
+
+    @staticmethod
+    def read_yaml(path: str) -> dict:
+        """The fields a YAML file sets, as a dict (only those it names; unknown
+        names are an error), without building the config: ``pyvq train``
+        merges its flags in first. ``FileNotFoundError`` / ``IsADirectoryError``
+        / ``ValueError`` (not YAML, not a mapping) name the file."""
         import yaml
 
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"TrainConfig: --config {path} is a folder, expected a YAML file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TrainConfig: --config {path} does not exist (expected a YAML file of "
+                                    f"TrainConfig fields)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise ValueError(f"TrainConfig: --config {path} is not readable YAML: {detail}") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ValueError(f"TrainConfig: {path} must hold a mapping of keys to values")
-        return cls.from_dict(data)
+            raise ValueError(f"TrainConfig: {path} must hold a mapping of TrainConfig fields to values, got a "
+                             f"{type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: {path} has unknown field(s) {unknown}; valid fields: "
+                             f"{', '.join(sorted(known))}")
+        return data
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -80,6 +80,23 @@ def evaluate(model, dataset, *, batch_size: int = 16, device="cpu", lpips=None, 
     return out
 
 
+def data_record(data: str, split: str | None, image_size: int) -> dict:
+    """What an evaluation ran on, for its metrics file: ``"builtin"`` or the
+    folder's absolute path, the split (None for a folder, which has none),
+    the image size."""
+    return {"data": data if data == "builtin" else os.path.abspath(data), "split": split, "image_size": image_size}
+
+
+def readable_subset(dataset):
+    """``(dataset, skipped)``: a dataset that can drop its unreadable files
+    (``ImageFolder.drop_unreadable``) without them, and their paths, so that
+    no neighbour stands in for an unreadable file in an evaluation's count;
+    any other dataset unchanged with ``[]``."""
+    if not hasattr(dataset, "drop_unreadable"):
+        return dataset, []
+    return dataset, dataset.drop_unreadable()
+
+
 def write_metrics(path: str, metrics: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

@@ -63,6 +63,8 @@ __all__ = [
     "evaluate_inpainting",
     "write_inpaint_report",
     "example_images",
+    "decoder_base",
+    "check_base",
     "run_inpaint_eval",
 ]
 
@@ -317,16 +319,56 @@ def write_inpaint_report(out_dir: str, results: dict, *, examples=None, title: s
     return path
 
 
-def run_inpaint_eval(tokenizer_dir: str, decoder_dir: str, out_dir: str, *, data: str = "builtin",
+def decoder_base(decoder_dir: str) -> str | None:
+    """The base tokenizer run an asymmetric decoder run was trained on: its
+    config.json's ``base`` (``pyvq train --base``); None when it has none."""
+    path = os.path.join(decoder_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("base")
+
+
+def check_base(vanilla, asymmetric, *, tokenizer: str = "the tokenizer", decoder: str = "the decoder",
+               recorded: str | None = None) -> None:
+    """``vanilla`` is the base ``asymmetric`` was built on: its encoder-side
+    weights (every tensor of ``asymmetric.base``) equal the decoder's frozen
+    copy; else ``ValueError`` naming both (and ``recorded``, the base the
+    decoder's run names, when known). Decoding the frozen encoder's latents
+    with another tokenizer's decoder compares nothing."""
+    from pyvq.data.codes import tokenizer_fingerprint
+
+    own = asymmetric.base.state_dict()
+    theirs = vanilla.state_dict()
+    same = type(vanilla).__name__ == type(asymmetric.base).__name__ and all(
+        k in theirs and theirs[k].shape == v.shape and torch.equal(theirs[k].to(v.device), v) for k, v in own.items())
+    if same:
+        return
+    hint = f" (its run was trained on --base {recorded})" if recorded else ""
+    raise ValueError(f"{tokenizer} ({type(vanilla).__name__}, {tokenizer_fingerprint(vanilla)}) is not the base "
+                     f"of {decoder}{hint}: the decoder's frozen encoder ({type(asymmetric.base).__name__}, "
+                     f"{tokenizer_fingerprint(asymmetric.base)}) has other weights; give the decoder's base as "
+                     "the tokenizer, or leave it out to use the base its run records")
+
+
+def run_inpaint_eval(tokenizer_dir: str | None, decoder_dir: str, out_dir: str, *, data: str = "builtin",
                      split: str = "val", masks: str = "thick", num: int = 32, image_size: int | None = None,
                      lpips=None, fid: bool = False, example_split: str = "train", example_size: int | None = None,
                      seed: int = 0, info: dict | None = None) -> str:
     """What ``pyvq eval-inpaint`` runs: load both models (``*_dir/model``),
     evaluate on ``num`` images of ``data`` with the named mask set, write the
-    report into ``out_dir``; returns the report path. ``example_size``: side
-    of the example crops in ``examples.png`` (default: the evaluation size;
-    the decoders are convolutional, so a larger one shows more detail).
-    ``info``: extra entries for the report's header."""
+    report into ``out_dir``; returns the report path.
+
+    ``tokenizer_dir``: the base tokenizer run; None takes the one the
+    decoder's run records (``decoder_base``). Either way it must be the
+    decoder's base (``check_base``: ``ValueError`` naming both otherwise).
+    ``split``: the built-in photographs' split (an image folder has none and
+    is used whole). ``examples.png`` shows the built-in "text" and "page"
+    photographs of ``example_split`` for ``data="builtin"``, else the first
+    two images of the folder. ``example_size``: side of the example crops in
+    ``examples.png`` (default: the evaluation size; the decoders are
+    convolutional, so a larger one shows more detail). ``info``: extra
+    entries for the report's header."""
     from pyvq.models import load_pretrained
 
     def load(run_dir, what):
@@ -335,15 +377,24 @@ def run_inpaint_eval(tokenizer_dir: str, decoder_dir: str, out_dir: str, *, data
             raise SystemExit(f"pyvq eval-inpaint: {what} {run_dir} has no trained model (expected {model_dir})")
         return load_pretrained(model_dir)
 
-    vanilla = load(tokenizer_dir, "--tokenizer")
     asymmetric = load(decoder_dir, "--decoder")
     if not hasattr(asymmetric, "config") or not hasattr(asymmetric.config, "base_kind"):
         raise SystemExit(f"pyvq eval-inpaint: --decoder {decoder_dir} does not hold an AsymmetricVQGAN")
+    recorded = decoder_base(decoder_dir)
+    if tokenizer_dir is None:
+        if recorded is None:
+            raise ValueError(f"--decoder {decoder_dir} records no base tokenizer run (its config.json has no "
+                             "'base'): pass --tokenizer, the run it was built on")
+        tokenizer_dir = recorded
+    vanilla = load(tokenizer_dir, "--tokenizer")
     if not hasattr(vanilla, "decoder"):
         raise SystemExit(f"pyvq eval-inpaint: --tokenizer {tokenizer_dir} has no decoder (a VQGAN / AutoencoderKL run?)")
+    check_base(vanilla, asymmetric, tokenizer=f"--tokenizer {tokenizer_dir}", decoder=f"--decoder {decoder_dir}",
+               recorded=recorded)
     size = image_size or asymmetric.config.base().resolution
     from pyvq.data import build_dataset
 
+    builtin = data == "builtin"
     dataset = build_dataset(data, size, split, augment=False)
     n = min(num, len(dataset))
     if n < 1:
@@ -352,11 +403,19 @@ def run_inpaint_eval(tokenizer_dir: str, decoder_dir: str, out_dir: str, *, data
     mk = inpaint_masks(masks, n, size, size, seed=seed)
     results = evaluate_inpainting(vanilla, asymmetric, images, mk, lpips=lpips, fid=fid)
     ex_size = example_size or size
-    ex = example_images(example_split, ex_size)
+    if builtin:
+        ex = example_images(example_split, ex_size)
+        examples = f"built-in photographs ({example_split} split)"
+    else:
+        ex_data = dataset if ex_size == size else build_dataset(data, ex_size, split, augment=False)
+        ex = torch.stack([ex_data[i] for i in range(min(2, len(ex_data)))])
+        examples = f"the first {len(ex)} images of {data}"
     ex_masks = inpaint_masks(masks, ex.shape[0], ex_size, ex_size, seed=seed + 1)
     _, ex_preds = evaluate_inpainting(vanilla, asymmetric, ex, ex_masks, return_predictions=True)
-    info = {"tokenizer": tokenizer_dir, "decoder": decoder_dir, "data": data, "split": split, "masks": masks,
-            "num_images": n, "image_size": size, "seed": seed,
+    info = {"tokenizer": tokenizer_dir, "decoder": decoder_dir,
+            "data": data if builtin else os.path.abspath(data),
+            "split": split if builtin else "none (an image folder, used whole)", "masks": masks,
+            "num_images": n, "image_size": size, "seed": seed, "examples": examples,
             "mean_hole_ratio": round(float(mk.mean()), 4), **(info or {})}
     return write_inpaint_report(out_dir, results, examples=(ex, ex_masks, ex_preds),
                                 title=f"Inpainting evaluation ({masks} masks)", info=info)

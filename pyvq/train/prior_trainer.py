@@ -12,12 +12,20 @@ the VLB for ``MultinomialDiffusion``, the min-SNR-weighted epsilon MSE for
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 
 import torch
 
 from pyvq.train.base import BaseTrainer
 from pyvq.train.config import TrainConfig
 from pyvq.train.recipes import PriorRecipe
+
+# TrainConfig fields a prior run does not use (the tokenizer's data, loss
+# and image logging); config.json leaves them out.
+_UNUSED_FIELDS = ("data", "base", "image_size", "disc_lr", "disc_start", "disc_weight", "disc_loss", "disc_type",
+                  "disc_backbone", "perceptual_weight", "codebook_weight", "pixel_loss", "kl_weight",
+                  "pixel_weight", "disc_adam_eps", "image_every")
 
 # What a prior config takes from the codes' metadata, by value name; a
 # config field of that name receives it unless the prior class maps its own
@@ -31,8 +39,9 @@ def build_prior(name: str, meta: dict, overrides: dict | None = None):
     ``meta`` (a ``codes.json``): code size, number of classes (indices) or
     channels (key codes), into the config fields of those names or those
     the prior class names in ``code_config_fields`` (e.g.
-    ``MultiGrainedTransformer``: ``num_codes``, ``latent_size``);
-    ``overrides`` set further config fields."""
+    ``MultiGrainedTransformer``: ``num_codes``, ``latent_size``), and the
+    tokenizer's record (``pyvq.data.codes.tokenizer_record``) into the
+    ``tokenizer`` field; ``overrides`` set further config fields."""
     from pyvq.models import get_preset, model_class_for  # importing pyvq.models registers the presets
 
     config = get_preset(name)
@@ -49,6 +58,10 @@ def build_prior(name: str, meta: dict, overrides: dict | None = None):
     names = getattr(cls, "code_config_fields", None) or {k: k for k in _CODE_VALUES}
     values = {field: _CODE_VALUES[value](meta) for field, value in names.items() if field in fields}
     sized = {k: v for k, v in values.items() if v is not None}
+    if "tokenizer" in fields:
+        from pyvq.data.codes import tokenizer_record
+
+        sized["tokenizer"] = tokenizer_record(meta)
     return cls(dataclasses.replace(config, **{**sized, **(overrides or {})}))
 
 
@@ -84,7 +97,21 @@ class PriorTrainer(BaseTrainer):
     def _new_model(self) -> torch.nn.Module:
         """The ``config.model`` preset sized for the dataset's codes."""
         c = self.config
-        return build_prior(c.model, self.dataset.meta, c.model_overrides)
+        model = build_prior(c.model, self.dataset.meta, c.model_overrides)
+        if getattr(model, "class_embed", None) is not None:  # a class-conditional MultiGrainedTransformer
+            warnings.warn(f"PriorTrainer: {c.model!r} with num_classes={model.config.num_classes} is "
+                          "class-conditional, but a codes folder holds no class labels: it trains the null "
+                          "class only, so its class embeddings stay untrained (set num_classes=0 for an "
+                          "unconditional prior)", stacklevel=2)
+        return model
+
+    def _config_record(self) -> dict:
+        """config.json of a prior run: the codes folder (absolute) instead of
+        ``data``; the tokenizer-only fields left out (``_UNUSED_FIELDS``)."""
+        record = {k: v for k, v in super()._config_record().items() if k not in _UNUSED_FIELDS}
+        if record.get("codes"):
+            record["codes"] = os.path.abspath(record["codes"])
+        return record
 
     def train_step(self, codes: torch.Tensor) -> dict:
         """One optimizer step on the prior's objective; returns scalars."""

@@ -1,6 +1,6 @@
 """BRICS tokenizer: shapes, tiling, relaxed-precision noise, the KL variant,
 gradients, save/load, presets (big ones on the meta device only), config
-checks, learning on real images."""
+checks, learning on real images, the known codes of an inpainting mask."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyvq.models import BRICS, BRICSAux, BRICSConfig, TokenizerOutput, get_preset, list_presets, load_pretrained
-from pyvq.models.tokenizers.brics import tile_codes
+from pyvq.models.tokenizers.brics import TILINGS, tile_codes, tile_sources
 from pyvq.train.recipes import recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,3 +241,160 @@ def test_typed_outputs():
     assert "kl" in kl_out.aux and kl_out.aux["kl"] is kl_out.aux.kl and kl_out.aux.kl.shape == (2,)
     # training setup lives in the recipe (pyvq.train.recipes), not on the model
     assert not any(hasattr(BRICS, name) for name in ("build_loss", "train_defaults", "loss_inputs"))
+
+
+# ------------------------------------------------------------ inpainting: known codes
+def _sensitive(tiling: str) -> BRICS:
+    """brics_tiny in eval mode with grid tables in [-1, 1]: at their initial
+    scale (1e-4) a key moves the image by ~1e-5; trained tables make keys
+    matter, and so does this."""
+    model = tiny(tiling=tiling).eval()
+    torch.nn.init.uniform_(model.grid.tables, -1.0, 1.0)
+    return model
+
+
+def _perturbed(keys: torch.Tensor, which) -> torch.Tensor:
+    """A batch: ``keys`` (1, C, h, w) first, then one copy per (a, b) in
+    ``which`` with that key moved by 0.5 (mod 1) in every channel."""
+    batch = keys.repeat(1 + len(which), 1, 1, 1)
+    for n, (a, b) in enumerate(which, start=1):
+        batch[n, :, a, b] = (batch[n, :, a, b] + 0.5) % 1.0
+    return batch
+
+
+def _reach(cells: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Pixels the synthesis network's output at feature cells ``cells``
+    (Hd, Wd) can reach, with the style held fixed: the 3x3 input conv (one
+    cell), then per x2 block the bilinear upsampling (input pixel p reaches
+    outputs 2p - 1 .. 2p + 2) and two 3x3 convs, i.e. [lo, hi] -> [2 lo - 3,
+    2 hi + 4]; the skip images' bilinear upsampling stays inside that."""
+    r = F.max_pool2d(cells[None, None].float(), 3, stride=1, padding=1)
+    for _ in range(blocks):
+        r = F.max_pool2d(r.repeat_interleave(2, 2).repeat_interleave(2, 3), 7, stride=1, padding=3)
+    return r[0, 0] > 0
+
+
+def _box(size: int, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
+    mask = torch.zeros(size, size)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def _block_rule(mask: torch.Tensor, f: int) -> torch.Tensor:
+    """What ``pyvq inpaint`` kept before: codes whose f x f block is unmasked."""
+    return F.max_pool2d(mask[None, None], f)[0, 0] == 0
+
+
+_MASKS = {  # 64 x 64 pixels, 1 = region to generate
+    "centre box": _box(64, 40, 40, 56, 56),
+    "edge box": _box(64, 0, 44, 20, 64),
+    "large box": _box(64, 36, 36, 60, 60),
+    "scattered": _box(64, 6, 6, 9, 11) + _box(64, 50, 20, 53, 22) + _box(64, 30, 58, 31, 59),
+}
+
+
+def test_tile_sources_follow_tile_codes():
+    for tiling in TILINGS:
+        src = tile_sources(3, 5, 2, tiling)
+        z = torch.rand(1, 2, 3, 5)
+        tiled = tile_codes(z, 2, tiling)
+        assert src.shape == (6, 10) and src.dtype == torch.int64
+        torch.testing.assert_close(tiled, z.flatten(2)[:, :, src], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'factor'"):
+        tile_sources(3, 5, 0)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_known_codes_are_the_keys_whose_features_avoid_the_mask(tiling):
+    """Exact, at the feature grid (one key per feature position): perturb
+    each key in turn; the feature cells that change are the cells it feeds.
+    A key is known exactly when none of them decodes into a masked pixel
+    block: a known key never writes features over the mask, an unknown key
+    always does (so nothing is generated needlessly)."""
+    model = _sensitive(tiling)
+    c = model.config
+    s = model.downsample_factor // c.tile_factor  # pixels per feature cell
+    torch.manual_seed(1)
+    keys = torch.rand(1, c.code_channels, 8, 8)  # 32 x 32 images (fast): 64 keys, 16 x 16 cells
+    every = [(a, b) for a in range(8) for b in range(8)]
+    with torch.no_grad():
+        feats = model.features(_perturbed(keys, every))
+    fed = ((feats[1:] - feats[:1]).abs().amax(1) > 0)  # (64, 16, 16): the cells each key writes
+    assert torch.equal(fed.sum((1, 2)), torch.full((64,), c.tile_factor ** 2))
+    differs = False
+    for name, mask in _MASKS.items():
+        mask = mask[::2, ::2]  # 32 x 32
+        known = model.known_codes(mask)
+        masked_cells = F.max_pool2d(mask[None, None], s)[0, 0] > 0
+        writes_into_mask = (fed & masked_cells).flatten(1).any(1).view(8, 8)
+        assert torch.equal(known, ~writes_into_mask), name
+        differs |= not torch.equal(known, _block_rule(mask, model.downsample_factor))
+    # interleave tiling: the old block rule keeps keys that write into the mask
+    assert differs == (tiling == "interleave")
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_perturbing_keys_in_decoded_pixels(tiling):
+    """Decoded pixels, centre-box mask. With the style held fixed (the
+    synthesis network run on the perturbed features with the unperturbed
+    style), a key reaches only ``_reach`` of its cells (up to float
+    rounding, 1e-4 of its largest change), so exactly:
+    - a known key does not change the mask's interior (the masked pixels no
+      unmasked cell reaches);
+    - an unknown key does not change the kept pixels (those no cell fed by
+      an unknown key reaches).
+    Through ``decode`` itself the style is the MLP of the mean feature, so
+    every key moves every pixel a little: measured at most 3% of the key's
+    largest change (random tables, both tilings); asserted below 10%, while
+    a key that writes into the region (what the old block rule kept with
+    interleave tiling, e.g. (7, 7) and (8, 8) here) changes it by 100%."""
+    model = _sensitive(tiling)
+    c = model.config
+    s = model.downsample_factor // c.tile_factor
+    mask = _MASKS["centre box"]
+    known = model.known_codes(mask)
+    which = [(7, 7), (8, 8), (0, 0), (3, 12), (15, 15), (10, 5), (9, 10)]
+    torch.manual_seed(2)
+    keys = torch.rand(1, c.code_channels, 16, 16)
+    with torch.no_grad():
+        batch = _perturbed(keys, which)
+        feats = model.features(batch)
+        style = model.mapping(feats[:1].mean((2, 3))).expand(len(batch), -1)
+        fixed = model.synthesis(feats, style)
+        full = model.decode(batch)
+    blocks = len(c.decoder_channels) - 1
+    fed = (feats[1:] - feats[:1]).abs().amax(1) > 0
+    masked_cells = F.max_pool2d(mask[None, None], s)[0, 0] > 0
+    interior = (mask > 0) & ~_reach(~masked_cells, blocks)
+    unknown_cells = (~known).flatten()[tile_sources(16, 16, c.tile_factor, tiling)]  # cells unknown keys feed
+    assert not (masked_cells & ~unknown_cells).any()
+    kept = ~_reach(unknown_cells, blocks)
+    assert interior.sum() >= 16 and kept.sum() >= 16
+    if tiling == "interleave":  # the keys the old block rule would have kept here
+        assert _block_rule(mask, model.downsample_factor)[7, 7] and not known[7, 7]
+    for n, (a, b) in enumerate(which, start=1):
+        d = (fixed[n] - fixed[0]).abs().amax(0)
+        dfull = (full[n] - full[0]).abs().amax(0)
+        assert d.max() > 1e-2, (a, b)  # the perturbation shows
+        assert d[~_reach(fed[n - 1], blocks)].max() <= 1e-4 * d.max(), (a, b)  # locality, style fixed
+        region = interior if known[a, b] else kept
+        assert d[region].max() <= 1e-4 * d.max(), (a, b, bool(known[a, b]))
+        assert dfull[region].max() <= 0.1 * dfull.max(), (a, b, bool(known[a, b]))
+
+
+def test_known_codes_shapes_and_errors():
+    model = tiny()
+    mask = _MASKS["centre box"]
+    known = model.known_codes(mask)
+    assert known.shape == (16, 16) and known.dtype == torch.bool
+    assert torch.equal(model.known_codes(mask[None].bool()), known)
+    batch = torch.stack([mask, torch.zeros(64, 64)])[:, None]
+    assert torch.equal(model.known_codes(batch), torch.stack([known, torch.ones(16, 16, dtype=torch.bool)]))
+    assert model.known_codes(torch.ones(32, 48)).shape == (8, 12)  # other sizes than the resolution
+    assert not model.known_codes(torch.ones(32, 32)).any()
+    with pytest.raises(ValueError, match=r"BRICS.known_codes: argument 'mask' .*multiples of 4.*30 x 32"):
+        model.known_codes(torch.zeros(30, 32))
+    with pytest.raises(ValueError, match=r"argument 'mask' must have shape .*got \(2, 64, 64\)"):
+        model.known_codes(torch.zeros(2, 64, 64))
+    with pytest.raises(TypeError, match="argument 'mask' must be a tensor"):
+        model.known_codes([[0, 1]])

@@ -1,8 +1,10 @@
-"""What the priors' configs share: the UNet fields, their checks, the UNet."""
+"""What the priors' configs share: the UNet fields, their checks, the UNet;
+the ``tokenizer`` field (the record of the tokenizer whose codes the prior
+models) and its check."""
 
 from __future__ import annotations
 
-from pyvq._checks import check_bool, check_float, check_positive_fields, int_tuple
+from pyvq._checks import ArgumentTypeError, check_bool, check_float, check_positive_fields, int_tuple
 from pyvq.nn.unet import UNet
 
 
@@ -46,6 +48,17 @@ def check_unet_fields(config, cls: str, *, ints: tuple[str, ...] = (), strict_at
                          f"attention levels, got {sorted(set(bad))}")
     check_float("dropout", config.dropout, where=cls, what="field", low=0.0, high=1.0, high_open=True)
     check_bool("scale_shift", config.scale_shift, where=cls, what="field")
+
+
+def check_tokenizer_field(config, cls: str) -> None:
+    """The ``tokenizer`` field, the record of the tokenizer whose codes the
+    prior was trained on (``pyvq.data.codes.tokenizer_record``: ``path``,
+    ``class``, ``fingerprint``, ``kind``, ``num_classes``, ``shape``,
+    ``image_size``; set by ``PriorTrainer``, checked by ``pyvq sample`` /
+    ``pyvq inpaint``), is None (not recorded) or a dict."""
+    if config.tokenizer is not None and not isinstance(config.tokenizer, dict):
+        raise ArgumentTypeError(f"{cls}: field 'tokenizer' must be None or a dict (a tokenizer record), got "
+                                f"{type(config.tokenizer).__name__}")
 
 
 def build_unet(config, channels: int) -> UNet:

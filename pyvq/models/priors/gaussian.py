@@ -44,7 +44,7 @@ import torch
 
 from pyvq._checks import ArgumentTypeError, accumulation_dtype, check_bool, check_choice, check_float, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
-from pyvq.models.priors._config import build_unet, check_unet_fields, level_sizes
+from pyvq.models.priors._config import build_unet, check_tokenizer_field, check_unet_fields, level_sizes
 from pyvq.models.priors.base import DiffusionPrior
 from pyvq.models.priors.schedules import SCHEDULES, Schedule, make_schedule, min_snr_weight
 
@@ -76,6 +76,10 @@ class GaussianDiffusionConfig:
             the paper's (32, 16, 8) fits every code size
             (``unet_attention_resolutions`` is what is used).
         clip_denoised: clip the predicted x0 to [-1, 1] while sampling.
+        tokenizer: the record of the tokenizer whose codes the prior was
+            trained on (``pyvq.data.codes.tokenizer_record``; written by
+            ``PriorTrainer``, checked against the tokenizer given to
+            ``pyvq sample`` / ``pyvq inpaint``); None: not recorded.
     """
 
     channels: int = 8
@@ -93,9 +97,11 @@ class GaussianDiffusionConfig:
     scale_shift: bool = True
     num_groups: int = 32
     clip_denoised: bool = True
+    tokenizer: dict | None = None
 
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("channels",), strict_attention=False)
+        check_tokenizer_field(self, _NAME)
         check_bool("clip_denoised", self.clip_denoised, where=_NAME, what="field")
         if self.min_snr_gamma is not None:
             check_float("min_snr_gamma", self.min_snr_gamma, where=_NAME, what="field", low=0.0, high=math.inf, high_open=True)

@@ -91,6 +91,7 @@ from pyvq._checks import (
     is_int,
 )
 from pyvq.models._pretrained import PretrainedModel, register_preset
+from pyvq.models.priors._config import check_tokenizer_field
 from pyvq.models.priors.base import Prior
 from pyvq.models.priors.sampling import generator_device, gumbel_argmax, rand
 from pyvq.ops import multigrained_attention
@@ -209,6 +210,10 @@ class MultiGrainedTransformerConfig:
             (a baseline for benchmarks).
         steps_per_block, temperature, choice_temperature: sampling defaults
             (see ``MultiGrainedTransformer.sample``).
+        tokenizer: the record of the tokenizer whose codes the prior was
+            trained on (``pyvq.data.codes.tokenizer_record``; written by
+            ``PriorTrainer``, checked against the tokenizer given to
+            ``pyvq sample`` / ``pyvq inpaint``); None: not recorded.
     """
 
     num_codes: int = 1024
@@ -227,9 +232,11 @@ class MultiGrainedTransformerConfig:
     steps_per_block: int = 8
     temperature: float = 1.0
     choice_temperature: float = 0.0
+    tokenizer: dict | None = None
 
     def __post_init__(self):
         H, W = _grid(self.latent_size, "latent_size", _NAME, "field")
+        check_tokenizer_field(self, _NAME)
         if not is_int(self.latent_size):
             object.__setattr__(self, "latent_size", (H, W))
         check_positive_fields(self, ("block_size", "width", "depth", "heads", "steps_per_block"), where=_NAME)

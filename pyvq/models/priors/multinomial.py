@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from pyvq._checks import accumulation_dtype, check_bool, check_choice, check_float, check_int
 from pyvq.models._pretrained import PretrainedModel, register_preset
-from pyvq.models.priors._config import build_unet, check_unet_fields
+from pyvq.models.priors._config import build_unet, check_tokenizer_field, check_unet_fields
 from pyvq.models.priors.base import DiffusionPrior
 from pyvq.models.priors.sampling import (
     generator_device,
@@ -134,6 +134,10 @@ class MultinomialDiffusionConfig:
             (else uniformly).
         history: N, loss values kept per timestep for that sampler.
         uniform_prob: share of the uniform distribution mixed into it.
+        tokenizer: the record of the tokenizer whose codes the prior was
+            trained on (``pyvq.data.codes.tokenizer_record``; written by
+            ``PriorTrainer``, checked against the tokenizer given to
+            ``pyvq sample`` / ``pyvq inpaint``); None: not recorded.
     """
 
     num_classes: int = 512
@@ -151,9 +155,11 @@ class MultinomialDiffusionConfig:
     importance_sampling: bool = True
     history: int = 10
     uniform_prob: float = 1e-3
+    tokenizer: dict | None = None
 
     def __post_init__(self):
         check_unet_fields(self, _NAME, ints=("history",))
+        check_tokenizer_field(self, _NAME)
         check_int("num_classes", self.num_classes, where=_NAME, minimum=2, what="field")
         check_bool("importance_sampling", self.importance_sampling, where=_NAME, what="field")
         check_float("uniform_prob", self.uniform_prob, where=_NAME, what="field", low=0.0, high=1.0, high_open=True)

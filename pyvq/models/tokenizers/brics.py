@@ -24,7 +24,15 @@ whole code map t x t times, ``torch.tile(z, (1, 1, t, t))``: feature position
 positions spread over the image, each with its own spatial coordinates.
 ``tiling="nearest"`` repeats each key over a t x t block
 (``repeat_interleave``): position (i, j) takes key (i // t, j // t). Either
-way the source key of every position is recoverable from (i, j) alone.
+way the source key of every position is recoverable from (i, j) alone
+(``tile_sources``).
+
+Inpainting (``known_codes``). A feature position (i, j) becomes the s x s
+pixel block at (i s, j s) (s = ``2 ** (len(decoder_channels) - 1)``, the
+synthesis network's upsampling), so a key owns the t**2 pixel blocks of the
+positions it feeds: with ``"nearest"`` these make up its f x f block (as for
+a VQ code); with ``"interleave"`` they are scattered over the image, one per
+(h, w) tile. A key is known when every block it feeds lies outside the mask.
 
 Relaxed precision (training mode only): the tiled keys get Gaussian noise of
 standard deviation ``1 / (4 * max_res)`` per query (a quarter of the finest
@@ -55,12 +63,13 @@ from pyvq._checks import check_image, check_int, check_positive_fields, int_tupl
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import BRICSAux, TokenizerOutput
 from pyvq.models.tokenizers.autoencoder_kl import DiagonalGaussianDistribution
+from pyvq.models.tokenizers.code_masks import masked_blocks
 from pyvq.nn.blocks import Encoder
 from pyvq.nn.feature_grid import FeatureGrid
 from pyvq.nn.stylegan import StyleMLP, SynthesisNetwork
 from pyvq.ops.grid import FEATURE_SIZES, INDEX_MODES, MAX_DIM
 
-__all__ = ["BRICS", "BRICSConfig", "tile_codes"]
+__all__ = ["BRICS", "BRICSConfig", "tile_codes", "tile_sources"]
 
 TILINGS = ("interleave", "nearest")
 _NAME = "BRICSConfig"
@@ -79,6 +88,15 @@ def tile_codes(z: torch.Tensor, factor: int, tiling: str = "interleave") -> torc
     if tiling == "interleave":
         return torch.tile(z, (1, 1, factor, factor))
     return z.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def tile_sources(h: int, w: int, factor: int, tiling: str = "interleave") -> torch.Tensor:
+    """(h * factor, w * factor) int64: the flat index ``a * w + b`` of the key
+    (a, b) that ``tile_codes`` puts at each tiled position (computed by
+    tiling the indices themselves, so it follows ``tile_codes`` exactly)."""
+    for name, value in (("h", h), ("w", w), ("factor", factor)):
+        check_int(name, value, where="tile_sources", minimum=1)
+    return tile_codes(torch.arange(h * w).view(1, 1, h, w), factor, tiling)[0, 0]
 
 
 @dataclass(frozen=True)
@@ -299,6 +317,43 @@ class BRICS(PretrainedModel, nn.Module):
         in [0, 1] (KL variant: a posterior sample in training mode, the mean
         in eval mode)."""
         return self._encode(x)[0]
+
+    # ------------------------------------------------------------ inpainting
+    def known_codes(self, mask: torch.Tensor) -> torch.Tensor:
+        """Which key codes an inpainting mask leaves known: ``mask`` (H, W),
+        (1, H, W) or (B, 1, H, W), non-zero / True = region to generate, H
+        and W multiples of the downsampling factor f -> bool (H / f, W / f)
+        (or (B, H / f, W / f)), True where the key is kept from the image
+        (the shapes of every tokenizer's ``known_codes``).
+
+        Key (a, b) is queried at every feature position (i, j) that
+        ``tile_codes`` gives it, and position (i, j) is decoded into the
+        s x s pixel block at (i s, j s), s = f / tile_factor. The key is
+        known only if every such block lies outside the mask. With
+        ``tiling="nearest"`` that is its own f x f block (the VQ block
+        rule); with ``"interleave"`` the t x t blocks it feeds sit one per
+        tile, ``(code_size * s)`` pixels apart, so a mask over one tile
+        (a quarter of the image at t = 2) leaves no key known.
+
+        What holds exactly: the features of a known key never sit over
+        the mask, and every unknown key feeds at least one masked block.
+        In decoded pixels each key also reaches a few pixels around its
+        blocks (the synthesis convolutions) and, weakly, every pixel (the
+        style is computed from the mean feature); and the encoder (its
+        attention at the code resolution) made every key from the whole
+        image, masked pixels included.
+        """
+        c = self.config
+        t = c.tile_factor
+        s = self.downsample_factor // t  # pixels per feature position
+        touched = masked_blocks(mask, s, where="BRICS.known_codes", multiple=self.downsample_factor)
+        Hd, Wd = touched.shape[-2:]  # the feature grid's size
+        h, w = Hd // t, Wd // t
+        src = tile_sources(h, w, t, c.tiling).to(touched.device).flatten()
+        flat = touched.reshape(-1, Hd * Wd).float()
+        unknown = torch.zeros(flat.shape[0], h * w, device=flat.device)
+        unknown = unknown.scatter_reduce(1, src.expand_as(flat), flat, reduce="amax") > 0
+        return ~unknown.reshape(*touched.shape[:-2], h, w)
 
     # ------------------------------------------------------------ decoding
     def query_points(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

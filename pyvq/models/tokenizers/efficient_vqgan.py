@@ -42,7 +42,9 @@ from torch import nn
 from pyvq._checks import check_bool, check_float, check_image, check_int, check_positive_fields, int_tuple
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
+from pyvq.models.tokenizers.code_masks import BlockKnownCodes
 from pyvq.nn import NearestUpsample, PatchEmbed, PatchExpanding, PatchMerging, SwinStage, VectorQuantizer
+from pyvq.nn.vector_quantizer import check_code_indices
 from pyvq.ops.window_attention import MAX_WINDOW
 
 __all__ = ["EfficientVQGAN", "EfficientVQGANConfig"]
@@ -231,7 +233,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class EfficientVQGAN(PretrainedModel, nn.Module):
+class EfficientVQGAN(BlockKnownCodes, PretrainedModel, nn.Module):
     """Efficient-VQGAN tokenizer; see the module docstring. The API is
     ``VQGAN``'s: ``encode`` -> ``VQEncoding``, ``decode``,
     ``decode_indices``, ``forward`` -> ``TokenizerOutput`` (aux: a
@@ -286,8 +288,9 @@ class EfficientVQGAN(PretrainedModel, nn.Module):
         return self.decoder(z_q)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 code indices -> (B, out_ch, h*f, w*f) images."""
+        """(B, h, w) int64 code indices in [0, n_embed) -> (B, out_ch, h*f, w*f) images."""
         if isinstance(indices, torch.Tensor) and indices.dim() == 3:
+            check_code_indices(indices, self.quantize.num_codes, where="EfficientVQGAN.decode_indices")
             return self.decode(self.quantize.codes_from_indices(indices))
         got = f"shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ValueError(f"EfficientVQGAN.decode_indices: argument 'indices' must be a (B, h, w) integer tensor, "

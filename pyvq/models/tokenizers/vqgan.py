@@ -24,9 +24,10 @@ from torch import nn
 from pyvq._checks import check_image
 from pyvq.models._pretrained import PretrainedModel, register_preset
 from pyvq.models.outputs import TokenizerOutput, VQAux, VQEncoding
+from pyvq.models.tokenizers.code_masks import BlockKnownCodes
 from pyvq.nn import Decoder, Encoder, VectorQuantizer
 from pyvq.nn.blocks import arch_kwargs, check_arch_fields
-from pyvq.nn.vector_quantizer import check_beta_term
+from pyvq.nn.vector_quantizer import check_beta_term, check_code_indices
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -92,7 +93,7 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-class VQGAN(PretrainedModel, nn.Module):
+class VQGAN(BlockKnownCodes, PretrainedModel, nn.Module):
     """VQGAN tokenizer; see the module docstring.
 
     Args:
@@ -159,12 +160,13 @@ class VQGAN(PretrainedModel, nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 code indices -> (B, out_ch, h*f, w*f) images."""
+        """(B, h, w) int64 code indices in [0, n_embed) -> (B, out_ch, h*f, w*f) images."""
         if not isinstance(indices, torch.Tensor) or indices.dim() != 3:
             raise ValueError(
                 "VQGAN.decode_indices: argument 'indices' must be a (B, h, w) integer tensor, got "
                 + (f"shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__)
             )
+        check_code_indices(indices, self.quantize.num_codes, where="VQGAN.decode_indices")
         return self.decode(self.quantize.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
