@@ -180,9 +180,9 @@ class BaseTrainer:
     ``overwrite``. ``overwrite`` never deletes: once the new run is set up
     (model, data, resume state), the old contents are moved to the sibling
     folder ``<out_dir>.replaced-<date>-<time>`` (a warning names it) and the
-    run starts in the emptied folder. A start that fails before its first
+    run starts in the emptied folder. A new run that fails before its first
     step completes (a bad image size, say) removes what it created, and
-    only that. ``resume`` continues the saved run exactly, LR schedule
+    only that (a resumed one leaves the folder as it is). ``resume`` continues the saved run exactly, LR schedule
     included: the schedulers keep the schedule they were saved with (a
     warning says so when ``steps`` or the warm-up changed: more steps than
     saved hold its final rate), and a checkpoint past ``steps`` is refused.
@@ -384,7 +384,8 @@ class BaseTrainer:
                 with collective_guard(self.dist, f"wrapping {name!r} in DDP"):  # DDP broadcasts rank 0's weights
                     module = DDP(module, device_ids=ids)
             setattr(self, f"{name}_ddp", module)
-        self._before, self._started, self._lock_fd = None, False, None
+        # a fresh start that fails before its first step removes what it created (a resumed one leaves the run)
+        self._before, self._started, self._lock_fd = None, resume, None
         if self.dist.is_main:
             self._take_run_folder()
         self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume else None)

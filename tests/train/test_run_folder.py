@@ -135,10 +135,13 @@ def test_failed_start_of_the_cli_leaves_no_folder(tmp_path):
     from pyvq import cli
 
     out = tmp_path / "r"
-    with pytest.raises((ValueError, SystemExit), match="divisible"):
-        cli.main(["train", "--preset", "vqgan_tiny", "--data", "builtin", "--out", str(out), "--image-size", "30",
-                  "--steps", "1", "--batch-size", "2", "--perceptual-weight", "0"])
-    assert not out.exists()
+    base = ["train", "--data", "builtin", "--out", str(out), "--steps", "1", "--batch-size", "2",
+            "--perceptual-weight", "0"]
+    for bad in (["--preset", "vqgan_tiny", "--image-size", "30"], ["--preset", "no_such_preset"],
+                ["--preset", "vqgan_tiny", "--data", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit, match="pyvq train: "):
+            cli.main(base + bad)
+        assert not out.exists(), bad
 
 
 def test_unwritable_out_fails_before_any_work(tmp_path, monkeypatch):
@@ -266,3 +269,14 @@ def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path):
     resumed = toy_trainer(run, steps=4, ckpt_every=2, resume=True)  # free again
     resumed.train(progress=False)
     assert resumed.step == 4
+
+
+def test_a_failed_resume_keeps_the_rows_it_moved_out_of_the_log(tmp_path):
+    run = tmp_path / "run"
+    toy_trainer(run, steps=8, ckpt_every=4).train(progress=False, stop_after=4)
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "train/loss": 1.0}) + "\n")  # logged by the run that died at step 5
+    with pytest.raises(RuntimeError):
+        toy_trainer(run, steps=8, ckpt_every=4, resume=True, dataset=_bad_codes()).train(progress=False)
+    assert json.loads((run / DISCARDED_LOG).read_text())["step"] == 5
+    assert _steps(run) == [4] and (run / "config.json").exists()
