@@ -377,8 +377,7 @@ def _eval_inpaint(args) -> int:
 
     from pyvq.train.inpaint_eval import run_inpaint_eval
 
-    if args.num < 1:
-        raise SystemExit(f"pyvq eval-inpaint: --num must be >= 1, got {args.num}")
+    _at_least_one("eval-inpaint", ("--num", args.num))
     if args.fid:
         _check_inception("eval-inpaint")
     lpips = _build_lpips(args.lpips, "eval-inpaint", "evaluate")
@@ -435,9 +434,7 @@ def _encode(args) -> int:
         raise SystemExit(f"pyvq encode: --tokenizer {args.tokenizer} holds an asymmetric decoder "
                          f"({_describe(tokenizer)}), whose codes are its base tokenizer's: encode with the base "
                          f"run (--tokenizer BASE_RUN)")
-    for flag, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise SystemExit(f"pyvq encode: {flag} must be >= 1, got {value}")
+    _at_least_one("encode", ("--repeats", args.repeats), ("--batch-size", args.batch_size))
     from pyvq.models.tokenizers import AutoencoderKL
 
     if isinstance(tokenizer, AutoencoderKL):
@@ -480,6 +477,13 @@ def _prior_kwargs(prior, args, command: str, method: str, defaults: dict | None 
     return kwargs
 
 
+def _at_least_one(command: str, *flags) -> None:
+    """Each ``(flag, value)`` given (not None) must be >= 1: one line naming the flag."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise SystemExit(f"pyvq {command}: {flag} must be >= 1, got {value}")
+
+
 def _output_png(out: str | None, prior: str, default: str, command: str) -> str:
     """The PNG path of ``sample``/``inpaint`` (``--out``, or ``default`` in
     the prior's folder), checked writable before any work."""
@@ -517,6 +521,7 @@ def _sample(args) -> int:
 
     from pyvq.train.generate import sample_images, save_image_grid
 
+    _at_least_one("sample", ("--n", args.n), ("--steps", args.steps), ("--nrow", args.nrow))
     out = _output_png(args.out, args.prior, "samples.png", "sample")
     prior = _load(args.prior, "--prior", "sample")
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
@@ -541,6 +546,7 @@ def _inpaint(args) -> int:
     from pyvq.train.generate import (box_mask, image_size, inpaint_image, outpaint_canvas, read_image, read_mask,
                                      save_image_grid)
 
+    _at_least_one("inpaint", ("--steps", args.steps))
     target = _output_png(args.out, args.prior, "inpaint.png", "inpaint")
     prior = _load(args.prior, "--prior", "inpaint")
     tokenizer = _load(args.tokenizer, "--tokenizer", "inpaint")
