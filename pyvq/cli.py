@@ -581,8 +581,11 @@ def _inpaint(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     save_image_grid(target, out["completion"][None], nrow=1)
     panel = os.path.splitext(target)[0] + "_panel.png"
-    masked = image * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0])[:, None, None]  # holes in magenta
-    save_image_grid(panel, torch.stack([image, masked, out["decoded"], out["completion"]]), nrow=4)
+    from pyvq.train.figures import tint_holes
+
+    save_image_grid(panel, torch.stack([image, tint_holes(image, mask), out["decoded"], out["completion"]]), nrow=4,
+                    col_labels=["input", "mask (holes magenta)", "decoded codes", "completion"],
+                    scale=max(1, 128 // image.shape[-1]))
     print(f"wrote {target} and {panel} (input, masked, decoded codes, completion); "
           f"{int((~out['keep']).sum())} of {out['keep'].numel()} codes generated")
     if source != (size, size):

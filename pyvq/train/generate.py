@@ -262,9 +262,13 @@ def read_mask(path: str, size: int, like: tuple[int, int] | None = None) -> torc
     return (data > 127).float()[None]
 
 
-def save_image_grid(path: str, images: torch.Tensor, nrow: int = 8) -> str:
-    """Write (N, 3, H, W) images in [-1, 1] as one PNG grid."""
-    from torchvision.utils import save_image
+def save_image_grid(path: str, images: torch.Tensor, nrow: int = 8, **labels) -> str:
+    """Write (N, 3, H, W) images in [-1, 1] as one PNG grid; ``labels``
+    (``row_labels``, ``col_labels``, ``title``, ``caption``, ``scale``) go to
+    ``pyvq.train.figures.labelled_grid``. One image without labels is
+    written as it is (no frame)."""
+    from pyvq.train.figures import save_labelled_grid
 
-    save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
-    return path
+    if images.shape[0] == 1 and not labels:
+        labels = {"pad": 0}
+    return save_labelled_grid(path, images, nrow, **labels)

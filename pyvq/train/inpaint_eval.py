@@ -233,16 +233,6 @@ def example_images(split: str = "train", size: int = 64, names=("text", "page"))
     return torch.stack(out).clamp(-1, 1)
 
 
-def _to_uint8(t: torch.Tensor):
-    import numpy as np
-
-    t = t.detach().float().cpu()
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    a = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(a)
-
-
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -263,8 +253,6 @@ def write_inpaint_report(out_dir: str, results: dict, *, examples=None, title: s
     asymmetric (with mask), naive blend.
     ``info``: extra key/values stored in metrics.json and listed in the report.
     """
-    from PIL import Image
-
     os.makedirs(out_dir, exist_ok=True)
     payload = {"results": results}
     if info:
@@ -300,16 +288,13 @@ def write_inpaint_report(out_dir: str, results: dict, *, examples=None, title: s
                  "whole image. Latents are the original image's (pure reconstruction, no prior).")
     if examples is not None:
         images, masks, preds = examples
-        k = images.shape[0]
-        cols = [images * (1 - masks) + masks * 0.0, masks * 2 - 1, preds["vanilla"], preds["asymmetric_masked"],
-                preds["naive_blend"]]
-        h, w = images.shape[-2:]
-        pad = 2
-        canvas = Image.new("RGB", (len(cols) * (w + pad) + pad, k * (h + pad) + pad), (255, 255, 255))
-        for i in range(k):
-            for j, col in enumerate(cols):
-                canvas.paste(Image.fromarray(_to_uint8(col[i])), (pad + j * (w + pad), pad + i * (h + pad)))
-        canvas.save(os.path.join(out_dir, "examples.png"))
+        from pyvq.train.figures import save_labelled_grid
+
+        cols = [images * (1 - masks) + masks * 0.0, (masks * 2 - 1).expand_as(images), preds["vanilla"],
+                preds["asymmetric_masked"], preds["naive_blend"]]
+        save_labelled_grid(os.path.join(out_dir, "examples.png"), torch.stack(cols, 1).flatten(0, 1), len(cols),
+                           col_labels=["input (hole grey)", "mask (white = hole)", "vanilla", "asymmetric + mask",
+                                       "naive blend"], scale=max(1, 96 // images.shape[-1]))
         lines += ["", "![examples](examples.png)", "",
                   "Columns: input (hole shown grey), mask (white = hole), vanilla decoder, asymmetric decoder "
                   "with mask, naive blend."]

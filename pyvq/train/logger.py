@@ -108,20 +108,23 @@ class RunLogger:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
 
-    def image_grid(self, step: int, name: str, images, nrow: int = 8) -> str | None:
-        """Save (N, 3, H, W) images in [-1, 1] as ``<run>/images/<name>_<step>.png``."""
+    def image_grid(self, step: int, name: str, images, nrow: int = 8, **labels) -> str | None:
+        """Save (N, 3, H, W) images in [-1, 1] as ``<run>/images/<name>_<step>.png``
+        (and to TensorBoard); ``labels`` (``row_labels``, ``col_labels``,
+        ``title``, ``caption``, ``scale``) go to ``pyvq.train.figures.labelled_grid``."""
         if not self.enabled:
             return None
-        from torchvision.utils import save_image
+        import numpy as np
+
+        from pyvq.train.figures import labelled_grid
 
         folder = os.path.join(self.run_dir, "images")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name}_{step:07d}.png")
-        save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+        figure = labelled_grid(images, nrow, **labels)
+        figure.save(path)
         if self._tb is not None:
-            from torchvision.utils import make_grid
-
-            self._tb.add_image(name, make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow), step)
+            self._tb.add_image(name, np.asarray(figure), step, dataformats="HWC")
         return path
 
     def close(self) -> None:

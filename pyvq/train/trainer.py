@@ -157,10 +157,35 @@ class Trainer(BaseTrainer):
 
     @torch.no_grad()
     def _log_images(self, x):
+        """``images/reconstruction_<step>.png``: labelled rows of up to 8
+        training images and their reconstructions; for a mask-conditioned
+        (asymmetric) decoder also the mask, the decoder's masked input and
+        the reconstruction with and without the mask. The masks are random
+        ones (as on even training steps), fixed by (seed, tile), so every
+        logged step shows the same holes."""
         if not self.dist.is_main:
             return
+        from pyvq.train.figures import EDGE_NOTE, tint_holes
+        from pyvq.train.recipes import AsymmetricRecipe
+
         self.model.eval()
         x = x[:8]
-        x_rec = self.model(x).x_rec
+        rows, labels = [x], ["input"]
+        if isinstance(self.recipe, AsymmetricRecipe):
+            from pyvq.data import MaskGenerator
+
+            B, _, H, W = x.shape
+            gen = MaskGenerator(kind="mixed", seed=self.config.seed)
+            mask = torch.stack([gen(H, W, index=i) for i in range(B)]).to(x.device, x.dtype)
+            rows += [(mask * 2 - 1).expand(-1, 3, -1, -1), tint_holes(x, mask),
+                     self.model(x, mask).x_rec, self.model(x).x_rec]
+            labels += ["mask\n(white = hole)", "decoder input\n(holes magenta)", "reconstruction\nwith mask",
+                       "reconstruction\nwithout mask"]
+        else:
+            rows.append(self.model(x).x_rec)
+            labels.append("reconstruction")
         self.model.train()
-        self.logger.image_grid(self.step, "reconstruction", torch.cat([x, x_rec.float().clamp(-1, 1)]), nrow=len(x))
+        images = torch.cat([r.float().clamp(-1, 1) for r in rows])
+        self.logger.image_grid(self.step, "reconstruction", images, nrow=len(x), row_labels=labels,
+                               title=f"step {self.step}", caption=EDGE_NOTE, scale=2 if x.shape[-1] <= 64 else 1)
+

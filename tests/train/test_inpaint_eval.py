@@ -129,7 +129,8 @@ def test_evaluate_inpainting_vq(tiny_vq, skimage_patches, tmp_path):
     from PIL import Image
 
     png = Image.open(tmp_path / "examples.png")
-    assert png.size == (5 * 34 + 2, ex.shape[0] * 34 + 2)
+    w, h = png.size  # 5 labelled columns of 3x-enlarged 32 px crops, one row per image, below a label band
+    assert w >= 5 * (3 * 32 + 2) + 2 and h > ex.shape[0] * (3 * 32 + 2) + 2
 
 
 def test_example_images_text_and_page():
