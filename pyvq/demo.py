@@ -187,7 +187,7 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
 
     print(f"[2/{steps}] training vqgan_tiny for {train_steps} steps on the built-in photographs", flush=True)
     config = TrainConfig(**{**base, "steps": train_steps, "disc_start": disc_start})
-    trainer = Trainer(config, os.path.join(out_dir, "train"))
+    trainer = Trainer(config, os.path.join(out_dir, "train"), overwrite=True)  # a re-run moves the old one aside
     model = trainer.model
     train_crops = _training_crops(image_size, seed, baseline_epochs)
     if init_step:
@@ -217,7 +217,7 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
     model.quantize.restart_dead_codes = False
     ft_config = TrainConfig(**{**base, "model_overrides": ft_overrides, "steps": finetune_steps, "lr": 3e-4,
                                "disc_start": 10**9, "warmup_steps": 5})
-    ft = Trainer(ft_config, os.path.join(out_dir, "refit"), model=model)
+    ft = Trainer(ft_config, os.path.join(out_dir, "refit"), model=model, overwrite=True)
     ft.train()
     model.eval()
     after = evaluate(model, val)
@@ -356,7 +356,7 @@ def run_inpaint_demo(out_dir: str, *, base_run: str = "runs/demo/train", steps: 
     config = TrainConfig(model="asym_vqgan_tiny", base=base_run, data="builtin", image_size=image_size,
                          batch_size=batch_size, steps=steps, lr=2e-3, warmup_steps=20, perceptual_weight=0.0,
                          disc_start=10**9, log_every=20, image_every=max(steps // 4, 1), seed=seed)
-    Trainer(config, train_dir).train()
+    Trainer(config, train_dir, overwrite=True).train()
     print(f"[2/2] evaluating with {masks!r} masks and writing the report", flush=True)
     return run_inpaint_eval(base_run, train_dir, out_dir, split="val", masks=masks, num=num_images,
                             image_size=image_size, example_size=4 * image_size, seed=seed,
