@@ -187,6 +187,9 @@ register_preset("vqgan_f16_1024", VQGANConfig())
 register_preset("vqgan_f16_16384", VQGANConfig(n_embed=16384))
 # A toy for tests and the demo: 64x64 inputs, 16x16 latents (f4), about 1M
 # parameters; trains at a few steps per second on 2 CPU cores at 32x32.
+# GroupNorms of 8 groups (4 channels each, as taming's 32 groups at ch=128):
+# 32 groups at ch=32 would be instance norms, which remove each image's mean
+# colour from the first level's features.
 register_preset(
     "vqgan_tiny",
     VQGANConfig(
@@ -198,5 +201,6 @@ register_preset(
         attn_resolutions=(16,),
         z_channels=32,
         resolution=64,
+        norm_num_groups=8,
     ),
 )
