@@ -178,10 +178,12 @@ def _train(args) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("pyvq train: --device cuda, but torch sees no CUDA device here "
                              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu")
-    if config.codes is None and "perceptual_weight" not in data and not _lpips_weights()[0]:
-        config.perceptual_weight = 0.0  # recorded in config.json: the run trains without LPIPS
-        _note("train", "training without the perceptual (LPIPS) term: " + _lpips_weights()[1]
-              + " Pass --lpips (or --perceptual-weight W) to require it.")
+    if config.codes is None and "perceptual_weight" not in data:
+        present, why = _lpips_weights()
+        if not present:
+            config.perceptual_weight = 0.0  # recorded in config.json: the run trains without LPIPS
+            _note("train", f"training without the perceptual (LPIPS) term: {why} "
+                  "Pass --lpips (or --perceptual-weight W) to require it.")
     from pyvq.train.base import RunFolderError
 
     try:
@@ -269,7 +271,7 @@ def _metrics_path(args, folder_data: bool) -> str:
 def _eval(args) -> int:
     import os
 
-    from pyvq.train.evaluate import data_record, evaluate, readable_subset, write_metrics
+    from pyvq.train.evaluate import data_record, evaluate, write_metrics
 
     model_dir = os.path.join(args.run, "model")
     if not os.path.isdir(args.run):
@@ -295,11 +297,7 @@ def _eval(args) -> int:
     out = _metrics_path(args, folder_data)
     record = data_record(args.data, None if folder_data else args.split, size)
     _check_overwrite(out, record, args.overwrite)
-    dataset, skipped = readable_subset(dataset)
-    if skipped:
-        names = ", ".join(os.path.relpath(p, args.data) for p in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        _note("eval", f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(dataset)} in {args.data}: "
-              f"{names} (listed in {out} under data.skipped)")
+    skipped = _drop_unreadable(dataset, args.data, "eval", f" (listed in {out} under data.skipped)")
     lpips = _build_lpips(args.lpips, "eval", "evaluate")
     metrics = evaluate(model, dataset, lpips=lpips, fid=args.fid)
     metrics["data"] = {**record, "num_images": metrics["num_images"], "skipped": [str(p) for p in skipped]}
@@ -309,19 +307,33 @@ def _eval(args) -> int:
     return 0
 
 
+def _drop_unreadable(dataset, data: str, command: str, where: str = "") -> list:
+    """Drop an image folder's unreadable files from ``dataset`` (so that no
+    neighbour stands in for one) and name them in one line; returns their
+    paths ([] for a dataset without files, e.g. builtin)."""
+    import os
+
+    if not hasattr(dataset, "drop_unreadable"):
+        return []
+    skipped = dataset.drop_unreadable()
+    if skipped:
+        names = ", ".join(os.path.relpath(p, data) for p in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        _note(command, f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(dataset)} in {data}: "
+              f"{names}{where}")
+    return skipped
+
+
 def _check_inception(command: str) -> None:
     """--fid needs torch-fidelity's Inception weights: a one-line error
     naming the flag before any work when they are not here."""
     import os
 
-    import torch
+    from pyvq.metrics.fidelity import inception_weights
 
-    from pyvq.metrics.fidelity import INCEPTION_FILE, INCEPTION_URL
-
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    filename, path, url = inception_weights()
     if not os.path.isfile(path):
-        raise SystemExit(f"pyvq {command}: --fid needs torch-fidelity's Inception weights {INCEPTION_FILE} at "
-                         f"{path} (pyvq never downloads; fetch it from {INCEPTION_URL}); drop --fid to "
+        raise SystemExit(f"pyvq {command}: --fid needs torch-fidelity's Inception weights {filename} at "
+                         f"{path} (pyvq never downloads; fetch it from {url}); drop --fid to "
                          f"evaluate without rFID/IS/KID")
 
 
@@ -382,12 +394,9 @@ def _eval_inpaint(args) -> int:
         _check_inception("eval-inpaint")
     lpips = _build_lpips(args.lpips, "eval-inpaint", "evaluate")
     out = args.out or os.path.join(args.decoder, f"inpaint_{args.masks}")
-    try:
-        report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
-                                  masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
-                                  fid=args.fid, example_split=args.example_split, seed=args.seed)
-    except ValueError as exc:
-        raise SystemExit(f"pyvq eval-inpaint: {exc}") from None
+    report = run_inpaint_eval(args.tokenizer, args.decoder, out, data=args.data, split=args.split,
+                              masks=args.masks, num=args.num, image_size=args.image_size, lpips=lpips,
+                              fid=args.fid, example_split=args.example_split, seed=args.seed)
     print(f"report: {report}")
     return 0
 
@@ -443,11 +452,7 @@ def _encode(args) -> int:
                          f"key codes")
     size = _image_size(args, args.tokenizer, tokenizer, "encode", trained=False)
     data = build_dataset(args.data, size, args.split)
-    if hasattr(data, "drop_unreadable"):
-        skipped = data.drop_unreadable()
-        if skipped:
-            _note("encode", f"skipped {len(skipped)} unreadable file(s) of {len(skipped) + len(data)} in "
-                  f"{args.data}: {', '.join(p.name for p in skipped[:10])}{', ...' if len(skipped) > 10 else ''}")
+    _drop_unreadable(data, args.data, "encode")
     meta = encode_codes(tokenizer, data, args.out, repeats=args.repeats,
                         batch_size=args.batch_size, tokenizer_dir=args.tokenizer)
     print(f"wrote {meta['count']} {meta['kind']} of shape {tuple(meta['shape'])} to {args.out}")
@@ -527,11 +532,8 @@ def _sample(args) -> int:
     tokenizer = _load(args.tokenizer, "--tokenizer", "sample")
     _check_tokenizer(prior, tokenizer, args, "sample")
     kwargs = _prior_kwargs(prior, args, "sample", "sample")
-    try:
-        images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
-                                  check_tokenizer=False, **kwargs)
-    except ValueError as exc:
-        raise SystemExit(f"pyvq sample: {exc}") from None
+    images, _ = sample_images(prior, tokenizer, args.n, steps=args.steps, seed=args.seed, progress=True,
+                              check_tokenizer=False, **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_image_grid(out, images, nrow=args.nrow or max(1, int(args.n**0.5 + 0.5)))
     print(f"wrote {out}")
@@ -573,11 +575,8 @@ def _inpaint(args) -> int:
         raise SystemExit(f"pyvq inpaint: {flag}: {exc} (the image is {size} x {size} pixels, "
                          f"{size // f} x {size // f} codes)") from None
     kwargs = _prior_kwargs(prior, args, "inpaint", "inpaint", defaults)
-    try:
-        out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
-                            check_tokenizer=False, **kwargs)
-    except ValueError as exc:
-        raise SystemExit(f"pyvq inpaint: {exc}") from None
+    out = inpaint_image(prior, tokenizer, image, mask, steps=args.steps, seed=args.seed, paste=args.paste,
+                        check_tokenizer=False, **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     save_image_grid(target, out["completion"][None], nrow=1)
     panel = os.path.splitext(target)[0] + "_panel.png"

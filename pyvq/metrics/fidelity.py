@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pyvq._weights import require_weights
+from pyvq._weights import hub_checkpoint_path, require_weights
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -83,6 +83,12 @@ def fidelity_metrics(
         verbose=False,
         **kwargs,
     )
+
+
+def inception_weights() -> tuple[str, str, str]:
+    """``(filename, cache_path, url)`` of the Inception weights ``--fid``
+    needs (the path resolved now, in the torch hub cache)."""
+    return INCEPTION_FILE, hub_checkpoint_path(INCEPTION_FILE), INCEPTION_URL
 
 
 def _checked_inception(weights_path: str | None) -> str:

@@ -87,16 +87,6 @@ def data_record(data: str, split: str | None, image_size: int) -> dict:
     return {"data": data if data == "builtin" else os.path.abspath(data), "split": split, "image_size": image_size}
 
 
-def readable_subset(dataset):
-    """``(dataset, skipped)``: a dataset that can drop its unreadable files
-    (``ImageFolder.drop_unreadable``) without them, and their paths, so that
-    no neighbour stands in for an unreadable file in an evaluation's count;
-    any other dataset unchanged with ``[]``."""
-    if not hasattr(dataset, "drop_unreadable"):
-        return dataset, []
-    return dataset, dataset.drop_unreadable()
-
-
 def write_metrics(path: str, metrics: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
