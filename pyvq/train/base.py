@@ -109,6 +109,13 @@ def _lock_holder(path: str) -> int | None:
     return None
 
 
+def _in_use(name: str, out: str, holder: int) -> RunFolderError:
+    """The error for a run folder whose lock another process holds."""
+    return RunFolderError(f"{name}: another process (pid {holder}) is training into {out} now; wait until it ends "
+                          f"(or stop it) before starting, resuming or overwriting a run there, or choose another "
+                          f"folder")
+
+
 def _run_entries(path: str) -> list[str]:
     """The entries of a run folder, but for its lock file."""
     return sorted(n for n in os.listdir(path) if n != LOCK_NAME)
@@ -247,9 +254,7 @@ class BaseTrainer:
         check_writable_dir(out, "out_dir")
         holder = _lock_holder(out) if os.path.isdir(out) else None
         if holder is not None:
-            raise RunFolderError(f"{name}: another process (pid {holder}) is training into {out} now; wait until "
-                                 f"it ends (or stop it) before resuming or overwriting that run, or choose another "
-                                 f"folder")
+            raise _in_use(name, out, holder)
         if resume or not os.path.isdir(out) or not _run_entries(out):
             return False
         if not overwrite:
@@ -291,8 +296,7 @@ class BaseTrainer:
             holder = _lock_holder(self.out_dir)
             if holder is None:  # held by this process (another trainer object of the same folder)
                 return
-            raise RunFolderError(f"{type(self).__name__}: another process (pid {holder}) is training into "
-                                 f"{self.out_dir} now; wait until it ends, or choose another folder") from None
+            raise _in_use(type(self).__name__, self.out_dir, holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
