@@ -183,9 +183,9 @@ def run_demo(out_dir: str, *, train_steps: int | None = None, finetune_steps: in
     init_step = r["kmeans_init_step"] if r["kmeans_init_step"] and r["kmeans_init_step"] < train_steps else None
     disc_start = 10**9 if r["disc_start"] is None else int(r["disc_start"])
     # vqgan_tiny at 32x32 with one down-sampling level less (f2: 16x16 tokens),
-    # GroupNorms of 8 groups (not instance norms: see the module docstring),
+    # (the preset's GroupNorms of 8 groups: not instance norms, see the module docstring),
     # an EMA codebook, dead codes re-seeded from the batch.
-    overrides = {"ch_mult": (1, 2), "norm_num_groups": 8, "ema": True, "restart_dead_codes": True,
+    overrides = {"ch_mult": (1, 2), "ema": True, "restart_dead_codes": True,
                  **r["model_overrides"]}
     train_size = r["train_image_size"] or image_size
     base = dict(model="vqgan_tiny", model_overrides=overrides, data="builtin", image_size=train_size, batch_size=batch_size,
