@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyvq._checks import assert_values, check_int, value_check
+from pyvq._collectives import all_reduce_, broadcast_
 from pyvq.ops import nearest_code
 
 __all__ = ["BETA_TERMS", "QuantizerOutput", "VectorQuantizer", "check_beta_term", "check_code_indices",
@@ -308,7 +309,7 @@ class VectorQuantizer(nn.Module):
                 pick = torch.randint(n, (n_dead,), device=flat.device)
             new = flat[pick].to(self.codebook.dtype).contiguous()
         if distributed:
-            dist.broadcast(new, src=0)
+            broadcast_(new, src=0)
         self.codebook.index_copy_(0, dead, new)
         size = torch.full((n_dead,), self.dead_code_threshold, dtype=self.cluster_size.dtype, device=dead.device)
         self.cluster_size.index_copy_(0, dead, size)
@@ -324,10 +325,10 @@ class VectorQuantizer(nn.Module):
             sums.index_add_(0, indices, flat.to(torch.float32))
             if _distributed():
                 packed = torch.cat([counts.unsqueeze(1), sums], 1)
-                dist.all_reduce(packed)
+                all_reduce_(packed)
                 counts, sums = packed[:, 0].contiguous(), packed[:, 1:]
         elif _distributed():
-            dist.all_reduce(counts)
+            all_reduce_(counts)
         self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
         self.code_usage.add_(counts.round().to(torch.long))
         if self.ema:

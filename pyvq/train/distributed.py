@@ -32,6 +32,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pyvq._collectives import all_reduce_
+
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "PYVQ_DIST_TIMEOUT"
 
@@ -189,7 +191,7 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
+    all_reduce_(t)  # returns once gloo's worker thread let go of t (see pyvq._collectives)
     t /= info.world_size
     return dict(zip(keys, t.tolist()))
 
