@@ -7,7 +7,8 @@ counts as much as one at the top of a module. The rules:
   standard library; every layer may use it.
 - ``reference`` imports only torch (and ``pyvq._checks``);
 - ``ops`` imports ``reference`` and the extension;
-- ``nn`` imports ``ops``;
+- ``nn`` imports ``ops`` (and ``pyvq._collectives``, the blocking
+  collectives that wait for gloo's worker thread; it imports only torch);
 - ``models`` import ``nn`` and ``ops`` (and ``pyvq._hub``, the Hub folder
   resolver of ``from_pretrained``), never ``losses``, ``train``, ``data``
   or ``cli``;
@@ -34,14 +35,15 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # The pyvq modules each layer may import (besides its own layer).
 ALLOWED = {
     "_checks": set(),
+    "_collectives": set(),
     "reference": {"_checks"},
     "ops": {"_checks", "_backend", "_C", "reference", "triton_kernels"},
-    "nn": {"_checks", "ops", "reference"},
+    "nn": {"_checks", "_collectives", "ops", "reference"},
     "models": {"_checks", "_hub", "nn", "ops", "reference"},
     "losses": {"_checks", "_weights", "nn", "ops", "reference"},
 }
 # Layers whose third-party imports are limited too (the references are plain PyTorch).
-THIRD_PARTY = {"_checks": {"torch"}, "reference": {"torch"}}
+THIRD_PARTY = {"_checks": {"torch"}, "_collectives": {"torch"}, "reference": {"torch"}}
 LAZY = ("nn", "models", "convert", "losses", "metrics", "data", "train", "refit")
 
 
