@@ -36,29 +36,25 @@ RELEASE_WAIT_S = 5.0
 _POLL_S = 1e-4
 
 
-def _wait_released(t: torch.Tensor, before: int) -> None:
-    """Sleep until ``t``'s use count is back to ``before`` (at most
-    ``RELEASE_WAIT_S``)."""
-    if t.device.type != "cpu" or t._use_count() <= before:
-        return
-    deadline = time.monotonic() + RELEASE_WAIT_S
-    while t._use_count() > before and time.monotonic() < deadline:
-        time.sleep(_POLL_S)
+def _blocking(collective, t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``collective(t, **kwargs)``, then sleep until ``t``'s use count is
+    back to what it was before (CPU tensors; at most ``RELEASE_WAIT_S``)."""
+    before = t._use_count()
+    collective(t, **kwargs)
+    if t.device.type == "cpu":
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while t._use_count() > before and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+    return t
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """``dist.all_reduce(t)`` (a sum) in place; returns ``t`` once the
     backend's worker thread holds no reference to it."""
-    before = t._use_count()
-    dist.all_reduce(t)
-    _wait_released(t, before)
-    return t
+    return _blocking(dist.all_reduce, t)
 
 
 def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     """``dist.broadcast(t, src)`` in place; returns ``t`` once the backend's
     worker thread holds no reference to it."""
-    before = t._use_count()
-    dist.broadcast(t, src=src)
-    _wait_released(t, before)
-    return t
+    return _blocking(dist.broadcast, t, src=src)
